@@ -1,0 +1,519 @@
+"""SAFLEX core math: gradient inner products, sample weights and soft labels.
+
+Ding et al., "SAFLEX: Self-Adaptive Augmentation via Feature Label Extrapolation", ICLR 2024
+(https://arxiv.org/abs/2410.02512). The team's derivation is in ``SPEC.md``; the paper's Theorem 1 is misprinted.
+
+For an augmented sample ``x_i`` with per-class losses ``ℓ_k = -log p_k(x_i)`` and the validation gradient
+``g = ∇θ L_val``, the gain of training ``x_i`` with label ``k`` for one SGD step is::
+
+    Π_ik = <∇θ ℓ_k(x_i), g> = u_ik - Σ_j p_ij u_ij,     u_i = J_z(x_i) · (-g)
+
+(one forward-mode JVP of the logits along ``-g``). SAFLEX keeps the upstream label unless another class wins by a
+margin, and drops the sample when even the chosen label has negative gain: ``w_i = 1[y_iᵀ Π_i ≥ 0]``.
+
+Everything here is a pure function: no module state, no global RNG, outputs on the input's device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Mapping
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd import forward_ad as fwAD
+from torch.func import functional_call
+
+__all__ = [
+    "validation_gradient",
+    "last_layer_validation_gradient",
+    "grad_inner_products",
+    "inner_products_from_tangent",
+    "last_layer_inner_products",
+    "forward_with_tangent",
+    "saflex_targets",
+    "find_classifier",
+    "Method",
+    "Rule",
+    "Normalize",
+]
+
+Method = Literal["jvp", "last_layer", "autograd"]
+Rule = Literal["paper", "centered"]
+Normalize = Literal["batch_max", "row_max", "none"]
+
+_RULES = ("paper", "centered")
+_NORMALIZE = ("batch_max", "row_max", "none")
+_CLASSIFIER_ATTRS = ("fc", "classifier", "head", "last_linear", "linear", "out", "output")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Input checks (one place; the rest of the module trusts its inputs)
+# ---------------------------------------------------------------------------------------------------------------
+def check_targets(targets: Tensor, batch_size: int, num_classes: int, name: str = "targets") -> None:
+    """Raise a clear error unless ``targets`` are class indices `(B,)` in ``[0, K)`` or probabilities `(B, K)`."""
+    if not isinstance(targets, Tensor):
+        raise TypeError(f"{name} must be a tensor, but got {type(targets).__name__}.")
+    if targets.dim() == 1 and not targets.is_floating_point() and targets.dtype != torch.bool:
+        if targets.shape[0] != batch_size:
+            raise ValueError(
+                f"{name} must have shape ({batch_size},) to match logits of shape ({batch_size}, {num_classes}), "
+                f"but got {tuple(targets.shape)}."
+            )
+        if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= num_classes):
+            raise ValueError(
+                f"{name} must be class indices in [0, {num_classes}) for a model with {num_classes} outputs, "
+                f"but got values in [{int(targets.min())}, {int(targets.max())}]."
+            )
+        return
+    if targets.dim() == 2 and targets.is_floating_point():
+        if tuple(targets.shape) != (batch_size, num_classes):
+            raise ValueError(
+                f"{name} given as probabilities must have shape ({batch_size}, {num_classes}) to match the logits, "
+                f"but got {tuple(targets.shape)}."
+            )
+        sums = targets.sum(-1)
+        if targets.numel() and (
+            bool((targets < -1e-6).any()) or not torch.allclose(sums, torch.ones_like(sums), atol=1e-3)
+        ):
+            raise ValueError(
+                f"{name} given as probabilities must be non-negative and sum to 1 over classes, but got row sums "
+                f"in [{float(sums.min()):.4g}, {float(sums.max()):.4g}] and minimum {float(targets.min()):.4g}."
+            )
+        return
+    raise ValueError(
+        f"{name} must be class indices of shape ({batch_size},) (int) or probabilities of shape "
+        f"({batch_size}, {num_classes}) (float), but got a tensor of shape {tuple(targets.shape)} and dtype "
+        f"{targets.dtype}."
+    )
+
+
+def check_logits(logits: Tensor, name: str = "logits") -> None:
+    if not isinstance(logits, Tensor) or logits.dim() != 2 or not logits.is_floating_point():
+        got = f"shape {tuple(logits.shape)} and dtype {logits.dtype}" if isinstance(logits, Tensor) else type(logits)
+        raise ValueError(f"{name} must be a float tensor of shape (B, K), but got {got}.")
+
+
+def _as_probabilities(targets: Tensor, num_classes: int, dtype: torch.dtype) -> Tensor:
+    if targets.dim() == 2:
+        return targets.to(dtype)
+    return F.one_hot(targets.long(), num_classes).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model helpers
+# ---------------------------------------------------------------------------------------------------------------
+def _trainable_parameters(model: nn.Module) -> dict[str, Tensor]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+@contextlib.contextmanager
+def _running_stats_frozen(model: nn.Module) -> Iterator[None]:
+    """Run BatchNorm without touching its buffers.
+
+    With ``track_running_stats=False`` a train-mode BN normalises with the batch statistics and an eval-mode BN with
+    its running statistics, as usual, but neither updates a buffer. This also keeps ``torch.func.jvp`` working:
+    it refuses the in-place running-stat update of a dual tensor (SPEC §4).
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    for m in bns:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in bns:
+            m.track_running_stats = True
+
+
+def find_classifier(model: nn.Module, classifier: nn.Module | str | None = None) -> tuple[str, nn.Linear]:
+    """Return ``(qualified_name, module)`` of the model's final linear layer.
+
+    Looks at ``classifier`` (a module or its name in ``named_modules()``) when given, then timm's
+    ``get_classifier()``, then the attributes ``fc``/``classifier``/``head``/..., then the last ``nn.Linear``.
+
+    Raises:
+        ValueError: If no ``nn.Linear`` classifier can be found.
+    """
+    names = {id(m): n for n, m in model.named_modules()}
+    hint = (
+        "Pass it explicitly, e.g. SaflexLoss(model, val_loader, classifier=model.fc) or classifier='head.fc' "
+        "(a torch.nn.Linear producing the logits), or use method='jvp'."
+    )
+    candidate: nn.Module | None = None
+    if isinstance(classifier, str):
+        modules = dict(model.named_modules())
+        if classifier not in modules:
+            raise ValueError(f"classifier={classifier!r} is not a submodule of the model. {hint}")
+        candidate = modules[classifier]
+    elif isinstance(classifier, nn.Module):
+        candidate = classifier
+    elif classifier is not None:
+        raise TypeError(f"classifier must be an nn.Module, a submodule name or None, but got {type(classifier)}.")
+    else:
+        get = getattr(model, "get_classifier", None)
+        if callable(get):
+            with contextlib.suppress(Exception):
+                candidate = get()
+        if not isinstance(candidate, nn.Linear):
+            candidate = None
+            for attr in _CLASSIFIER_ATTRS:
+                sub = getattr(model, attr, None)
+                if isinstance(sub, nn.Linear):
+                    candidate = sub
+                    break
+                if isinstance(sub, nn.Module):
+                    linears = [m for m in sub.modules() if isinstance(m, nn.Linear)]
+                    if linears:
+                        candidate = linears[-1]
+                        break
+        if candidate is None:
+            linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+            candidate = linears[-1] if linears else None
+    if not isinstance(candidate, nn.Linear) or id(candidate) not in names:
+        found = "nothing" if candidate is None else type(candidate).__name__
+        raise ValueError(f"could not find the model's classifier for method='last_layer' (found {found}). {hint}")
+    return names[id(candidate)], candidate
+
+
+class _FeatureCapture:
+    """Forward hook that records the input of a module (the penultimate features for a classifier)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.features: Tensor | None = None
+        self.output: Tensor | None = None
+        self.handle = module.register_forward_hook(self)
+
+    def __call__(self, module: nn.Module, args: tuple, output: Tensor) -> None:
+        self.features, self.output = args[0], output
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+def _forward_features(model: nn.Module, classifier: nn.Module, inputs: Tensor) -> tuple[Tensor, Tensor]:
+    capture = _FeatureCapture(classifier)
+    try:
+        logits = model(inputs)
+    finally:
+        capture.remove()
+    check_logits(logits)
+    if capture.features is None or capture.output is None or capture.output.shape != logits.shape:
+        raise ValueError(
+            f"the classifier {type(classifier).__name__} did not produce the model's logits of shape "
+            f"{tuple(logits.shape)}; pass classifier=<the nn.Linear whose output is the logits> or use method='jvp'."
+        )
+    if capture.output is not logits and not torch.equal(capture.output, logits):
+        raise ValueError(
+            "the model transforms the classifier's output before returning it, so method='last_layer' would be "
+            "wrong; pass classifier=<the nn.Linear whose output is the logits> or use method='jvp'."
+        )
+    return capture.features.flatten(1), logits
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Validation gradient
+# ---------------------------------------------------------------------------------------------------------------
+def validation_gradient(model: nn.Module, inputs: Tensor, targets: Tensor) -> dict[str, Tensor]:
+    """Gradient of the mean cross-entropy of ``model(inputs)`` against ``targets``.
+
+    The model runs in its current mode (use ``model.eval()`` first for running-statistics BatchNorm and no dropout).
+    No buffer (BatchNorm running statistics), no ``.grad`` and not the mode are changed.
+
+    Args:
+        model: Any classifier returning logits of shape `(V, K)`.
+        inputs: Validation inputs of batch size `V`.
+        targets: Class indices `(V,)` or probabilities `(V, K)`.
+
+    Returns:
+        ``{name: grad}`` for every parameter with ``requires_grad``, keyed as in ``named_parameters()``
+        (zeros for parameters the loss does not reach).
+
+    Example:
+        >>> model = nn.Linear(3, 2)
+        >>> g = validation_gradient(model, torch.randn(4, 3), torch.tensor([0, 1, 1, 0]))
+        >>> sorted(g), tuple(g["weight"].shape)
+        (['bias', 'weight'], (2, 3))
+    """
+    params = _trainable_parameters(model)
+    if not params:
+        raise ValueError("model has no parameter with requires_grad=True; there is nothing to compute a gradient of.")
+    with torch.enable_grad(), _running_stats_frozen(model):
+        logits = model(inputs)
+        check_logits(logits, "model(inputs)")
+        check_targets(targets, logits.shape[0], logits.shape[1], "targets")
+        loss = F.cross_entropy(logits.float(), targets.float() if targets.dim() == 2 else targets.long())
+        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+    return {
+        name: (torch.zeros_like(p) if g is None else g.to(p.dtype)) for (name, p), g in zip(params.items(), grads)
+    }
+
+
+def last_layer_validation_gradient(features: Tensor, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """Closed-form gradient of the mean CE w.r.t. the last linear layer ``z = W h + b``.
+
+    ``G_W = (p - y)ᵀ h / V`` and ``G_b = mean(p - y)``; no backward pass is needed.
+
+    Args:
+        features: Penultimate features `(V, D)`.
+        logits: Logits `(V, K)`.
+        targets: Class indices `(V,)` or probabilities `(V, K)`.
+
+    Returns:
+        ``(grad_weight (K, D), grad_bias (K,))``.
+    """
+    check_logits(logits)
+    check_targets(targets, logits.shape[0], logits.shape[1], "targets")
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    # v = validation batch, k = classes, d = feature dim
+    residual = torch.softmax(logits.to(dtype), -1) - _as_probabilities(targets, logits.shape[1], dtype)
+    grad_weight = torch.einsum("vk,vd->kd", residual, features.to(dtype)) / logits.shape[0]
+    return grad_weight, residual.mean(0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Gradient inner products Π
+# ---------------------------------------------------------------------------------------------------------------
+def inner_products_from_tangent(logits: Tensor, tangent: Tensor) -> Tensor:
+    """``Π = u - (p·u) 1ᵀ`` from logits and their directional derivative ``u = J_z · (-g)``.
+
+    Args:
+        logits: Logits `(B, K)`.
+        tangent: Tangent of the logits along ``-g``, shape `(B, K)`.
+
+    Returns:
+        ``Π`` of shape `(B, K)` in float32 (float64 when the inputs are float64).
+    """
+    dtype = torch.promote_types(torch.promote_types(logits.dtype, tangent.dtype), torch.float32)
+    p = torch.softmax(logits.detach().to(dtype), -1)
+    u = tangent.detach().to(dtype)
+    return u - (p * u).sum(-1, keepdim=True)
+
+
+def last_layer_inner_products(
+    features: Tensor, logits: Tensor, grad_weight: Tensor, grad_bias: Tensor | None = None
+) -> Tensor:
+    """``Π`` restricted to the last linear layer: ``s_i = G_W h_i + G_b``, ``Π_ik = p_iᵀ s_i - s_ik`` (SPEC §3).
+
+    Args:
+        features: Penultimate features `(B, D)` (the classifier's input).
+        logits: Logits `(B, K)`.
+        grad_weight: Validation gradient of the classifier weight `(K, D)`.
+        grad_bias: Validation gradient of the classifier bias `(K,)`, or ``None`` (no or frozen bias).
+    """
+    dtype = torch.promote_types(torch.promote_types(logits.dtype, grad_weight.dtype), torch.float32)
+    # b = batch, k = classes, d = feature dim
+    s = torch.einsum("bd,kd->bk", features.detach().to(dtype), grad_weight.to(dtype))
+    if grad_bias is not None:
+        s = s + grad_bias.to(dtype)
+    # The logit tangent along -g is -s.
+    return inner_products_from_tangent(logits, -s)
+
+
+def _jvp_logits(model: nn.Module, inputs: Tensor, val_grad: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+    params = dict(model.named_parameters())
+    unknown = [n for n in val_grad if n not in params]
+    if unknown:
+        raise ValueError(f"val_grad has keys that are not parameters of the model: {unknown[:3]}.")
+    names = list(val_grad)
+    primals = tuple(params[n].detach() for n in names)
+    tangents = tuple(-val_grad[n].to(dtype=params[n].dtype, device=params[n].device) for n in names)
+
+    def logits_of(*values: Tensor) -> Tensor:
+        return functional_call(model, dict(zip(names, values)), (inputs,), strict=False)
+
+    with torch.no_grad(), _running_stats_frozen(model), _math_attention():
+        logits, tangent = torch.func.jvp(logits_of, primals, tangents)
+    check_logits(logits, "model(inputs)")
+    return logits, tangent
+
+
+def _math_attention() -> contextlib.AbstractContextManager:
+    """Forward-mode AD is not implemented for fused SDPA kernels; the math kernel has it (SPEC §4)."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - torch < 2.3
+        return contextlib.nullcontext()
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+def _autograd_inner_products(model: nn.Module, inputs: Tensor, val_grad: Mapping[str, Tensor]) -> Tensor:
+    params = dict(model.named_parameters())
+    names = list(val_grad)
+    with torch.enable_grad(), _running_stats_frozen(model):
+        logits = model(inputs)
+        check_logits(logits, "model(inputs)")
+        log_p = torch.log_softmax(logits, -1)
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        pi = torch.empty(logits.shape, dtype=dtype, device=logits.device)
+        for i in range(logits.shape[0]):
+            for k in range(logits.shape[1]):
+                grads = torch.autograd.grad(
+                    -log_p[i, k], [params[n] for n in names], retain_graph=True, allow_unused=True
+                )
+                pi[i, k] = sum(
+                    (g.to(dtype) * val_grad[n].to(dtype)).sum() for n, g in zip(names, grads) if g is not None
+                )
+    return pi
+
+
+def grad_inner_products(
+    model: nn.Module,
+    inputs: Tensor,
+    val_grad: Mapping[str, Tensor],
+    *,
+    method: Method = "jvp",
+    classifier: nn.Module | str | None = None,
+) -> Tensor:
+    """``Π[i, k] = <∇θ ℓ_k(inputs[i]), val_grad>`` for every sample and class.
+
+    The model runs in its current mode (train-mode BatchNorm normalises with the statistics of ``inputs``, so each
+    row depends on the whole batch, exactly as in the training step that forwards this batch). No buffer, no
+    ``.grad`` and not the mode are changed.
+
+    Args:
+        model: The classifier; returns logits `(B, K)`.
+        inputs: The samples `(B, ...)`.
+        val_grad: ``{parameter name: gradient}``, e.g. from :func:`validation_gradient`. Parameters not in it
+            count as zero.
+        method: ``"jvp"`` (exact; one forward-mode pass over the batch), ``"last_layer"`` (closed form from the
+            penultimate features; only the classifier's block of ``val_grad`` is used) or ``"autograd"`` (exact,
+            slow: one backward per sample and class; a reference and a fallback for ops without forward AD).
+        classifier: For ``"last_layer"``: the classifier ``nn.Linear`` or its name; found automatically if None.
+
+    Returns:
+        ``Π`` of shape `(B, K)`, float32 (float64 for a float64 model).
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 4))
+        >>> x, y = torch.randn(5, 3), torch.tensor([0, 1, 2, 3, 0])
+        >>> pi = grad_inner_products(model, x, validation_gradient(model, x, y))
+        >>> tuple(pi.shape)
+        (5, 4)
+    """
+    if method == "jvp":
+        logits, tangent = _jvp_logits(model, inputs, val_grad)
+        return inner_products_from_tangent(logits, tangent)
+    if method == "last_layer":
+        name, linear = find_classifier(model, classifier)
+        weight_name = f"{name}.weight" if name else "weight"
+        bias_name = f"{name}.bias" if name else "bias"
+        if weight_name not in val_grad:
+            raise ValueError(
+                f"val_grad has no entry for the classifier weight {weight_name!r}; method='last_layer' needs the "
+                "classifier to be trainable."
+            )
+        with torch.no_grad(), _running_stats_frozen(model):
+            features, logits = _forward_features(model, linear, inputs)
+        return last_layer_inner_products(features, logits, val_grad[weight_name], val_grad.get(bias_name))
+    if method == "autograd":
+        return _autograd_inner_products(model, inputs, val_grad)
+    raise ValueError(f"method must be one of 'jvp', 'last_layer', 'autograd', but got {method!r}.")
+
+
+def forward_with_tangent(model: nn.Module, inputs: Tensor, val_grad: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """The exact single-pass path: one training forward with dual parameters ``(θ, -g)``.
+
+    Returns the logits, attached to the autograd graph as in a plain ``model(inputs)`` (so the usual
+    ``loss.backward()`` follows), and their tangent ``u = J_z · (-g)`` (detached). Dropout masks and BatchNorm batch
+    statistics are those of the real step by construction; running statistics are updated as in a plain forward.
+    Feed ``inner_products_from_tangent(logits, tangent)`` to get ``Π`` for the whole batch.
+    """
+    params = dict(model.named_parameters())
+    names = [n for n in val_grad if n in params]
+    with fwAD.dual_level(), _math_attention():
+        duals = {n: fwAD.make_dual(params[n], -val_grad[n].to(params[n])) for n in names}
+        bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        saved = [(m.running_mean, m.running_var) for m in bns]
+        out = functional_call(model, duals, (inputs,), strict=False)
+        primal, tangent = fwAD.unpack_dual(out)
+    # An in-place running-stat update inside the dual level may have left dual buffers behind: keep their primal.
+    for m, (mean, var) in zip(bns, saved):
+        m.running_mean, m.running_var = mean, var
+    check_logits(primal, "model(inputs)")
+    if tangent is None:
+        tangent = torch.zeros_like(primal)
+    return primal, tangent.detach()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Weights and soft labels
+# ---------------------------------------------------------------------------------------------------------------
+def normalize_inner_products(pi: Tensor, normalize: Normalize = "batch_max") -> Tensor:
+    """Put ``Π`` on a unit scale before the β bonus and the Gumbel noise are added.
+
+    ``Π`` scales with ``‖g‖``, and with Gumbel noise its scale acts as an inverse temperature, so a fixed β only
+    means something after normalising. ``"batch_max"``: ``Π / mean_i max_k |Π_ik|`` (one scale per batch, keeps
+    the ranking across samples); ``"row_max"``: each row by its own ``max_k |Π_ik|``; ``"none"``: raw.
+    """
+    if normalize == "none":
+        return pi
+    eps = torch.finfo(pi.dtype).tiny
+    row = pi.abs().amax(-1, keepdim=True)
+    if normalize == "batch_max":
+        return pi / row.mean().clamp_min(eps)
+    if normalize == "row_max":
+        return pi / row.clamp_min(eps)
+    raise ValueError(f"normalize must be one of {_NORMALIZE}, but got {normalize!r}.")
+
+
+def saflex_targets(
+    pi: Tensor,
+    targets: Tensor,
+    *,
+    beta: float = 0.5,
+    tau: float | None = 0.01,
+    normalize: Normalize = "batch_max",
+    rule: Rule = "paper",
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Sample weights and soft labels of augmented samples from their inner products (SPEC §2).
+
+    ``paper`` rule: ``S_i = Π̂_i + β y_i^aug`` with ``Π̂`` normalised (see :func:`normalize_inner_products`),
+    ``y_i = softmax((S_i + G_i) / τ)`` with ``G ~ Gumbel(0, 1)`` (``tau=None``: ``onehot(argmax S_i)``), and
+    ``w_i = 1[y_iᵀ Π_i ≥ 0]`` on the raw ``Π``. ``centered`` rule: the same on ``Π - mean_batch(Π)`` per class,
+    which removes the batch-global class direction of the validation gradient (labels only; the weight still uses
+    the raw ``Π``).
+
+    Args:
+        pi: Inner products `(B, K)`.
+        targets: Upstream labels, class indices `(B,)` or probabilities `(B, K)` (Mixup/CutMix).
+        beta: Bonus on the upstream label, in units of the normalised ``Π``.
+        tau: Gumbel-softmax temperature; ``None`` means a deterministic argmax.
+        normalize: How ``Π`` is scaled before the bonus and the noise.
+        rule: ``"paper"`` or ``"centered"``.
+        generator: Random generator for the Gumbel noise (drawn on the generator's device).
+
+    Returns:
+        ``(weights (B,), soft_labels (B, K))``, float32 (float64 for float64 ``pi``).
+
+    Example:
+        >>> pi = torch.tensor([[0.2, -0.1, -0.1], [-0.3, 0.4, -0.1]])
+        >>> w, y = saflex_targets(pi, torch.tensor([0, 0]), beta=0.5, tau=None)
+        >>> w.tolist(), y.argmax(1).tolist()
+        ([1.0, 1.0], [0, 1])
+    """
+    check_logits(pi, "pi")
+    check_targets(targets, pi.shape[0], pi.shape[1], "targets")
+    if rule not in _RULES:
+        raise ValueError(f"rule must be one of {_RULES}, but got {rule!r}.")
+    if tau is not None and not tau > 0:
+        raise ValueError(f"tau must be a positive float or None (argmax), but got {tau!r}.")
+    if not math.isfinite(beta):
+        raise ValueError(f"beta must be a finite float, but got {beta!r}.")
+    dtype = torch.promote_types(pi.dtype, torch.float32)
+    raw = pi.to(dtype)
+    score = raw - raw.mean(0, keepdim=True) if rule == "centered" and raw.shape[0] > 1 else raw
+    score = normalize_inner_products(score, normalize) + beta * _as_probabilities(targets, pi.shape[1], dtype)
+    if tau is None:
+        soft_labels = F.one_hot(score.argmax(-1), pi.shape[1]).to(dtype)
+    else:
+        device = generator.device if generator is not None else pi.device
+        uniform = torch.rand(score.shape, generator=generator, device=device, dtype=dtype).to(pi.device)
+        tiny = torch.finfo(dtype).tiny
+        gumbel = -torch.log(-torch.log(uniform.clamp(tiny, 1.0 - 1e-7)))
+        soft_labels = torch.softmax((score + gumbel) / tau, -1)
+    weights = ((soft_labels * raw).sum(-1) >= 0).to(dtype)
+    return weights, soft_labels
