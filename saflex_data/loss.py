@@ -1,0 +1,584 @@
+"""``SaflexLoss``: a drop-in criterion that learns weights and soft labels for the augmented samples of a batch.
+
+``loss = criterion(logits, target)``, exactly like timm's and torchvision's loops call a loss. The criterion holds
+a reference to the model (not a submodule) and a validation loader it cycles forever. Each step it
+
+1. refreshes the validation gradient ``g`` (every ``val_every`` steps; optionally averaged or smoothed),
+2. computes ``Π[i, k] = <∇θ ℓ_k(x_i), g>`` for the augmented samples (``method``: exact ``"jvp"``, the cheap
+   ``"last_layer"`` closed form, or the exact ``"single_pass"`` forward with dual parameters),
+3. turns ``Π`` into weights and soft labels with :func:`saflex_data.functional.saflex_targets`, and
+4. returns ``(Σ_clean CE(y_j) + Σ_aug w_i CE(ỹ_i)) / B`` (a fixed normaliser, SPEC §2).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import functional as SF
+from .batch import SaflexTarget
+
+__all__ = ["SaflexLoss"]
+
+LossMethod = Literal["jvp", "last_layer", "single_pass"]
+_METHODS = ("jvp", "last_layer", "single_pass")
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The raw module behind ``DistributedDataParallel``/``DataParallel`` and ``torch.compile`` wrappers."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+class SaflexLoss(nn.Module):
+    """Cross-entropy with SAFLEX weights and soft labels for the augmented samples of each batch.
+
+    Args:
+        model: The model being trained (a ``DistributedDataParallel`` or ``torch.compile`` wrapper is unwrapped;
+            the extra passes always use the raw module). Held as a plain reference, not a submodule.
+        val_loader: Any iterable of ``(inputs, targets)`` validation batches (targets: class indices or
+            probabilities). It is cycled forever; batches are moved to the model's device.
+        method: How ``Π`` is computed: ``"jvp"`` (exact, one forward-mode pass over the augmented samples),
+            ``"last_layer"`` (closed form from the classifier's input features; nearly free) or ``"single_pass"``
+            (exact; the training forward itself carries the tangent: call ``logits = criterion.forward_train(x)``
+            instead of ``model(x)``).
+        beta: Bonus on the upstream label, in units of the normalised ``Π`` (see ``saflex_targets``).
+        tau: Gumbel-softmax temperature; ``None`` for a deterministic argmax.
+        normalize: Scaling of ``Π`` before the bonus and the noise (see ``normalize_inner_products``).
+        rule: Label/weight rule passed to ``saflex_targets`` (``"paper"`` is the paper's exact rule).
+        val_every: Refresh the validation gradient every ``val_every`` steps (reuse it in between).
+        val_batches: Average the validation gradient over this many validation minibatches per refresh.
+        val_ema: If set, keep an exponential moving average of the validation gradient with this decay.
+        val_mode: ``"eval"`` (default: BatchNorm running statistics, no dropout; the objective a test-time model
+            is judged by) or ``"train"`` for the validation pass. Running statistics are never changed.
+        enabled: ``False`` makes the loss exactly plain (soft-label) cross-entropy; a switch for the train loop.
+        prepare: Optional callable applied to validation inputs after the device move (normalisation,
+            ``channels_last``, dtype), so that they look like the training inputs.
+        classifier: For ``"last_layer"``: the ``nn.Linear`` producing the logits, or its name; found automatically
+            (timm's ``get_classifier()``, ``fc``, ``head``, ``classifier``, ... or the last ``nn.Linear``) if None.
+        num_splits: Positional tagging for plain tensor targets (timm's ``--aug-splits``): the batch is
+            ``[clean; aug_1; ...]`` in ``num_splits`` equal parts, the first clean.
+        precondition: Optional Adam/AdamW optimizer of the model: the tangent becomes ``-P g`` with
+            ``P = 1 / (sqrt(v̂) + eps)``, consistent with an Adam step (SPEC §4; not in the paper).
+        label_smoothing: Passed to ``F.cross_entropy`` for every sample.
+        all_reduce: Under ``torch.distributed``, average the validation gradient across ranks (one all-reduce of
+            parameter-sized tensors per refresh) so that every rank decides with the same signal.
+        seed: Seed of the Gumbel noise generator (part of ``state_dict``).
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+        >>> val = [(torch.randn(8, 4), torch.randint(0, 3, (8,)))]
+        >>> criterion = SaflexLoss(model, val, method="jvp")
+        >>> x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+        >>> target = SaflexTarget(y, torch.tensor([False, False, False, True, True, True]))
+        >>> loss = criterion(model(x), target)
+        >>> loss.backward()
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        val_loader: Iterable[Any],
+        *,
+        method: LossMethod = "jvp",
+        beta: float = 0.5,
+        tau: float | None = 0.01,
+        normalize: SF.Normalize = "batch_max",
+        rule: SF.Rule = "paper",
+        val_every: int = 1,
+        val_batches: int = 1,
+        val_ema: float | None = None,
+        val_mode: Literal["eval", "train"] = "eval",
+        enabled: bool = True,
+        prepare: Callable[[Tensor], Tensor] | None = None,
+        classifier: nn.Module | str | None = None,
+        num_splits: int | None = None,
+        precondition: torch.optim.Optimizer | None = None,
+        label_smoothing: float = 0.0,
+        all_reduce: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, but got {type(model).__name__}.")
+        if method not in _METHODS:
+            raise ValueError(f"method must be one of {_METHODS}, but got {method!r}.")
+        if val_loader is None or not isinstance(val_loader, Iterable):
+            raise TypeError(
+                f"val_loader must be an iterable of (inputs, targets) batches, but got {type(val_loader).__name__}."
+            )
+        for name, value in (("val_every", val_every), ("val_batches", val_batches)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, but got {value!r}.")
+        if val_ema is not None and not 0.0 <= val_ema < 1.0:
+            raise ValueError(f"val_ema must be None or a decay in [0, 1), but got {val_ema!r}.")
+        if val_mode not in ("eval", "train"):
+            raise ValueError(f"val_mode must be 'eval' or 'train', but got {val_mode!r}.")
+        if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 2):
+            raise ValueError(f"num_splits must be None or an int >= 2 ([clean; augmented...]), but got {num_splits!r}.")
+        if prepare is not None and not callable(prepare):
+            raise TypeError(f"prepare must be a callable or None, but got {type(prepare).__name__}.")
+        # Validate the rule settings once, on a dummy problem, so a typo fails here and not mid-epoch.
+        SF.saflex_targets(torch.zeros(1, 2), torch.zeros(1, dtype=torch.long), beta=beta, tau=tau,
+                          normalize=normalize, rule=rule)
+
+        # A plain attribute (not a submodule): the model's parameters must not appear in this loss's state_dict.
+        self.__dict__["model"] = unwrap_model(model)
+        self.val_loader = val_loader
+        self.method = method
+        self.beta, self.tau, self.normalize, self.rule = beta, tau, normalize, rule
+        self.val_every, self.val_batches, self.val_ema, self.val_mode = val_every, val_batches, val_ema, val_mode
+        self.enabled = enabled
+        self.prepare = prepare
+        self.num_splits = num_splits
+        self.precondition = precondition
+        self.label_smoothing = label_smoothing
+        self.all_reduce = all_reduce
+        self.seed = seed
+
+        self.step = 0
+        self._generator = torch.Generator().manual_seed(seed)
+        self._val_iter: Iterator[Any] | None = None
+        self._val_drawn = 0  # validation batches drawn so far (to fast-forward after a resume)
+        self._val_skip = 0
+        self._signal: Any = None  # cached validation signal: dict (jvp) or (G_W, G_b) (last_layer)
+        self._busy = False  # True during the loss's own passes: the capture hooks ignore them
+        self._inputs: Tensor | None = None
+        self._features: Tensor | None = None
+        self._classifier_output: Tensor | None = None
+        self._tangent: Tensor | None = None
+        self._val_capture: tuple[Tensor, Tensor] | None = None
+        self._classifier_checked = False
+        self._warned_nonfinite = False
+        self.last_step: dict[str, Tensor] = {}
+        self.reset_stats()
+
+        self.classifier_name: str | None = None
+        if method == "last_layer":
+            self.classifier_name, linear = SF.find_classifier(self.model, classifier)
+            self._handles = [linear.register_forward_hook(self._capture_features)]
+        elif method == "jvp":
+            self._handles = [self.model.register_forward_pre_hook(self._capture_inputs)]
+        else:
+            self._handles = []
+
+    # ------------------------------------------------------------------------------------------------------------
+    # hooks
+    # ------------------------------------------------------------------------------------------------------------
+    def _capture_inputs(self, module: nn.Module, args: tuple) -> None:
+        if not self._busy and args:
+            self._inputs = args[0]
+
+    def _capture_features(self, module: nn.Module, args: tuple, output: Tensor) -> None:
+        if self._busy:
+            self._val_capture = (args[0], output)
+        else:
+            self._features, self._classifier_output = args[0].detach(), output
+
+    def remove_hooks(self) -> None:
+        """Detach the loss from the model (its forward hooks)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    # ------------------------------------------------------------------------------------------------------------
+    # the loss
+    # ------------------------------------------------------------------------------------------------------------
+    def forward(self, logits: Tensor, target: SaflexTarget | Tensor) -> Tensor:
+        """Weighted soft-label cross-entropy of the batch, a scalar.
+
+        Args:
+            logits: Output of the model's training forward, `(B, K)`.
+            target: A :class:`SaflexTarget` (from ``SaflexCollate``, ``SaflexBatchSampler`` or an adapter), or a
+                plain label tensor when ``num_splits`` is set.
+        """
+        SF.check_logits(logits)
+        labels, is_augmented, op = self._unpack(logits, target)
+        if not self.enabled or not (torch.is_grad_enabled() and logits.requires_grad):
+            return F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+        batch, num_classes = logits.shape
+        aug_index = is_augmented.nonzero().squeeze(1)
+        dtype = torch.float32
+        targets = _soft(labels, num_classes, dtype)
+        weights = torch.ones(batch, dtype=dtype, device=logits.device)
+        if aug_index.numel():
+            with torch.autocast(device_type=logits.device.type, enabled=False):
+                pi = self._inner_products(logits, aug_index)
+                upstream = labels[aug_index]
+                finite = bool(torch.isfinite(pi).all())
+                if finite:
+                    aug_weights, aug_labels = SF.saflex_targets(
+                        pi, upstream, beta=self.beta, tau=self.tau, normalize=self.normalize, rule=self.rule,
+                        generator=self._generator,
+                    )
+                else:
+                    self._nonfinite_fallback()
+                    aug_weights, aug_labels = torch.ones(len(aug_index), dtype=dtype), _soft(upstream, num_classes)
+            weights[aug_index] = aug_weights.to(device=logits.device, dtype=dtype)
+            targets[aug_index] = aug_labels.to(device=logits.device, dtype=dtype)
+        self._inputs = self._features = self._classifier_output = self._tangent = None
+        self._record(labels, is_augmented, op, weights, targets, num_classes)
+        self.step += 1
+        per_sample = F.cross_entropy(logits.float(), targets, reduction="none", label_smoothing=self.label_smoothing)
+        return (weights * per_sample).sum() / batch
+
+    def forward_train(self, inputs: Tensor) -> Tensor:
+        """The training forward for ``method="single_pass"``: returns ``model(inputs)``'s logits and keeps their
+        tangent along the validation-descent direction for the next ``criterion(logits, target)`` call."""
+        if self.method != "single_pass":
+            raise RuntimeError(f"forward_train is for method='single_pass'; this loss uses method={self.method!r}.")
+        signal = self._validation_signal()
+        logits, self._tangent = SF.forward_with_tangent(self.model, inputs, signal)
+        return logits
+
+    # ------------------------------------------------------------------------------------------------------------
+    # pieces
+    # ------------------------------------------------------------------------------------------------------------
+    def _unpack(self, logits: Tensor, target: SaflexTarget | Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        batch, num_classes = logits.shape
+        if num_classes < 2:
+            raise ValueError(f"logits must have at least 2 classes for SAFLEX, but got shape {tuple(logits.shape)}.")
+        if isinstance(target, SaflexTarget):
+            if len(target) != batch:
+                raise ValueError(
+                    f"target has {len(target)} samples but logits have {batch}; pass the target of the same batch."
+                )
+            if target.device != logits.device:
+                target = target.to(logits.device)  # documented: moved, never reinterpreted
+            labels, is_augmented, op = target.labels, target.is_augmented, target.op
+            self._op_names = target.op_names
+        elif isinstance(target, Tensor):
+            if self.num_splits is None:
+                raise TypeError(
+                    "target must be a SaflexTarget that says which samples are augmented (build the loader with "
+                    "saflex_data.SaflexCollate or SaflexBatchSampler, or an adapter), or pass num_splits=2 for "
+                    f"timm's --aug-splits layout [clean; augmented]; got a plain tensor of shape {tuple(target.shape)}."
+                )
+            if batch % self.num_splits:
+                raise ValueError(
+                    f"with num_splits={self.num_splits} the batch size must be a multiple of {self.num_splits}, "
+                    f"but logits have {batch} rows."
+                )
+            labels = target.to(logits.device)
+            is_augmented = torch.arange(batch, device=logits.device) >= batch // self.num_splits
+            op = None
+        else:
+            raise TypeError(f"target must be a SaflexTarget or a tensor, but got {type(target).__name__}.")
+        SF.check_targets(labels, batch, num_classes, "target labels")
+        return labels, is_augmented, op
+
+    def _inner_products(self, logits: Tensor, aug_index: Tensor) -> Tensor:
+        batch = logits.shape[0]
+        if self.method == "last_layer":
+            features = self._require(self._features, batch, "features of the classifier (its forward hook)")
+            if not self._classifier_checked:
+                out = self._classifier_output
+                if out is None or out.shape != logits.shape or not torch.equal(out.detach(), logits.detach()):
+                    raise ValueError(
+                        f"the classifier {self.classifier_name!r} did not produce the logits passed to the loss; "
+                        "pass classifier=<the nn.Linear whose output is the logits> or use method='jvp'."
+                    )
+                self._classifier_checked = True
+            grad_weight, grad_bias = self._validation_signal()
+            return SF.last_layer_inner_products(
+                features[aug_index].flatten(1), logits[aug_index], grad_weight, grad_bias
+            )
+        if self.method == "single_pass":
+            tangent = self._require(self._tangent, batch, "logit tangent (call logits = criterion.forward_train(x))")
+            return SF.inner_products_from_tangent(logits[aug_index], tangent[aug_index])
+        inputs = self._require(self._inputs, batch, "inputs of the model's forward (its forward pre-hook)")
+        signal = self._validation_signal()
+        with self._own_pass():
+            return SF.grad_inner_products(self.model, inputs[aug_index], signal, method="jvp")
+
+    def _require(self, value: Tensor | None, batch: int, what: str) -> Tensor:
+        if value is None:
+            raise RuntimeError(
+                f"SaflexLoss(method={self.method!r}) saw no {what} since the last call; call the model (or "
+                "forward_train) on the batch, then the loss, once per step."
+            )
+        if value.shape[0] != batch:
+            raise ValueError(
+                f"the {what} has batch size {value.shape[0]} but the logits have {batch}: the loss must be called "
+                "right after the model's forward on the same batch."
+            )
+        return value
+
+    @contextlib.contextmanager
+    def _own_pass(self) -> Iterator[None]:
+        self._busy = True
+        try:
+            yield
+        finally:
+            self._busy = False
+
+    # ------------------------------------------------------------------------------------------------------------
+    # the validation signal
+    # ------------------------------------------------------------------------------------------------------------
+    def _validation_signal(self) -> Any:
+        if self._signal is not None and self.step % self.val_every != 0:
+            return self._precondition(self._signal)
+        fresh = [self._one_validation_signal() for _ in range(self.val_batches)]
+        signal = _tree_mean(fresh)
+        signal = self._all_reduce(signal)
+        if self.val_ema is not None and self._signal is not None:
+            signal = _tree_lerp(signal, self._signal, self.val_ema)
+        self._signal = signal
+        return self._precondition(signal)
+
+    def _one_validation_signal(self) -> Any:
+        inputs, targets = self._next_val_batch()
+        model = self.model
+        was_training = model.training
+        model.train(self.val_mode == "train")
+        try:
+            with self._own_pass(), torch.autocast(device_type=inputs.device.type, enabled=False):
+                if self.method == "last_layer":
+                    self._val_capture = None
+                    with torch.no_grad(), SF._running_stats_frozen(model):
+                        logits = model(inputs)
+                    SF.check_logits(logits, "model(validation inputs)")
+                    features = self._val_capture[0].flatten(1)
+                    return SF.last_layer_validation_gradient(features, logits, targets)
+                return SF.validation_gradient(model, inputs, targets)
+        finally:
+            model.train(was_training)
+
+    def _next_val_batch(self) -> tuple[Tensor, Tensor]:
+        while True:
+            batch = self._draw_val_batch()
+            if self._val_skip > 0:  # fast-forward after load_state_dict
+                self._val_skip -= 1
+                continue
+            break
+        if isinstance(batch, Mapping):
+            batch = (batch.get("image", batch.get("inputs")), batch.get("label", batch.get("labels")))
+        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+            raise TypeError(
+                f"val_loader must yield (inputs, targets) pairs, but it yielded {type(batch).__name__}."
+            )
+        inputs, targets = batch[0], batch[1]
+        if isinstance(targets, SaflexTarget):
+            targets = targets.labels
+        if not isinstance(inputs, Tensor) or not isinstance(targets, Tensor):
+            raise TypeError(
+                "val_loader must yield tensors (inputs, targets), but got "
+                f"({type(inputs).__name__}, {type(targets).__name__})."
+            )
+        device = _model_device(self.model)
+        inputs = inputs.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        if self.prepare is not None:
+            inputs = self.prepare(inputs)
+        return inputs, targets
+
+    def _draw_val_batch(self) -> Any:
+        for attempt in range(2):
+            if self._val_iter is None:
+                self._val_iter = iter(self.val_loader)
+            try:
+                batch = next(self._val_iter)
+            except StopIteration:
+                self._val_iter = None
+                continue
+            self._val_drawn += 1
+            return batch
+        raise ValueError(
+            "val_loader yielded no batches: SaflexLoss needs a non-empty validation loader (check its dataset "
+            "length, and drop_last=True with a dataset smaller than one batch)."
+        )
+
+    def _all_reduce(self, signal: Any) -> Any:
+        if not (self.all_reduce and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return signal
+        tensors = list(signal.values()) if isinstance(signal, dict) else [t for t in signal if t is not None]
+        flat = torch.cat([t.reshape(-1).float() for t in tensors])
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        out, offset = [], 0
+        for t in tensors:
+            out.append(flat[offset : offset + t.numel()].view_as(t).to(t.dtype))
+            offset += t.numel()
+        if isinstance(signal, dict):
+            return dict(zip(signal, out))
+        return tuple(out) if signal[1] is not None else (out[0], None)
+
+    def _precondition(self, signal: Any) -> Any:
+        """Scale the validation gradient by Adam's inverse second-moment estimate (identity before its first step)."""
+        optimizer = self.precondition
+        if optimizer is None:
+            return signal
+        params = dict(self.model.named_parameters())
+        if self.method == "last_layer":
+            name = self.classifier_name
+            keys = [f"{name}.weight" if name else "weight", f"{name}.bias" if name else "bias"]
+            pairs = list(zip(keys, signal))
+        else:
+            pairs = list(signal.items())
+        out = []
+        for key, grad in pairs:
+            p = params.get(key)
+            out.append(grad if grad is None or p is None else grad * _adam_preconditioner(optimizer, p))
+        return dict(zip(signal, out)) if isinstance(signal, dict) else tuple(out)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # statistics, fallback, state
+    # ------------------------------------------------------------------------------------------------------------
+    def reset_stats(self) -> None:
+        """Clear the cumulative (per-op) statistics."""
+        self._op_names: tuple[str, ...] | None = None
+        self._totals: dict[str, Tensor] = {}
+        self._last: dict[str, Tensor] = {}
+        self.nonfinite_steps = 0
+
+    @torch.no_grad()
+    def _record(
+        self, labels: Tensor, is_augmented: Tensor, op: Tensor | None, weights: Tensor, targets: Tensor, k: int
+    ) -> None:
+        aug = is_augmented
+        upstream = labels if labels.dim() == 1 else labels.argmax(-1)
+        relabeled = (targets.argmax(-1) != upstream) & aug
+        kept = (weights > 0) & aug
+        n_aug = aug.sum()
+        denom = n_aug.clamp_min(1).float()
+        self._last = {
+            "augmented_fraction": n_aug.float() / len(aug),
+            "kept_fraction": kept.sum().float() / denom,
+            "relabeled_fraction": relabeled.sum().float() / denom,
+            "weight_mean": (weights * aug).sum() / denom,
+        }
+        self.last_step = {"is_augmented": aug, "weights": weights, "targets": targets, "upstream": upstream}
+        if op is not None:
+            size = int(op.max()) + 1 if op.numel() else 0
+            if size > 0:
+                valid = aug & (op >= 0)
+                rows = op.clamp_min(0)
+                for name, mask in (("count", valid), ("kept", kept & valid), ("relabeled", relabeled & valid)):
+                    counts = torch.bincount(rows[mask], minlength=size).cpu()
+                    old = self._totals.get(name, torch.zeros(0, dtype=torch.long))
+                    if len(old) < size:
+                        old = torch.cat([old, old.new_zeros(size - len(old))])
+                    old[:size] += counts
+                    self._totals[name] = old
+
+    @property
+    def stats(self) -> dict[str, float]:
+        """Statistics of the last step (fractions of its augmented samples) plus the non-finite fallback count."""
+        out = {k: float(v) for k, v in self._last.items()}
+        out["nonfinite_steps"] = float(self.nonfinite_steps)
+        out["step"] = float(self.step)
+        return out
+
+    def op_stats(self) -> dict[str, dict[str, float]]:
+        """Cumulative keep/relabel rates per upstream op since the last ``reset_stats()``."""
+        if "count" not in self._totals:
+            return {}
+        names = self._op_names
+        out = {}
+        for i, count in enumerate(self._totals["count"].tolist()):
+            if count == 0:
+                continue
+            name = names[i] if names is not None and i < len(names) else str(i)
+            out[name] = {
+                "count": float(count),
+                "kept": self._totals["kept"][i].item() / count,
+                "relabeled": self._totals["relabeled"][i].item() / count,
+            }
+        return out
+
+    def _nonfinite_fallback(self) -> None:
+        self.nonfinite_steps += 1
+        if not self._warned_nonfinite:
+            self._warned_nonfinite = True
+            warnings.warn(
+                "SaflexLoss: non-finite inner products (NaN/inf in the validation gradient, the logits or their "
+                "tangent); this step keeps the upstream labels with weight 1. Counted in stats['nonfinite_steps'].",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "generator": self._generator.get_state(),
+            "val_drawn": self._val_drawn,
+            "signal": self._signal,
+            "nonfinite_steps": self.nonfinite_steps,
+        }
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self._generator.set_state(state["generator"])
+        self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
+        self._signal = state.get("signal")
+        # A fresh validation iterator is fast-forwarded to where the saved run was (exact for a loader whose order
+        # is reproducible, e.g. shuffle=False or a seeded generator).
+        drawn = int(state.get("val_drawn", 0))
+        length = _safe_len(self.val_loader)
+        self._val_iter = None
+        self._val_drawn = drawn
+        self._val_skip = drawn % length if length else 0
+        self._val_drawn -= self._val_skip
+
+    def extra_repr(self) -> str:
+        return (
+            f"method={self.method!r}, beta={self.beta}, tau={self.tau}, normalize={self.normalize!r}, "
+            f"rule={self.rule!r}, val_every={self.val_every}, val_mode={self.val_mode!r}, enabled={self.enabled}"
+        )
+
+
+def _soft(labels: Tensor, num_classes: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    if labels.dim() == 2:
+        return labels.to(dtype).clone()
+    return F.one_hot(labels.long(), num_classes).to(dtype)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _safe_len(obj: Any) -> int:
+    try:
+        return len(obj)
+    except TypeError:
+        return 0
+
+
+def _tree_mean(items: list[Any]) -> Any:
+    if len(items) == 1:
+        return items[0]
+    first = items[0]
+    if isinstance(first, dict):
+        return {k: sum(it[k] for it in items) / len(items) for k in first}
+    return tuple(None if first[i] is None else sum(it[i] for it in items) / len(items) for i in range(len(first)))
+
+
+def _tree_lerp(new: Any, old: Any, decay: float) -> Any:
+    if isinstance(new, dict):
+        return {k: decay * old[k] + (1 - decay) * new[k] for k in new}
+    return tuple(None if n is None else decay * o + (1 - decay) * n for n, o in zip(new, old))
+
+
+def _adam_preconditioner(optimizer: torch.optim.Optimizer, p: Tensor) -> Tensor | float:
+    state = optimizer.state.get(p, {})
+    if "exp_avg_sq" not in state:
+        return 1.0
+    group = next(g for g in optimizer.param_groups if any(q is p for q in g["params"]))
+    beta2 = group.get("betas", (0.9, 0.999))[1]
+    step = float(state.get("step", 1))
+    v_hat = state["exp_avg_sq"] / (1 - beta2**step)
+    return 1.0 / (v_hat.sqrt() + group.get("eps", 1e-8))
