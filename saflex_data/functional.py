@@ -35,6 +35,8 @@ __all__ = [
     "last_layer_inner_products",
     "forward_with_tangent",
     "saflex_targets",
+    "standardize_inner_products",
+    "weight_scores",
     "find_classifier",
     "Method",
     "Rule",
@@ -42,10 +44,11 @@ __all__ = [
 ]
 
 Method = Literal["jvp", "last_layer", "autograd"]
-Rule = Literal["paper", "centered"]
+Rule = Literal["paper", "centered", "margin", "margin_relabel"]
 Normalize = Literal["batch_max", "row_max", "none"]
 
-_RULES = ("paper", "centered")
+_RULES = ("paper", "centered", "margin", "margin_relabel")
+_MARGIN_RULES = ("margin", "margin_relabel")
 _NORMALIZE = ("batch_max", "row_max", "none")
 _CLASSIFIER_ATTRS = ("fc", "classifier", "head", "last_linear", "linear", "out", "output")
 
@@ -244,7 +247,8 @@ def validation_gradient(model: nn.Module, inputs: Tensor, targets: Tensor) -> di
         logits = model(inputs)
         check_logits(logits, "model(inputs)")
         check_targets(targets, logits.shape[0], logits.shape[1], "targets")
-        loss = F.cross_entropy(logits.float(), targets.float() if targets.dim() == 2 else targets.long())
+        dtype = torch.promote_types(logits.dtype, torch.float32)  # never below float32, keep float64
+        loss = F.cross_entropy(logits.to(dtype), targets.to(dtype) if targets.dim() == 2 else targets.long())
         grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
     return {
         name: (torch.zeros_like(p) if g is None else g.to(p.dtype)) for (name, p), g in zip(params.items(), grads)
@@ -459,11 +463,66 @@ def normalize_inner_products(pi: Tensor, normalize: Normalize = "batch_max") -> 
     raise ValueError(f"normalize must be one of {_NORMALIZE}, but got {normalize!r}.")
 
 
+def standardize_inner_products(pi: Tensor) -> Tensor:
+    """Column-wise z-score of ``Π`` over the batch: ``(Π_ik - mean_j Π_jk) / std_j Π_jk`` (not in the paper).
+
+    The validation gradient has a batch-global class direction (post-ReLU features share a common mean component,
+    so ``h_iᵀh_v`` is large for every pair): one class then wins ``argmax_k Π_ik`` for most of the batch.
+    Centring each class column removes that direction; scaling it puts every class on the same unit, so a fixed
+    margin (``beta``) means "so many batch standard deviations". A batch of one sample gives zeros.
+
+    Args:
+        pi: Inner products `(B, K)`.
+
+    Returns:
+        The standardised scores `(B, K)`, same dtype.
+    """
+    centred = pi - pi.mean(0, keepdim=True)
+    if pi.shape[0] < 2:
+        return centred
+    eps = torch.finfo(pi.dtype).eps
+    scale = centred.pow(2).mean(0, keepdim=True).sqrt()
+    # A constant column (no information) stays zero instead of being blown up.
+    return centred / scale.clamp_min(eps * (1.0 + pi.abs().amax()))
+
+
+def weight_scores(pi: Tensor, targets: Tensor, *, rule: Rule = "margin") -> Tensor:
+    """The continuous score behind each sample's keep/drop weight; higher = keep (for AUROC and diagnostics).
+
+    ``paper``/``centered``: the gain of the upstream label ``y_iᵀΠ_i`` (Ren et al.'s meta-gradient; the weight is
+    ``1[score ≥ 0]`` when the upstream label is kept). ``margin``/``margin_relabel``: the standardised margin
+    ``m_i = y_iᵀZ_i - max_k Z_ik ≤ 0`` with ``Z`` from :func:`standardize_inner_products` (the weight is
+    ``1[m_i ≥ -beta]``).
+
+    Args:
+        pi: Inner products `(B, K)`.
+        targets: Upstream labels, class indices `(B,)` or probabilities `(B, K)`.
+        rule: Which rule's score.
+
+    Returns:
+        Scores `(B,)`, float32 (float64 for float64 ``pi``).
+    """
+    check_logits(pi, "pi")
+    check_targets(targets, pi.shape[0], pi.shape[1], "targets")
+    if rule not in _RULES:
+        raise ValueError(f"rule must be one of {_RULES}, but got {rule!r}.")
+    dtype = torch.promote_types(pi.dtype, torch.float32)
+    raw = pi.to(dtype)
+    y = _as_probabilities(targets, pi.shape[1], dtype)
+    if rule in _MARGIN_RULES:
+        z = standardize_inner_products(raw)
+        return (y * z).sum(-1) - z.amax(-1)
+    return (y * raw).sum(-1)
+
+
+_DEFAULT_BETA = {"paper": 0.5, "centered": 0.5, "margin": 1.0, "margin_relabel": 1.0}
+
+
 def saflex_targets(
     pi: Tensor,
     targets: Tensor,
     *,
-    beta: float = 0.5,
+    beta: float | None = None,
     tau: float | None = 0.01,
     normalize: Normalize = "batch_max",
     rule: Rule = "paper",
@@ -471,19 +530,32 @@ def saflex_targets(
 ) -> tuple[Tensor, Tensor]:
     """Sample weights and soft labels of augmented samples from their inner products (SPEC §2).
 
-    ``paper`` rule: ``S_i = Π̂_i + β y_i^aug`` with ``Π̂`` normalised (see :func:`normalize_inner_products`),
-    ``y_i = softmax((S_i + G_i) / τ)`` with ``G ~ Gumbel(0, 1)`` (``tau=None``: ``onehot(argmax S_i)``), and
-    ``w_i = 1[y_iᵀ Π_i ≥ 0]`` on the raw ``Π``. ``centered`` rule: the same on ``Π - mean_batch(Π)`` per class,
-    which removes the batch-global class direction of the validation gradient (labels only; the weight still uses
-    the raw ``Π``).
+    Rules:
+
+    - ``"paper"`` (the paper's exact rule, SPEC §2): ``S_i = Π̂_i + β y_i^aug`` with ``Π̂`` normalised (see
+      :func:`normalize_inner_products`), ``y_i = softmax((S_i + G_i) / τ)`` with ``G ~ Gumbel(0, 1)``
+      (``tau=None``: ``onehot(argmax S_i)``), and ``w_i = 1[y_iᵀ Π_i ≥ 0]`` on the raw ``Π``.
+    - ``"centered"``: as ``paper`` on ``Π - mean_batch(Π)`` per class for the labels (removes the batch-global
+      class direction of the validation gradient); the weight still uses the raw ``Π``.
+    - ``"margin"`` (drop, never relabel): ``Z`` = column-wise z-score of ``Π`` over the batch
+      (:func:`standardize_inner_products`), margin ``m_i = y_iᵀZ_i - max_k Z_ik ≤ 0``; ``w_i = 1[m_i ≥ -β]`` and
+      the upstream label is kept. ``tau`` and ``normalize`` are not used.
+    - ``"margin_relabel"``: same ``Z``; the label is the paper's bonus rule on ``Z``:
+      ``y_i = softmax((Z_i + β y_i^aug + G_i) / τ)`` (argmax for ``tau=None``), which changes the label exactly
+      when another class beats the upstream one by more than ``β`` batch standard deviations; all weights are 1.
+      ``normalize`` is not used.
+
+    Decision-quality measurements behind the margin rules: ``benchmarks/decision_quality.py``.
 
     Args:
         pi: Inner products `(B, K)`.
         targets: Upstream labels, class indices `(B,)` or probabilities `(B, K)` (Mixup/CutMix).
-        beta: Bonus on the upstream label, in units of the normalised ``Π``.
+        beta: Bonus on (``paper``/``centered``: in units of the normalised ``Π``) or margin for (margin rules: in
+            batch standard deviations) the upstream label. ``None``: 0.5 for ``paper``/``centered``, 1.0 for the
+            margin rules.
         tau: Gumbel-softmax temperature; ``None`` means a deterministic argmax.
-        normalize: How ``Π`` is scaled before the bonus and the noise.
-        rule: ``"paper"`` or ``"centered"``.
+        normalize: How ``Π`` is scaled before the bonus and the noise (``paper``/``centered``).
+        rule: ``"paper"``, ``"centered"``, ``"margin"`` or ``"margin_relabel"``.
         generator: Random generator for the Gumbel noise (drawn on the generator's device).
 
     Returns:
@@ -501,12 +573,24 @@ def saflex_targets(
         raise ValueError(f"rule must be one of {_RULES}, but got {rule!r}.")
     if tau is not None and not tau > 0:
         raise ValueError(f"tau must be a positive float or None (argmax), but got {tau!r}.")
-    if not math.isfinite(beta):
-        raise ValueError(f"beta must be a finite float, but got {beta!r}.")
+    if beta is None:
+        beta = _DEFAULT_BETA[rule]
+    if not isinstance(beta, (int, float)) or not math.isfinite(beta):
+        raise ValueError(f"beta must be a finite float or None (the rule's default), but got {beta!r}.")
+    if normalize not in _NORMALIZE:
+        raise ValueError(f"normalize must be one of {_NORMALIZE}, but got {normalize!r}.")
     dtype = torch.promote_types(pi.dtype, torch.float32)
     raw = pi.to(dtype)
-    score = raw - raw.mean(0, keepdim=True) if rule == "centered" and raw.shape[0] > 1 else raw
-    score = normalize_inner_products(score, normalize) + beta * _as_probabilities(targets, pi.shape[1], dtype)
+    upstream = _as_probabilities(targets, pi.shape[1], dtype)
+    if rule == "margin":
+        z = standardize_inner_products(raw)
+        margin = (upstream * z).sum(-1) - z.amax(-1)
+        return (margin >= -beta).to(dtype), upstream
+    if rule == "margin_relabel":
+        score = standardize_inner_products(raw) + beta * upstream
+    else:
+        score = raw - raw.mean(0, keepdim=True) if rule == "centered" and raw.shape[0] > 1 else raw
+        score = normalize_inner_products(score, normalize) + beta * upstream
     if tau is None:
         soft_labels = F.one_hot(score.argmax(-1), pi.shape[1]).to(dtype)
     else:
@@ -515,5 +599,7 @@ def saflex_targets(
         tiny = torch.finfo(dtype).tiny
         gumbel = -torch.log(-torch.log(uniform.clamp(tiny, 1.0 - 1e-7)))
         soft_labels = torch.softmax((score + gumbel) / tau, -1)
+    if rule == "margin_relabel":
+        return torch.ones(pi.shape[0], dtype=dtype, device=pi.device), soft_labels
     weights = ((soft_labels * raw).sum(-1) >= 0).to(dtype)
     return weights, soft_labels

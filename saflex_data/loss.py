@@ -210,7 +210,7 @@ class SaflexLoss(nn.Module):
             return F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
         batch, num_classes = logits.shape
         aug_index = is_augmented.nonzero().squeeze(1)
-        dtype = torch.float32
+        dtype = torch.promote_types(logits.dtype, torch.float32)  # the solve and the loss in >= float32
         targets = _soft(labels, num_classes, dtype)
         weights = torch.ones(batch, dtype=dtype, device=logits.device)
         if aug_index.numel():
@@ -231,7 +231,7 @@ class SaflexLoss(nn.Module):
         self._inputs = self._features = self._classifier_output = self._tangent = None
         self._record(labels, is_augmented, op, weights, targets, num_classes)
         self.step += 1
-        per_sample = F.cross_entropy(logits.float(), targets, reduction="none", label_smoothing=self.label_smoothing)
+        per_sample = F.cross_entropy(logits.to(dtype), targets, reduction="none", label_smoothing=self.label_smoothing)
         return (weights * per_sample).sum() / batch
 
     def forward_train(self, inputs: Tensor) -> Tensor:
