@@ -18,10 +18,10 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import distributed as _dist
 from . import functional as SF
 from .batch import SaflexTarget
 
@@ -73,8 +73,11 @@ class SaflexLoss(nn.Module):
         precondition: Optional Adam/AdamW optimizer of the model: the tangent becomes ``-P g`` with
             ``P = 1 / (sqrt(v̂) + eps)``, consistent with an Adam step (SPEC §4; not in the paper).
         label_smoothing: Passed to ``F.cross_entropy`` for every sample.
-        all_reduce: Under ``torch.distributed``, average the validation gradient across ranks (one all-reduce of
-            parameter-sized tensors per refresh) so that every rank decides with the same signal.
+        all_reduce: Under ``torch.distributed`` (DDP, ``torchrun``): average the validation gradient across ranks (one
+            all-reduce of parameter-sized tensors per refresh, as large as DDP's gradient all-reduce) and decide on
+            the global batch (an all-gather of the augmented rows' ``Π`` each step), so that every rank decides
+            exactly like one process on the concatenated batch and ``stats`` are global; ``False`` keeps all of it
+            per rank. See :mod:`saflex_data.distributed`. The ranks' settings are compared on the first call.
         seed: Seed of the Gumbel noise generator (part of ``state_dict``).
 
     Example:
@@ -147,6 +150,7 @@ class SaflexLoss(nn.Module):
         self.label_smoothing = label_smoothing
         self.all_reduce = all_reduce
         self.seed = seed
+        self._ranks_checked = False  # [distributed] settings compared across ranks on the first call
 
         self.step = 0
         self._generator = torch.Generator().manual_seed(seed)
@@ -204,6 +208,7 @@ class SaflexLoss(nn.Module):
             target: A :class:`SaflexTarget` (from ``SaflexCollate``, ``SaflexBatchSampler`` or an adapter), or a
                 plain label tensor when ``num_splits`` is set.
         """
+        self._check_ranks()  # [distributed]
         SF.check_logits(logits)
         labels, is_augmented, op = self._unpack(logits, target)
         if not self.enabled or not (torch.is_grad_enabled() and logits.requires_grad):
@@ -213,12 +218,26 @@ class SaflexLoss(nn.Module):
         dtype = torch.promote_types(logits.dtype, torch.float32)  # the solve and the loss in >= float32
         targets = _soft(labels, num_classes, dtype)
         weights = torch.ones(batch, dtype=dtype, device=logits.device)
-        if aug_index.numel():
+        sync = self._synced()  # [distributed] every rank runs the same collectives, augmented rows or not
+        record = None
+        if aug_index.numel() or sync:
             with torch.autocast(device_type=logits.device.type, enabled=False):
-                pi = self._inner_products(logits, aug_index)
+                if aug_index.numel():
+                    pi = self._inner_products(logits, aug_index)
+                else:  # [distributed] no augmented row on this rank: refresh with the other ranks, join the exchange
+                    if self.method != "single_pass":
+                        self._validation_signal()
+                    pi = logits.new_zeros((0, num_classes), dtype=dtype)
                 upstream = labels[aug_index]
                 finite = bool(torch.isfinite(pi).all())
-                if finite:
+                if sync:  # [distributed] decide on the global batch, keep this rank's rows (saflex_data.distributed)
+                    aug_weights, aug_labels, finite, record = _dist.global_saflex_targets(
+                        pi, upstream, batch_size=batch, op=None if op is None else op[aug_index], beta=self.beta,
+                        tau=self.tau, normalize=self.normalize, rule=self.rule, generator=self._generator,
+                    )
+                    if not finite:
+                        self._nonfinite_fallback()
+                elif finite:
                     aug_weights, aug_labels = SF.saflex_targets(
                         pi, upstream, beta=self.beta, tau=self.tau, normalize=self.normalize, rule=self.rule,
                         generator=self._generator,
@@ -229,7 +248,13 @@ class SaflexLoss(nn.Module):
             weights[aug_index] = aug_weights.to(device=logits.device, dtype=dtype)
             targets[aug_index] = aug_labels.to(device=logits.device, dtype=dtype)
         self._inputs = self._features = self._classifier_output = self._tangent = None
-        self._record(labels, is_augmented, op, weights, targets, num_classes)
+        if record is None:
+            self._record(labels, is_augmented, op, weights, targets, num_classes)
+        else:  # [distributed] stats of the global batch (identical on every rank); last_step keeps this rank's rows
+            self._record(*record, num_classes)
+            upstream_index = labels if labels.dim() == 1 else labels.argmax(-1)
+            self.last_step = {"is_augmented": is_augmented, "weights": weights, "targets": targets,
+                              "upstream": upstream_index}
         self.step += 1
         per_sample = F.cross_entropy(logits.to(dtype), targets, reduction="none", label_smoothing=self.label_smoothing)
         return (weights * per_sample).sum() / batch
@@ -239,6 +264,7 @@ class SaflexLoss(nn.Module):
         tangent along the validation-descent direction for the next ``criterion(logits, target)`` call."""
         if self.method != "single_pass":
             raise RuntimeError(f"forward_train is for method='single_pass'; this loss uses method={self.method!r}.")
+        self._check_ranks()  # [distributed]
         signal = self._validation_signal()
         logits, self._tangent = SF.forward_with_tangent(self.model, inputs, signal)
         return logits
@@ -400,20 +426,26 @@ class SaflexLoss(nn.Module):
             "length, and drop_last=True with a dataset smaller than one batch)."
         )
 
+    # [distributed] ------------------------------------------------------------------------------------------------
+    def _synced(self) -> bool:
+        """Whether the ranks share the validation gradient and decide on the global batch (saflex_data.distributed)."""
+        return self.all_reduce and _dist.is_distributed()
+
+    def _check_ranks(self) -> None:
+        """Once, on the first call under torch.distributed: the same ValueError on every rank if settings differ."""
+        if not self._ranks_checked and _dist.is_distributed():
+            _dist.check_consistent(_dist.loss_settings(self), name=type(self).__name__)
+            self._ranks_checked = True
+
     def _all_reduce(self, signal: Any) -> Any:
-        if not (self.all_reduce and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        """Average the validation gradient across ranks: one all-reduce of parameter-sized tensors per refresh."""
+        if not self._synced():
             return signal
-        tensors = list(signal.values()) if isinstance(signal, dict) else [t for t in signal if t is not None]
-        flat = torch.cat([t.reshape(-1).float() for t in tensors])
-        dist.all_reduce(flat)
-        flat /= dist.get_world_size()
-        out, offset = [], 0
-        for t in tensors:
-            out.append(flat[offset : offset + t.numel()].view_as(t).to(t.dtype))
-            offset += t.numel()
         if isinstance(signal, dict):
-            return dict(zip(signal, out))
-        return tuple(out) if signal[1] is not None else (out[0], None)
+            return dict(zip(signal, _dist.all_reduce_mean(list(signal.values()))))
+        reduced = iter(_dist.all_reduce_mean([t for t in signal if t is not None]))
+        return tuple(None if t is None else next(reduced) for t in signal)
+    # [/distributed] -----------------------------------------------------------------------------------------------
 
     def _precondition(self, signal: Any) -> Any:
         """Scale the validation gradient by Adam's inverse second-moment estimate (identity before its first step)."""
