@@ -1,0 +1,508 @@
+"""SAFLEX for contrastive image–text fine-tuning (CLIP-style losses, FLYP).
+
+Ding et al., "SAFLEX: Self-Adaptive Augmentation via Feature Label Extrapolation", ICLR 2024
+(https://arxiv.org/abs/2410.02512), applied to FLYP (Goyal et al., "Finetune like you pretrain: Improved finetuning
+of zero-shot vision models", CVPR 2023, https://arxiv.org/abs/2212.00638), SPEC.md §5.
+
+A batch of ``B`` image–text pairs is a ``B``-way classification per image, ``L_ij = exp(s) <â_i, b̂_j>``. With
+``u = J_L · (-g)`` (one forward-mode JVP of the whole logit matrix, through both towers and the logit scale, along
+the negative gradient ``g`` of a zero-shot validation loss), the gain of training image ``i`` towards text ``j`` is::
+
+    Π_ij = u_ij - Σ_k p_ik u_ik,        p_i = softmax(L_i)
+
+SAFLEX gives each augmented image a soft label ``y_i`` over the ``B`` in-batch texts (bonus ``β`` on its own
+caption) and a weight ``w_i = 1[y_iᵀ Π_i ≥ 0]``; the text→image term keeps its diagonal targets::
+
+    loss = ½ [ (1/B) Σ_i w_i CE(L_i, y_i) + (1/B) Σ_j CE(L_:j, j) ]
+
+(clean rows: ``w_i = 1``, ``y_i = e_i``). The validation loss is zero-shot classification: validation images against
+the embeddings of all ``K`` class prompts, ``CE(exp(s) â_v B̂ᵀ, c_v)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .functional import (
+    Normalize,
+    Rule,
+    _math_attention,
+    _running_stats_frozen,
+    check_logits,
+    forward_with_tangent,
+    grad_inner_products,
+    inner_products_from_tangent,
+    saflex_targets,
+    validation_gradient,
+)
+from .loss import _adam_preconditioner, unwrap_model
+
+__all__ = ["SaflexContrastiveLoss", "clip_logits", "clip_loss", "ContrastiveMethod"]
+
+ContrastiveMethod = Literal["jvp", "single_pass"]
+_METHODS = ("jvp", "single_pass")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pure functions
+# ---------------------------------------------------------------------------------------------------------------
+def clip_logits(image_features: Tensor, text_features: Tensor, logit_scale: Tensor | float) -> Tensor:
+    """CLIP's logit matrix ``exp(logit_scale) · â b̂ᵀ`` (cosine similarities times a learnable scale).
+
+    Args:
+        image_features: Image embeddings `(B, D)` (normalised here).
+        text_features: Text embeddings `(T, D)` (normalised here).
+        logit_scale: The log of the multiplier, as open_clip stores it (``log(1/0.07)`` at initialisation).
+
+    Returns:
+        Logits `(B, T)`.
+
+    Example:
+        >>> clip_logits(torch.eye(2), torch.eye(2), 0.0)
+        tensor([[1., 0.],
+                [0., 1.]])
+    """
+    scale = logit_scale.exp() if isinstance(logit_scale, Tensor) else math.exp(logit_scale)
+    # b = images, t = texts, d = embedding dim
+    return scale * torch.einsum("bd,td->bt", F.normalize(image_features, dim=-1), F.normalize(text_features, dim=-1))
+
+
+def clip_loss(logits: Tensor, image_targets: Tensor | None = None, weights: Tensor | None = None) -> Tensor:
+    """Symmetric CLIP loss ``½ (image→text + text→image)``, optionally with SAFLEX's rows for the image→text term.
+
+    The image→text term is ``(1/B) Σ_i w_i CE(L_i, y_i)`` with the fixed normaliser ``B`` (SPEC §2); the
+    text→image term is the plain diagonal CE. With ``image_targets=None`` and ``weights=None`` this is exactly
+    open_clip's ``ClipLoss`` on one device.
+
+    Args:
+        logits: Square logit matrix `(B, B)`, image ``i`` against text ``j``.
+        image_targets: Targets of the image→text term, probabilities `(B, B)`; ``None`` means the diagonal.
+        weights: Row weights `(B,)` of the image→text term; ``None`` means all ones.
+
+    Returns:
+        The scalar loss.
+
+    Example:
+        >>> round(float(clip_loss(torch.zeros(4, 4))), 4)  # log 4
+        1.3863
+    """
+    check_logits(logits)
+    if logits.shape[0] != logits.shape[1]:
+        raise ValueError(f"logits must be a square matrix (B, B) of images against texts, but got {tuple(logits.shape)}.")
+    diagonal = torch.arange(logits.shape[0], device=logits.device)
+    text_to_image = F.cross_entropy(logits.T, diagonal)
+    if image_targets is None and weights is None:
+        return (F.cross_entropy(logits, diagonal) + text_to_image) / 2
+    rows = F.cross_entropy(logits, diagonal if image_targets is None else image_targets, reduction="none")
+    if weights is not None:
+        rows = rows * weights
+    return (rows.sum() / logits.shape[0] + text_to_image) / 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The two towers as one module (so that functional_call / forward AD see every parameter at once)
+# ---------------------------------------------------------------------------------------------------------------
+class _Towers(nn.Module):
+    """Both towers and the logit scale behind one ``forward``.
+
+    ``forward(images)`` gives the zero-shot logits `(V, K)` against the class prompts, and ``forward((images,
+    texts))`` the in-batch logit matrix `(B, B)`. A single-input forward lets the core's ``validation_gradient``,
+    ``grad_inner_products`` and ``forward_with_tangent`` run on it unchanged.
+    """
+
+    def __init__(self, model: Any, class_prompts: Tensor, init_logit_scale: float) -> None:
+        super().__init__()
+        if isinstance(model, (tuple, list)):
+            if len(model) != 2 or not all(isinstance(m, nn.Module) for m in model):
+                got = [type(m).__name__ for m in model]
+                raise TypeError(
+                    "model given as a pair must be (image_encoder, text_encoder), two nn.Modules (their parameters "
+                    f"are needed for the validation gradient and the JVP), but got {got}."
+                )
+            self.image_encoder, self.text_encoder = model
+            self.model = None
+        elif isinstance(model, nn.Module) and callable(getattr(model, "encode_image", None)) and callable(
+            getattr(model, "encode_text", None)
+        ):
+            self.model = model
+        else:
+            raise TypeError(
+                "model must be an nn.Module with encode_image/encode_text (open_clip's interface) or a pair "
+                f"(image_encoder, text_encoder) of nn.Modules, but got {type(model).__name__}."
+            )
+        scale = getattr(self.model, "logit_scale", None)
+        if isinstance(scale, Tensor):
+            self.owns_logit_scale = False
+        else:
+            # Same dtype and device as the towers (a float32 scale would cap a float64 model's precision).
+            like = next((p for p in self.parameters() if p.is_floating_point()), None)
+            kwargs = {"dtype": like.dtype, "device": like.device} if like is not None else {}
+            self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale), **kwargs))
+            self.owns_logit_scale = True
+        self.register_buffer("class_prompts", class_prompts, persistent=False)
+
+    def log_scale(self) -> Tensor:
+        return self.logit_scale if self.owns_logit_scale else self.model.logit_scale
+
+    def encode_image(self, images: Tensor) -> Tensor:
+        return self.image_encoder(images) if self.model is None else self.model.encode_image(images)
+
+    def encode_text(self, texts: Tensor) -> Tensor:
+        return self.text_encoder(texts) if self.model is None else self.model.encode_text(texts)
+
+    def forward(self, inputs: Tensor | tuple[Tensor, Tensor]) -> Tensor:
+        images, texts = inputs if isinstance(inputs, tuple) else (inputs, self.class_prompts)
+        image_features = self.encode_image(images)
+        text_features = self.encode_text(texts)
+        if image_features.dim() != 2 or text_features.dim() != 2 or image_features.shape[1] != text_features.shape[1]:
+            raise ValueError(
+                "the image and text encoders must return embeddings (N, D) of the same dimension D, but got "
+                f"{tuple(image_features.shape)} and {tuple(text_features.shape)}."
+            )
+        return clip_logits(image_features, text_features, self.log_scale())
+
+
+@contextlib.contextmanager
+def _tangent_friendly() -> Iterator[None]:
+    """Kernels with forward-mode AD: math SDPA, and no ``nn.MultiheadAttention`` fast path.
+
+    In eval mode ``nn.MultiheadAttention`` dispatches to ``aten::_native_multi_head_attention``, which has no forward
+    AD (open_clip's towers use it); the fused SDPA kernels have none either (SPEC §4).
+    """
+    mha = getattr(torch.backends, "mha", None)
+    fastpath = mha.get_fastpath_enabled() if mha is not None else None
+    if mha is not None:
+        mha.set_fastpath_enabled(False)
+    try:
+        with _math_attention():
+            yield
+    finally:
+        if mha is not None:
+            mha.set_fastpath_enabled(fastpath)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loss
+# ---------------------------------------------------------------------------------------------------------------
+class SaflexContrastiveLoss(nn.Module):
+    """Symmetric CLIP loss (FLYP) with SAFLEX weights and soft labels for the augmented images.
+
+    The loss runs the towers itself, because it needs the JVP of the whole logit matrix: call it as
+    ``loss = criterion(images, texts, is_augmented)`` and ``loss.backward()``. Every ``val_every`` steps it draws a
+    validation batch ``(images, labels)`` and computes the gradient ``g`` of the zero-shot loss (validation images
+    against all class prompts); each step it computes ``Π`` for the augmented images from one JVP along ``-g`` and
+    solves for their weights and soft labels over the ``B`` in-batch texts (SPEC §5). Clean images keep their own
+    caption with weight 1; the text→image term keeps the diagonal.
+
+    The training passes run in the model's current mode; ``.grad`` and BatchNorm buffers are only touched by the
+    training forward itself. Texts that repeat in a batch (FLYP with class-name prompts and two images of one class)
+    give identical columns: that is FLYP's loss, and SAFLEX then simply sees two equally good captions.
+
+    Args:
+        model: An ``nn.Module`` with ``encode_image``/``encode_text`` (open_clip's ``CLIP``; its ``logit_scale``, the
+            log of the multiplier, is used and trained), or a pair ``(image_encoder, text_encoder)`` of modules that
+            return embeddings `(N, D)`; then the loss owns a learnable ``logit_scale`` (add ``criterion.parameters()``
+            to the optimizer). A ``DistributedDataParallel``/``torch.compile`` wrapper is unwrapped. Held as a plain
+            reference, not a submodule.
+        val_loader: Any iterable of ``(images, labels)`` validation batches, cycled forever; labels are class indices
+            into ``class_prompts``. Batches are moved to the model's device.
+        class_prompts: Text-encoder inputs of the ``K`` class prompts, e.g. ``tokenizer([f"a photo of a {c}." for c
+            in classes])`` of shape `(K, context_length)`.
+        method: ``"jvp"``: a separate ``torch.func.jvp`` pass over the augmented images and all texts, then the
+            normal forward; ``"single_pass"``: the training forward itself runs with dual parameters and gives the
+            logits and their tangent together (dropout masks and BatchNorm statistics are then those of the step).
+        beta: Bonus on the own caption, in units of the normalised ``Π``.
+        tau: Gumbel-softmax temperature; ``None`` means a deterministic argmax.
+        normalize: How ``Π`` is scaled before the bonus and the noise (see ``functional.normalize_inner_products``).
+        rule: ``"paper"`` or ``"centered"`` (see ``functional.saflex_targets``).
+        val_every: Recompute ``g`` every ``val_every`` steps (reuse it in between).
+        val_mode: ``"eval"`` (default) or ``"train"``: the model's mode for the validation pass. Running statistics are
+            never changed by it.
+        enabled: ``False`` gives the plain symmetric CLIP loss exactly (a switch for the train loop).
+        prepare: Optional callable applied to validation images after the device move (normalisation, dtype).
+        precondition: Optional Adam/AdamW optimizer of the model: the tangent becomes ``-P g`` with
+            ``P = 1 / (sqrt(v̂) + eps)``, consistent with an Adam step (SPEC §4; not in the paper).
+        init_logit_scale: Initial ``logit_scale`` when the loss owns it (CLIP's ``log(1/0.07)``).
+        seed: Seed of the Gumbel noise generator (part of ``state_dict``).
+
+    Example:
+        >>> image_encoder, text_encoder = nn.Linear(4, 3), nn.Embedding(5, 3)
+        >>> val = [(torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 4, 0]))]
+        >>> criterion = SaflexContrastiveLoss((image_encoder, text_encoder), val, torch.arange(5))
+        >>> loss = criterion(torch.randn(4, 4), torch.tensor([0, 1, 2, 3]), torch.tensor([False, True, True, False]))
+        >>> loss.backward()
+        >>> criterion.stats["augmented_fraction"]
+        0.5
+    """
+
+    towers: _Towers
+
+    def __init__(
+        self,
+        model: nn.Module | tuple[nn.Module, nn.Module],
+        val_loader: Iterable[Any],
+        class_prompts: Tensor,
+        *,
+        method: ContrastiveMethod = "jvp",
+        beta: float = 0.5,
+        tau: float | None = 0.01,
+        normalize: Normalize = "batch_max",
+        rule: Rule = "paper",
+        val_every: int = 1,
+        val_mode: Literal["eval", "train"] = "eval",
+        enabled: bool = True,
+        prepare: Callable[[Tensor], Tensor] | None = None,
+        precondition: torch.optim.Optimizer | None = None,
+        init_logit_scale: float = math.log(1 / 0.07),
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if method not in _METHODS:
+            raise ValueError(f"method must be one of {_METHODS}, but got {method!r}.")
+        if val_loader is None or not isinstance(val_loader, Iterable):
+            raise TypeError(
+                f"val_loader must be an iterable of (images, labels) batches, but got {type(val_loader).__name__}."
+            )
+        if not isinstance(val_every, int) or isinstance(val_every, bool) or val_every < 1:
+            raise ValueError(f"val_every must be an int >= 1, but got {val_every!r}.")
+        if val_mode not in ("eval", "train"):
+            raise ValueError(f"val_mode must be 'eval' or 'train', but got {val_mode!r}.")
+        if prepare is not None and not callable(prepare):
+            raise TypeError(f"prepare must be a callable or None, but got {type(prepare).__name__}.")
+        if not isinstance(class_prompts, Tensor) or class_prompts.dim() < 1 or class_prompts.shape[0] < 2:
+            got = tuple(class_prompts.shape) if isinstance(class_prompts, Tensor) else type(class_prompts).__name__
+            raise ValueError(
+                "class_prompts must be a tensor of text-encoder inputs with one row per class (at least 2), e.g. "
+                f"tokenizer(prompts) of shape (K, context_length), but got {got}."
+            )
+        # Validate the rule settings once, on a dummy problem, so a typo fails here and not mid-epoch.
+        saflex_targets(torch.zeros(1, 2), torch.zeros(1, dtype=torch.long), beta=beta, tau=tau, normalize=normalize,
+                       rule=rule)
+        if isinstance(model, nn.Module):
+            model = unwrap_model(model)
+        # A plain attribute (not a submodule): the model's parameters must not appear in this loss's state_dict.
+        self.__dict__["towers"] = _Towers(model, class_prompts, init_logit_scale)
+        if self.towers.owns_logit_scale:
+            self.logit_scale = self.towers.logit_scale  # the same Parameter: criterion.parameters() yields it
+        self.val_loader = val_loader
+        self.method = method
+        self.beta, self.tau, self.normalize, self.rule = beta, tau, normalize, rule
+        self.val_every, self.val_mode = val_every, val_mode
+        self.enabled = enabled
+        self.prepare = prepare
+        self.precondition = precondition
+        self.seed = seed
+
+        self.step = 0
+        self._generator = torch.Generator().manual_seed(seed)
+        self._val_iter: Iterator[Any] | None = None
+        self.val_grad: dict[str, Tensor] | None = None
+        self.nonfinite_steps = 0
+        self._warned_nonfinite = False
+        self._last: dict[str, Tensor] = {}
+        self.last_step: dict[str, Tensor] = {}
+
+    # -- validation ----------------------------------------------------------------------------------------------
+    def _next_val_batch(self) -> tuple[Tensor, Tensor]:
+        for _ in range(2):
+            if self._val_iter is None:
+                self._val_iter = iter(self.val_loader)
+            try:
+                batch = next(self._val_iter)
+                break
+            except StopIteration:
+                self._val_iter = None
+        else:
+            raise ValueError(
+                "val_loader yielded no batches: SaflexContrastiveLoss needs a non-empty validation loader of "
+                "(images, labels)."
+            )
+        if not isinstance(batch, (tuple, list)) or len(batch) < 2 or not all(isinstance(t, Tensor) for t in batch[:2]):
+            raise TypeError(f"val_loader must yield (images, labels) tensor pairs, but it yielded {_describe(batch)}.")
+        images, labels = batch[0], batch[1]
+        device = self.towers.log_scale().device
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        if self.prepare is not None:
+            images = self.prepare(images)
+        num_classes = self.towers.class_prompts.shape[0]
+        if labels.dim() != 1 or labels.is_floating_point() or (labels.numel() and int(labels.max()) >= num_classes):
+            raise ValueError(
+                f"validation labels must be class indices (V,) into the {num_classes} class_prompts, but got "
+                f"{_describe(labels)}{f' with maximum {int(labels.max())}' if labels.dim() == 1 else ''}."
+            )
+        return images, labels
+
+    def refresh_validation_gradient(self) -> dict[str, Tensor]:
+        """Draw the next validation batch and recompute ``g``, the gradient of the zero-shot validation loss.
+
+        Returns:
+            ``{parameter name: gradient}`` over the trainable parameters of both towers and the logit scale (names
+            as in ``criterion.towers.named_parameters()``). Never touches ``.grad``, buffers or the mode.
+        """
+        images, labels = self._next_val_batch()
+        towers = self.towers
+        towers.class_prompts = towers.class_prompts.to(images.device)
+        was_training = towers.training
+        towers.train(self.val_mode == "train")
+        try:
+            with torch.autocast(device_type=images.device.type, enabled=False):
+                self.val_grad = validation_gradient(towers, images, labels)
+        finally:
+            towers.train(was_training)
+        return self.val_grad
+
+    def _validation_signal(self) -> dict[str, Tensor]:
+        if self.val_grad is None or self.step % self.val_every == 0:
+            self.refresh_validation_gradient()
+        assert self.val_grad is not None
+        if self.precondition is None:
+            return self.val_grad
+        params = dict(self.towers.named_parameters())
+        return {n: g * _adam_preconditioner(self.precondition, params[n]) for n, g in self.val_grad.items()}
+
+    def inner_products(self, images: Tensor, texts: Tensor) -> Tensor:
+        """``Π`` `(B, B)` of every image against every in-batch text, for the current validation gradient.
+
+        ``Π_ij = <∇θ ℓ_ij, g>`` with ``ℓ_ij = -log softmax(L_i)_j`` (one JVP of the logit matrix, SPEC §5); ``g`` is
+        computed first if there is none yet. Diagnostics and tests; the training step calls the same code.
+        """
+        if self.val_grad is None:
+            self.refresh_validation_gradient()
+        assert self.val_grad is not None
+        with _tangent_friendly():
+            return grad_inner_products(self.towers, (images, texts), self.val_grad, method="jvp")
+
+    # -- the step ------------------------------------------------------------------------------------------------
+    def forward(self, images: Tensor, texts: Tensor, is_augmented: Tensor | None = None) -> Tensor:
+        """The loss of a batch of ``B`` image–text pairs.
+
+        Args:
+            images: Image-encoder inputs `(B, ...)`, the augmented ones as the upstream augmentation made them.
+            texts: Text-encoder inputs `(B, ...)` (e.g. the class prompt of each image).
+            is_augmented: Bool `(B,)`; ``True`` rows get SAFLEX's weight and soft label. ``None``: all clean.
+
+        Returns:
+            The scalar loss ``½ (image→text + text→image)``.
+        """
+        if not isinstance(images, Tensor) or not isinstance(texts, Tensor) or images.shape[0] != texts.shape[0]:
+            raise ValueError(
+                "images and texts must be tensors with the same batch size B (pair i is images[i], texts[i]), but got "
+                f"{_describe(images)} and {_describe(texts)}."
+            )
+        batch_size = images.shape[0]
+        if is_augmented is not None and (
+            not isinstance(is_augmented, Tensor)
+            or is_augmented.dtype != torch.bool
+            or tuple(is_augmented.shape) != (batch_size,)
+        ):
+            raise ValueError(
+                f"is_augmented must be a bool tensor of shape ({batch_size},), but got {_describe(is_augmented)}."
+            )
+        if (
+            not self.enabled
+            or not torch.is_grad_enabled()
+            or is_augmented is None
+            or not bool(is_augmented.any())
+        ):
+            return clip_loss(self.towers((images, texts)))
+
+        augmented = is_augmented.to(images.device).nonzero().squeeze(1)
+        signal = self._validation_signal()
+        if self.method == "single_pass":
+            with _tangent_friendly():
+                logits, tangent = forward_with_tangent(self.towers, (images, texts), signal)
+            with torch.autocast(device_type=logits.device.type, enabled=False):
+                pi = inner_products_from_tangent(logits[augmented], tangent[augmented])
+        else:
+            # Row i of L depends on image i and every text, so the tangent pass needs only the augmented images.
+            with torch.autocast(device_type=images.device.type, enabled=False), _tangent_friendly():
+                pi = grad_inner_products(self.towers, (images[augmented], texts), signal, method="jvp")
+            logits = self.towers((images, texts))
+
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        targets = torch.eye(batch_size, dtype=dtype, device=logits.device)
+        weights = torch.ones(batch_size, dtype=dtype, device=logits.device)
+        if bool(torch.isfinite(pi).all()):
+            aug_weights, aug_labels = saflex_targets(
+                pi, augmented, beta=self.beta, tau=self.tau, normalize=self.normalize, rule=self.rule,
+                generator=self._generator,
+            )
+            weights[augmented] = aug_weights.to(device=logits.device, dtype=dtype)
+            targets[augmented] = aug_labels.to(device=logits.device, dtype=dtype)
+        else:
+            self._nonfinite_fallback()
+        self._record(is_augmented.to(logits.device), weights, targets)
+        self.step += 1
+        return clip_loss(logits.to(dtype), targets, weights)
+
+    # -- statistics and state ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _record(self, is_augmented: Tensor, weights: Tensor, targets: Tensor) -> None:
+        own = torch.arange(len(is_augmented), device=is_augmented.device)
+        relabeled = (targets.argmax(-1) != own) & is_augmented
+        kept = (weights > 0) & is_augmented
+        denom = is_augmented.sum().clamp_min(1).float()
+        self._last = {
+            "augmented_fraction": is_augmented.sum().float() / len(is_augmented),
+            "kept_fraction": kept.sum().float() / denom,
+            "relabeled_fraction": relabeled.sum().float() / denom,
+            "weight_mean": (weights * is_augmented).sum() / denom,
+        }
+        self.last_step = {"is_augmented": is_augmented, "weights": weights, "targets": targets}
+
+    @property
+    def stats(self) -> dict[str, float]:
+        """Statistics of the last SAFLEX step (fractions of its augmented images; ``relabeled``: the chosen text is
+        not the image's own caption) plus the non-finite fallback count and the step."""
+        out = {k: float(v) for k, v in self._last.items()}
+        out["nonfinite_steps"] = float(self.nonfinite_steps)
+        out["step"] = float(self.step)
+        return out
+
+    def _nonfinite_fallback(self) -> None:
+        self.nonfinite_steps += 1
+        if not self._warned_nonfinite:
+            self._warned_nonfinite = True
+            warnings.warn(
+                "SaflexContrastiveLoss: non-finite inner products (NaN/inf in the validation gradient, the logits or "
+                "their tangent); this step keeps the own captions with weight 1. Counted in stats['nonfinite_steps'].",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "generator": self._generator.get_state(),
+            "val_grad": self.val_grad,
+            "nonfinite_steps": self.nonfinite_steps,
+        }
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self._generator.set_state(state["generator"])
+        self.val_grad = state.get("val_grad")
+        self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
+
+    def extra_repr(self) -> str:
+        return (
+            f"method={self.method!r}, beta={self.beta}, tau={self.tau}, normalize={self.normalize!r}, "
+            f"rule={self.rule!r}, val_every={self.val_every}, val_mode={self.val_mode!r}, enabled={self.enabled}, "
+            f"num_classes={self.towers.class_prompts.shape[0]}"
+        )
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} of length {len(value)}"
+    return f"a {type(value).__name__}"
