@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Iterator, Mapping
 from typing import Literal
 
@@ -328,10 +329,19 @@ def _jvp_logits(model: nn.Module, inputs: Tensor, val_grad: Mapping[str, Tensor]
     def logits_of(*values: Tensor) -> Tensor:
         return functional_call(model, dict(zip(names, values)), (inputs,), strict=False)
 
-    with torch.no_grad(), _running_stats_frozen(model), _math_attention():
+    with torch.no_grad(), _running_stats_frozen(model), _math_attention(), _quiet_forward_ad():
         logits, tangent = torch.func.jvp(logits_of, primals, tangents)
     check_logits(logits, "model(inputs)")
     return logits, tangent
+
+
+@contextlib.contextmanager
+def _quiet_forward_ad() -> Iterator[None]:
+    """torch loads its forward-AD decompositions with ``torch.jit.script`` on first use, which warns that jit is
+    deprecated; that warning is about torch's internals, not the user's code."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+        yield
 
 
 def _math_attention() -> contextlib.AbstractContextManager:
@@ -427,7 +437,7 @@ def forward_with_tangent(model: nn.Module, inputs: Tensor, val_grad: Mapping[str
     """
     params = dict(model.named_parameters())
     names = [n for n in val_grad if n in params]
-    with fwAD.dual_level(), _math_attention():
+    with fwAD.dual_level(), _math_attention(), _quiet_forward_ad():
         duals = {n: fwAD.make_dual(params[n], -val_grad[n].to(params[n])) for n in names}
         bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         saved = [(m.running_mean, m.running_var) for m in bns]
