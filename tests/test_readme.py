@@ -1,0 +1,29 @@
+"""The README's quick start runs as written (lucidrains' test_readme idea)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+
+
+def test_quick_start_runs():
+    blocks = _python_blocks()
+    assert blocks, "README has no python code block"
+    namespace: dict = {}
+    exec(compile(blocks[0], "README quick start", "exec"), namespace)
+    assert 0.0 <= namespace["criterion"].stats["kept_fraction"] <= 1.0
+
+
+def test_quick_start_is_short():
+    assert len(_python_blocks()[0].strip().splitlines()) <= 16
+
+
+def test_two_commands():
+    text = README.read_text()
+    assert "make demo" in text and "make test" in text
