@@ -22,13 +22,15 @@ Communication cost per step, for ``P`` trainable parameters, ``K`` classes and `
   own gradient all-reduce, and not overlapped with compute (it runs before the JVP). At ``val_every=1`` it doubles
   the bytes a DDP step moves; ``val_every=k`` divides the extra by ``k``. ``method="last_layer"`` reduces only the
   classifier block, ``K * (D + 1)`` floats.
-* Every step: an all-gather of 4 integers per rank and of ``max_rank(B_aug) * (2K + 1)`` floats per rank (e.g.
-  256 rows x 1000 classes: 2 MB per rank), small next to the gradient all-reduce.
+* Every step: an all-gather of 3 integers per rank (:func:`batch_layout`) and one of ``max_rank(B_aug) * (2K + 1)``
+  floats per rank (e.g. 256 rows x 1000 classes in float32: 2 MB per rank), small next to the gradient all-reduce.
 * ``all_reduce=False`` keeps every decision on its rank (own validation gradient, own normalisation scale, own
   statistics): no collective at all after the one-time settings check.
 
-No collective depends on the data: a rank with no augmented sample in its shard, or a validation loader of another
-length (each rank cycles its own), runs the same collectives in the same order as the others, so nothing waits on a
+No collective depends on rank-local data: the counts are exchanged first, and then every rank refreshes the
+validation gradient and exchanges ``Π`` exactly when the *global* batch has an augmented row (as one process on the
+global batch would). A rank with no augmented sample in its shard, or with a validation loader of another length
+(each rank cycles its own), runs the same collectives in the same order as the others, so nothing waits on a
 timeout. With the ``nccl`` backend, call ``torch.cuda.set_device(local_rank)`` before the first step (the object
 exchange of :func:`check_consistent` uses the current device).
 """
@@ -50,6 +52,8 @@ __all__ = [
     "all_reduce_mean",
     "check_consistent",
     "loss_settings",
+    "batch_layout",
+    "BatchLayout",
     "global_saflex_targets",
     "GlobalTargets",
 ]
@@ -157,6 +161,45 @@ def loss_settings(loss: Any) -> dict[str, Any]:
     }
 
 
+class BatchLayout(NamedTuple):
+    """How the global batch is split across ranks (from :func:`batch_layout`)."""
+
+    rank: int
+    num_augmented: list[int]
+    """Augmented rows of each rank."""
+    batch_sizes: list[int]
+    """Rows (clean and augmented) of each rank."""
+
+    @property
+    def total_augmented(self) -> int:
+        return sum(self.num_augmented)
+
+
+def batch_layout(
+    num_augmented: int, batch_size: int, num_classes: int, *, device: torch.device | str = "cpu", group: Any = None
+) -> BatchLayout:
+    """Exchange the ranks' batch sizes and augmented counts: one all-gather of 3 integers per rank.
+
+    ``SaflexLoss`` calls it first in every step, before any validation pass, so that every rank knows whether the
+    global batch has an augmented row (then every rank refreshes the validation gradient and joins the exchange of
+    ``Π``, as one process would) or none (then no rank does, and the validation stream does not advance).
+
+    Raises:
+        ValueError: If the ranks' numbers of classes differ (raised on every rank).
+    """
+    counts = torch.tensor([num_augmented, batch_size, num_classes], dtype=torch.long, device=device)
+    gathered = [torch.empty_like(counts) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, counts, group=group)
+    table = torch.stack(gathered).tolist()
+    if len({row[2] for row in table}) > 1:
+        raise ValueError(
+            "the ranks' logits have different numbers of classes ("
+            + ", ".join(f"rank {r}: {row[2]}" for r, row in enumerate(table))
+            + "); every rank must train the same model."
+        )
+    return BatchLayout(dist.get_rank(group), [row[0] for row in table], [row[1] for row in table])
+
+
 class GlobalTargets(NamedTuple):
     """Result of :func:`global_saflex_targets`."""
 
@@ -174,8 +217,8 @@ class GlobalTargets(NamedTuple):
 def global_saflex_targets(
     pi: Tensor,
     targets: Tensor,
+    layout: BatchLayout,
     *,
-    batch_size: int,
     op: Tensor | None = None,
     beta: float = 0.5,
     tau: float | None = 0.01,
@@ -186,47 +229,31 @@ def global_saflex_targets(
 ) -> GlobalTargets:
     """:func:`~saflex_data.functional.saflex_targets` on the augmented rows of all ranks; returns this rank's rows.
 
-    Every rank must call it at the same step, also with zero augmented rows (``pi`` of shape `(0, K)`), and with a
-    ``generator`` in the same state on every rank. The result equals ``saflex_targets`` on the rows concatenated in
-    rank order, sliced to this rank, including the Gumbel noise: a 2-rank run with batch ``b`` decides exactly like
-    one process with the batch ``[rank 0's b; rank 1's b]``.
+    Every rank must call it at the same step (also with zero augmented rows: ``pi`` of shape `(0, K)`) with the
+    ``layout`` of that step and a ``generator`` in the same state on every rank. The result equals
+    ``saflex_targets`` on the rows concatenated in rank order, sliced to this rank, Gumbel noise included: a 2-rank
+    run with batch ``b`` decides exactly like one process with the batch ``[rank 0's b; rank 1's b]``.
 
-    Cost: an all-gather of 4 integers, then one of ``max_rank(n) * (2K + 1)`` floats (skipped when no rank has an
-    augmented row).
+    Cost: one all-gather of ``max_rank(n) * (2K + 1)`` floats (none when no rank has an augmented row).
 
     Args:
         pi: This rank's inner products `(n, K)` of its augmented rows.
         targets: Their upstream labels, class indices `(n,)` or probabilities `(n, K)`.
-        batch_size: This rank's whole batch size (clean rows included), for the statistics.
+        layout: This step's :func:`batch_layout`.
         op: Optional op ids `(n,)` of the augmented rows, for the per-op statistics.
         beta: See ``saflex_targets``.
         tau: See ``saflex_targets``.
-        normalize: See ``saflex_targets``; ``"batch_max"`` now uses the global batch's scale.
-        rule: See ``saflex_targets``; ``"centered"`` now centres on the global batch's mean.
+        normalize: See ``saflex_targets``; ``"batch_max"`` uses the global batch's scale.
+        rule: See ``saflex_targets``; ``"centered"`` centres on the global batch's mean.
         generator: Gumbel noise generator, in the same state on every rank.
         group: Process group; the default group if ``None``.
-
-    Raises:
-        ValueError: If the ranks' numbers of classes differ (raised on every rank).
     """
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
     n, num_classes = pi.shape
+    if n != layout.num_augmented[layout.rank]:
+        raise ValueError(f"pi has {n} rows but the layout gives this rank {layout.num_augmented[layout.rank]}.")
     dtype = torch.promote_types(pi.dtype, torch.float32)
     device = pi.device
-    finite = bool(torch.isfinite(pi).all())
-    counts = torch.tensor([n, batch_size, int(not finite), num_classes], dtype=torch.long, device=device)
-    gathered = [torch.empty_like(counts) for _ in range(world)]
-    dist.all_gather(gathered, counts, group=group)
-    table = torch.stack(gathered).tolist()
-    if len({row[3] for row in table}) > 1:
-        raise ValueError(
-            "the ranks' logits have different numbers of classes (" + ", ".join(
-                f"rank {r}: {row[3]}" for r, row in enumerate(table)
-            ) + "); every rank must train the same model."
-        )
-    sizes = [row[0] for row in table]
-    total_aug, total_batch = sum(sizes), sum(row[1] for row in table)
-    all_finite = not any(row[2] for row in table)
+    sizes, total_aug = layout.num_augmented, layout.total_augmented
     upstream = targets.to(dtype) if targets.dim() == 2 else F.one_hot(targets.long(), num_classes).to(dtype)
 
     width = 2 * num_classes + 1
@@ -236,29 +263,33 @@ def global_saflex_targets(
         rows[:n, :num_classes] = pi.to(dtype)
         rows[:n, num_classes : 2 * num_classes] = upstream
         rows[:n, -1] = -1 if op is None else op.to(device=device, dtype=dtype)
-        shards = [torch.empty_like(rows) for _ in range(world)]
+        shards = [torch.empty_like(rows) for _ in range(len(sizes))]
         dist.all_gather(shards, rows, group=group)
         every = torch.cat([shard[:size] for shard, size in zip(shards, sizes)])
     else:
         every = torch.zeros(0, width, dtype=dtype, device=device)
     pi_all, up_all = every[:, :num_classes], every[:, num_classes : 2 * num_classes]
     op_all = every[:, -1].long()
-    if all_finite and total_aug:
+    # Every rank sees the same gathered Π, so every rank takes the same fallback decision.
+    finite = bool(torch.isfinite(pi_all).all())
+    if finite and total_aug:
         weights_all, labels_all = SF.saflex_targets(
             pi_all, up_all, beta=beta, tau=tau, normalize=normalize, rule=rule, generator=generator
         )
     else:
         weights_all, labels_all = torch.ones(total_aug, dtype=dtype, device=device), up_all.clone()
-    offset = sum(sizes[:rank])
+    offset = sum(sizes[: layout.rank])
     mine = slice(offset, offset + n)
 
-    clean = total_batch - total_aug
+    clean = sum(layout.batch_sizes) - total_aug
     record = (
         torch.cat([up_all, up_all.new_zeros(clean, num_classes)]),
-        torch.cat([torch.ones(total_aug, dtype=torch.bool, device=device),
-                   torch.zeros(clean, dtype=torch.bool, device=device)]),
+        torch.cat([
+            torch.ones(total_aug, dtype=torch.bool, device=device),
+            torch.zeros(clean, dtype=torch.bool, device=device),
+        ]),
         torch.cat([op_all, op_all.new_full((clean,), -1)]) if bool((op_all >= 0).any()) else None,
         torch.cat([weights_all, weights_all.new_ones(clean)]),
         torch.cat([labels_all, labels_all.new_zeros(clean, num_classes)]),
     )
-    return GlobalTargets(weights_all[mine], labels_all[mine], all_finite, record)
+    return GlobalTargets(weights_all[mine], labels_all[mine], finite, record)

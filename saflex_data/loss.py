@@ -218,21 +218,22 @@ class SaflexLoss(nn.Module):
         dtype = torch.promote_types(logits.dtype, torch.float32)  # the solve and the loss in >= float32
         targets = _soft(labels, num_classes, dtype)
         weights = torch.ones(batch, dtype=dtype, device=logits.device)
-        sync = self._synced()  # [distributed] every rank runs the same collectives, augmented rows or not
+        # [distributed] the ranks' counts first: all of them refresh and exchange iff the global batch has augmented rows
+        layout = _dist.batch_layout(len(aug_index), batch, num_classes, device=logits.device) if self._synced() else None
         record = None
-        if aug_index.numel() or sync:
+        if aug_index.numel() or (layout is not None and layout.total_augmented):
             with torch.autocast(device_type=logits.device.type, enabled=False):
                 if aug_index.numel():
                     pi = self._inner_products(logits, aug_index)
-                else:  # [distributed] no augmented row on this rank: refresh with the other ranks, join the exchange
+                else:  # [distributed] augmented rows on other ranks only: refresh with them, join the exchange
                     if self.method != "single_pass":
                         self._validation_signal()
                     pi = logits.new_zeros((0, num_classes), dtype=dtype)
                 upstream = labels[aug_index]
                 finite = bool(torch.isfinite(pi).all())
-                if sync:  # [distributed] decide on the global batch, keep this rank's rows (saflex_data.distributed)
+                if layout is not None:  # [distributed] decide on the global batch, keep this rank's rows
                     aug_weights, aug_labels, finite, record = _dist.global_saflex_targets(
-                        pi, upstream, batch_size=batch, op=None if op is None else op[aug_index], beta=self.beta,
+                        pi, upstream, layout, op=None if op is None else op[aug_index], beta=self.beta,
                         tau=self.tau, normalize=self.normalize, rule=self.rule, generator=self._generator,
                     )
                     if not finite:

@@ -1,0 +1,299 @@
+"""SaflexLoss under torch.distributed: 2 CPU processes with the gloo backend (torch.multiprocessing, spawn).
+
+Every launch has a deadline (the parent kills the workers and fails the test) and every process group a timeout,
+so a hang fails the test instead of blocking CI.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from saflex_data import SaflexLoss, SaflexTarget
+from saflex_data import distributed as sdist
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
+
+ROOT = Path(__file__).resolve().parents[1]
+WORLD = 2
+FEATURES, CLASSES, HIDDEN = 6, 4, 12
+B, V, STEPS = 6, 5, 4  # per-rank train batch, per-rank validation batch, optimizer steps
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# launching
+# ----------------------------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(worker: Callable[..., None], *args: Any, timeout: float = 90.0) -> None:
+    """Run ``worker(rank, world, port, *args)`` on WORLD spawned processes; fail (not hang) past ``timeout``."""
+    port = _free_port()
+    ctx = mp.start_processes(worker, args=(WORLD, port, *args), nprocs=WORLD, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    try:
+        while not ctx.join(timeout=0.5):
+            if time.monotonic() > deadline:
+                pytest.fail(f"{worker.__name__} did not finish within {timeout:.0f} s: the ranks hang")
+    finally:
+        for process in ctx.processes:
+            if process.is_alive():
+                process.kill()
+
+
+def _init(rank: int, world: int, port: int) -> None:
+    torch.set_num_threads(1)
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=30))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the problem: the global batch of step s is WORLD * B rows, rank r holds rows [r B, (r + 1) B)
+# ----------------------------------------------------------------------------------------------------------------
+def _model() -> nn.Module:
+    torch.manual_seed(0)  # no dropout, no BatchNorm: a sample's logits do not depend on its batch
+    return nn.Sequential(nn.Linear(FEATURES, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, CLASSES)).double()
+
+
+def _problem() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    n = WORLD * B
+    aug = torch.rand(STEPS, n, generator=g) < 0.6
+    aug[1, :B] = False  # step 1: rank 0 has no augmented sample
+    aug[2] = False  # step 2: no rank has one
+    return {
+        "x": torch.randn(STEPS, n, FEATURES, generator=g, dtype=torch.float64),
+        "y": torch.randint(0, CLASSES, (STEPS, n), generator=g),
+        "aug": aug,
+        "op": torch.where(aug, torch.randint(0, 3, (STEPS, n), generator=g), -1),
+        "vx": torch.randn(STEPS, WORLD * V, FEATURES, generator=g, dtype=torch.float64),
+        "vy": torch.randint(0, CLASSES, (STEPS, WORLD * V), generator=g),
+    }
+
+
+CONFIGS = [
+    dict(method="jvp", tau=None, normalize="batch_max", rule="paper", beta=1.5),
+    dict(method="jvp", tau=0.05, normalize="batch_max", rule="centered", beta=0.3),
+    dict(method="last_layer", tau=0.5, normalize="batch_max", rule="paper", beta=0.2, val_every=2),
+]
+
+
+def _train(model: nn.Module, criterion: SaflexLoss, data: dict, rows: slice) -> dict[str, Any]:
+    """STEPS SGD steps on ``rows`` of each global batch; the per-step decisions and stats."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    weights, labels, stats = [], [], []
+    for s in range(STEPS):
+        target = SaflexTarget(data["y"][s, rows], data["aug"][s, rows], op=data["op"][s, rows], op_names=("a", "b", "c"))
+        loss = criterion(model(data["x"][s, rows]), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        weights.append(criterion.last_step["weights"].clone())
+        labels.append(criterion.last_step["targets"].clone())
+        stats.append(criterion.stats)
+    raw = criterion.model
+    return {
+        "params": [p.detach().clone() for p in raw.parameters()],
+        "weights": weights,
+        "labels": labels,
+        "stats": stats,
+        "op_stats": criterion.op_stats(),
+        "signal": criterion._signal,
+    }
+
+
+def _worker_equivalence(rank: int, world: int, port: int, out: str) -> None:
+    _init(rank, world, port)
+    data = _problem()
+    results = []
+    for config in CONFIGS:
+        model = _model()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        val = [(data["vx"][s, rank * V : (rank + 1) * V], data["vy"][s, rank * V : (rank + 1) * V]) for s in range(STEPS)]
+        criterion = SaflexLoss(ddp, val, **config)
+        assert criterion.model is model  # the extra passes use the raw module
+        results.append(_train(ddp, criterion, data, slice(rank * B, (rank + 1) * B)))
+    torch.save(results, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def equivalence(tmp_path_factory: pytest.TempPathFactory) -> tuple[list, list]:
+    out = tmp_path_factory.mktemp("ddp")
+    _launch(_worker_equivalence, str(out))
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    data = _problem()
+    single = []
+    for config in CONFIGS:
+        model = _model()
+        val = [(data["vx"][s], data["vy"][s]) for s in range(STEPS)]  # the ranks' validation batches, concatenated
+        single.append(_train(model, SaflexLoss(model, val, **config), data, slice(None)))
+    return ranks, single
+
+
+@pytest.mark.parametrize("config", range(len(CONFIGS)), ids=[f"{c['method']}-{c['rule']}" for c in CONFIGS])
+def test_two_ranks_batch_b_match_one_process_batch_2b(equivalence: tuple, config: int) -> None:
+    ranks, single = equivalence
+    ref = single[config]
+    # The reference must exercise both decisions, or the comparison proves little.
+    every = torch.cat(ref["weights"])
+    assert (every == 0).any(), "no sample was dropped in the reference run"
+    relabeled = torch.cat([lab.argmax(-1) for lab in ref["labels"]]) != _problem()["y"].reshape(-1)
+    assert relabeled.any(), "no sample was relabeled in the reference run"
+    for rank, result in enumerate(ranks):
+        got = result[config]
+        for p, q in zip(got["params"], ref["params"]):
+            torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-11)
+        rows = slice(rank * B, (rank + 1) * B)
+        for s in range(STEPS):
+            torch.testing.assert_close(got["weights"][s], ref["weights"][s][rows], rtol=0, atol=0)
+            torch.testing.assert_close(got["labels"][s], ref["labels"][s][rows], rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("config", range(len(CONFIGS)), ids=[f"{c['method']}-{c['rule']}" for c in CONFIGS])
+def test_stats_are_global_and_identical_on_every_rank(equivalence: tuple, config: int) -> None:
+    ranks, single = equivalence
+    ref = single[config]
+    for result in ranks:
+        got = result[config]
+        for s in range(STEPS):
+            assert got["stats"][s].keys() == ref["stats"][s].keys()
+            for key, value in ref["stats"][s].items():
+                assert got["stats"][s][key] == pytest.approx(value, abs=1e-12), (s, key)
+        assert ref["op_stats"], "the reference has no per-op statistics"
+        assert got["op_stats"].keys() == ref["op_stats"].keys()
+        for name, values in ref["op_stats"].items():
+            assert got["op_stats"][name] == pytest.approx(values)
+    assert ref["stats"][1]["augmented_fraction"] > 0  # rank 0 had none at step 1, rank 1 some: still global
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# uneven validation loaders, ranks without augmented samples, per-rank mode
+# ----------------------------------------------------------------------------------------------------------------
+def _worker_uneven(rank: int, world: int, port: int, out: str) -> None:
+    _init(rank, world, port)
+    data = _problem()
+    results = {}
+    g = torch.Generator().manual_seed(10 + rank)
+    num_val = 1 if rank == 0 else 3  # validation loaders of different lengths
+    val = [(torch.randn(V, FEATURES, generator=g, dtype=torch.float64), torch.randint(0, CLASSES, (V,), generator=g))
+           for _ in range(num_val)]
+    for all_reduce in (True, False):
+        for method in ("jvp", "last_layer"):
+            model = _model()
+            ddp = nn.parallel.DistributedDataParallel(model)
+            criterion = SaflexLoss(ddp, val, method=method, all_reduce=all_reduce, val_every=2)
+            for _ in range(2):  # 2 x STEPS steps: rank 0 wraps its loader 8 times, rank 1 about 3 times
+                result = _train(ddp, criterion, data, slice(rank * B, (rank + 1) * B))
+            results[(all_reduce, method)] = {
+                "params": result["params"],
+                "signal": result["signal"],
+                "stats": result["stats"][-1],
+            }
+    # all_reduce_mean buckets: mixed dtypes, a bucket smaller than one tensor
+    tensors = [torch.full((3, 2), float(rank)), torch.arange(5, dtype=torch.float64) * rank, torch.ones(7) * rank]
+    results["mean"] = sdist.all_reduce_mean(tensors, bucket_numel=5)
+    torch.save(results, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_uneven_validation_loaders_and_ranks_without_augmented_samples_do_not_hang(tmp_path: Path) -> None:
+    _launch(_worker_uneven, str(tmp_path), timeout=90.0)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD))
+    for method in ("jvp", "last_layer"):
+        for all_reduce in (True, False):
+            a, b = r0[(all_reduce, method)], r1[(all_reduce, method)]
+            for p, q in zip(a["params"], b["params"]):  # DDP keeps the replicas equal either way
+                torch.testing.assert_close(p, q)
+        shared = r0[(True, method)]["signal"], r1[(True, method)]["signal"]
+        own = r0[(False, method)]["signal"], r1[(False, method)]["signal"]
+        first = (lambda sig: next(iter(sig.values())) if isinstance(sig, dict) else sig[0])
+        torch.testing.assert_close(first(shared[0]), first(shared[1]))  # averaged: the same on both ranks
+        assert not torch.allclose(first(own[0]), first(own[1]))  # all_reduce=False: each rank its own
+        assert r0[(True, method)]["stats"] == r1[(True, method)]["stats"]
+    for got in (r0["mean"], r1["mean"]):
+        torch.testing.assert_close(got[0], torch.full((3, 2), 0.5))
+        torch.testing.assert_close(got[1], torch.arange(5, dtype=torch.float64) * 0.5)
+        torch.testing.assert_close(got[2], torch.full((7,), 0.5))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# settings that differ across ranks
+# ----------------------------------------------------------------------------------------------------------------
+MISMATCHES = [
+    ({"beta": 0.5}, {"beta": 1.0}),
+    ({"all_reduce": True}, {"all_reduce": False}),
+    ({"val_every": 1, "method": "jvp"}, {"val_every": 3, "method": "last_layer"}),
+]
+
+
+def _worker_mismatch(rank: int, world: int, port: int, out: str) -> None:
+    _init(rank, world, port)
+    data = _problem()
+    messages = []
+    for settings in MISMATCHES:
+        model = _model()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        val = [(data["vx"][0, :V], data["vy"][0, :V])]
+        criterion = SaflexLoss(ddp, val, **settings[rank])
+        try:
+            _train(ddp, criterion, data, slice(rank * B, (rank + 1) * B))
+        except ValueError as error:
+            messages.append(str(error))
+        else:
+            messages.append(None)
+    torch.save(messages, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_settings_that_differ_across_ranks_raise_on_every_rank(tmp_path: Path) -> None:
+    _launch(_worker_mismatch, str(tmp_path), timeout=60.0)
+    for rank in range(WORLD):
+        messages = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        assert messages[0] is not None and "SaflexLoss settings differ across ranks (beta: rank 0 = 0.5, rank 1 = 1.0)" in messages[0]
+        assert messages[1] is not None and "all_reduce: rank 0 = True, rank 1 = False" in messages[1]
+        assert messages[2] is not None
+        for part in ("classifier: rank 0 = None, rank 1 = '2'", "method: rank 0 = 'jvp', rank 1 = 'last_layer'",
+                     "val_every: rank 0 = 1, rank 1 = 3"):
+            assert part in messages[2]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# without torch.distributed
+# ----------------------------------------------------------------------------------------------------------------
+def test_is_distributed_is_false_without_a_process_group() -> None:
+    assert not sdist.is_distributed()
+    model = _model()
+    criterion = SaflexLoss(model, [(torch.randn(3, FEATURES, dtype=torch.float64), torch.tensor([0, 1, 2]))])
+    assert not criterion._synced()
+    criterion(model(torch.randn(4, FEATURES, dtype=torch.float64)),
+              SaflexTarget(torch.tensor([0, 1, 2, 3]), torch.tensor([False, True, True, False]))).backward()
+    assert not criterion._ranks_checked  # no collective outside torch.distributed
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torchrun
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_ddp_example_runs_under_torchrun(tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={_free_port()}", str(ROOT / "examples" / "ddp_train.py"), "--steps", "4", "--check"]
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "replicas equal: True" in proc.stdout
