@@ -30,7 +30,7 @@ from timm.loss import LabelSmoothingCrossEntropy
 from timm.models import create_model
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
-from timm.utils import NativeScaler, accuracy
+from timm.utils import NativeScaler, accuracy, random_seed
 
 from saflex_data import SaflexLoss
 from saflex_data.adapters.timm import SaflexTask, ValPrepare, create_train_loader, create_val_loader, has_task_api
@@ -78,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    torch.manual_seed(args.seed)
+    random_seed(args.seed)  # torch, numpy and random (timm's RandAugment draws from random)
     device = torch.device(args.device)
 
     # %% model, data config, memory format, compile
