@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import traceback
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
@@ -60,6 +61,38 @@ def _init(rank: int, world: int, port: int) -> None:
     torch.set_num_threads(1)
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=30))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# one launch runs every scenario in turn (spawning 2 interpreters costs most of the time); a scenario that raises
+# is recorded and fails its own tests only
+# ----------------------------------------------------------------------------------------------------------------
+PARTS = ("equivalence", "uneven", "mismatch")  # mismatch last: it leaves the ranks in sync, but only just
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    _init(rank, world, port)
+    results: dict[str, Any] = {}
+    for name in PARTS:
+        try:
+            results[name] = globals()[f"_part_{name}"](rank)
+        except Exception:  # recorded for the tests of this part; the other parts still run
+            results[name] = traceback.format_exc()
+    torch.save(results, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    out = tmp_path_factory.mktemp("ddp")
+    _launch(_worker, str(out), timeout=150.0)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def _part(result: dict[str, Any], name: str) -> Any:
+    if isinstance(result[name], str):
+        pytest.fail(f"scenario {name!r} raised on a rank:\n{result[name]}")
+    return result[name]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -117,8 +150,7 @@ def _train(model: nn.Module, criterion: SaflexLoss, data: dict, rows: slice) -> 
     }
 
 
-def _worker_equivalence(rank: int, world: int, port: int, out: str) -> None:
-    _init(rank, world, port)
+def _part_equivalence(rank: int) -> list[dict[str, Any]]:
     data = _problem()
     results = []
     for config in CONFIGS:
@@ -128,15 +160,12 @@ def _worker_equivalence(rank: int, world: int, port: int, out: str) -> None:
         criterion = SaflexLoss(ddp, val, **config)
         assert criterion.model is model  # the extra passes use the raw module
         results.append(_train(ddp, criterion, data, slice(rank * B, (rank + 1) * B)))
-    torch.save(results, f"{out}/rank{rank}.pt")
-    dist.destroy_process_group()
+    return results
 
 
 @pytest.fixture(scope="module")
-def equivalence(tmp_path_factory: pytest.TempPathFactory) -> tuple[list, list]:
-    out = tmp_path_factory.mktemp("ddp")
-    _launch(_worker_equivalence, str(out))
-    ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+def equivalence(ranks: list[dict[str, Any]]) -> tuple[list, list]:
+    ranks = [_part(result, "equivalence") for result in ranks]
     data = _problem()
     single = []
     for config in CONFIGS:
@@ -185,8 +214,7 @@ def test_stats_are_global_and_identical_on_every_rank(equivalence: tuple, config
 # ----------------------------------------------------------------------------------------------------------------
 # uneven validation loaders, ranks without augmented samples, per-rank mode
 # ----------------------------------------------------------------------------------------------------------------
-def _worker_uneven(rank: int, world: int, port: int, out: str) -> None:
-    _init(rank, world, port)
+def _part_uneven(rank: int) -> dict[Any, Any]:
     data = _problem()
     results = {}
     g = torch.Generator().manual_seed(10 + rank)
@@ -208,13 +236,11 @@ def _worker_uneven(rank: int, world: int, port: int, out: str) -> None:
     # all_reduce_mean buckets: mixed dtypes, a bucket smaller than one tensor
     tensors = [torch.full((3, 2), float(rank)), torch.arange(5, dtype=torch.float64) * rank, torch.ones(7) * rank]
     results["mean"] = sdist.all_reduce_mean(tensors, bucket_numel=5)
-    torch.save(results, f"{out}/rank{rank}.pt")
-    dist.destroy_process_group()
+    return results
 
 
-def test_uneven_validation_loaders_and_ranks_without_augmented_samples_do_not_hang(tmp_path: Path) -> None:
-    _launch(_worker_uneven, str(tmp_path), timeout=90.0)
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD))
+def test_uneven_validation_loaders_and_ranks_without_augmented_samples_do_not_hang(ranks: list) -> None:
+    r0, r1 = (_part(result, "uneven") for result in ranks)
     for method in ("jvp", "last_layer"):
         for all_reduce in (True, False):
             a, b = r0[(all_reduce, method)], r1[(all_reduce, method)]
@@ -242,8 +268,7 @@ MISMATCHES = [
 ]
 
 
-def _worker_mismatch(rank: int, world: int, port: int, out: str) -> None:
-    _init(rank, world, port)
+def _part_mismatch(rank: int) -> list[str | None]:
     data = _problem()
     messages = []
     for settings in MISMATCHES:
@@ -257,14 +282,12 @@ def _worker_mismatch(rank: int, world: int, port: int, out: str) -> None:
             messages.append(str(error))
         else:
             messages.append(None)
-    torch.save(messages, f"{out}/rank{rank}.pt")
-    dist.destroy_process_group()
+    return messages
 
 
-def test_settings_that_differ_across_ranks_raise_on_every_rank(tmp_path: Path) -> None:
-    _launch(_worker_mismatch, str(tmp_path), timeout=60.0)
-    for rank in range(WORLD):
-        messages = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+def test_settings_that_differ_across_ranks_raise_on_every_rank(ranks: list) -> None:
+    for result in ranks:
+        messages = _part(result, "mismatch")
         assert messages[0] is not None and "SaflexLoss settings differ across ranks (beta: rank 0 = 0.5, rank 1 = 1.0)" in messages[0]
         assert messages[1] is not None and "all_reduce: rank 0 = True, rank 1 = False" in messages[1]
         assert messages[2] is not None
