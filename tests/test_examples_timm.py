@@ -105,3 +105,17 @@ def test_timm_train_torch_compile(data_dir: Path) -> None:
     summary = run_timm_train(data_dir, "--torchcompile", "aot_eager", "--channels-last", steps=4)
     assert summary["finite"] and len(summary["saflex"]) == 4
     assert summary["eval_after"]["loss"] < summary["eval_before"]["loss"]
+
+
+@pytest.mark.parametrize("extra", [["--amp", "--channels-last"], ["--policy", "randaugment", "--method", "jvp"]],
+                         ids=["jitter_bf16_channels_last", "randaugment_subset_jvp"])
+def test_kornia_gpu_example_tags_on_device(data_dir: Path, extra: list[str], capsys) -> None:
+    pytest.importorskip("kornia")
+    example = load_example("kornia_gpu")
+    summary = example.main(["--data-dir", str(data_dir), "--model", "test_resnet", "--device", "cpu", "--steps", "4",
+                            "-j", "0", "-b", "8", *extra])
+    assert summary["finite"] and len(summary["saflex"]) == 4
+    assert any(s["augmented_fraction"] > 0 for s in summary["saflex"])
+    assert any(s["augmented_fraction"] < 1 for s in summary["saflex"])  # a tagged subset, not the whole batch
+    assert summary["op_stats"], "per-op statistics come from the kornia tags"
+    assert "per-op keep/relabel rates" in capsys.readouterr().out
