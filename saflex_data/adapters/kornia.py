@@ -102,6 +102,7 @@ class KorniaTagger(nn.Module):
             )
         self.module = module
         self.num_classes = num_classes
+        self.last_params: Any = None
         self.is_mix = isinstance(module, MixAugmentationBaseV2)
         if self.is_mix and num_classes is None:
             raise ValueError(f"KorniaTagger({type(module).__name__}): num_classes is required for kornia mix ops.")
@@ -129,6 +130,7 @@ class KorniaTagger(nn.Module):
         if any(i < 0 for i in ids):
             raise ValueError(f"{self._owner()}: target.op_names {names} lack this op's names {self.op_names}.")
         params = self.module.forward_parameters(inputs.shape)
+        self.last_params = params  # for inspection; replay with module(x, params=tagger.last_params)
         op = target.op.clone() if target.op is not None else torch.full((batch,), -1, dtype=torch.long, device=device)
         labels = target.labels
         if self.is_mix:
