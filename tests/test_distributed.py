@@ -21,9 +21,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+from torch.utils.data import DistributedSampler
 
 from saflex_data import SaflexLoss, SaflexTarget
 from saflex_data import distributed as sdist
+from saflex_data.sampler import SaflexBatchSampler
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
@@ -67,7 +69,7 @@ def _init(rank: int, world: int, port: int) -> None:
 # one launch runs every scenario in turn (spawning 2 interpreters costs most of the time); a scenario that raises
 # is recorded and fails its own tests only
 # ----------------------------------------------------------------------------------------------------------------
-PARTS = ("equivalence", "uneven", "mismatch")  # mismatch last: it leaves the ranks in sync, but only just
+PARTS = ("equivalence", "uneven", "sampler", "mismatch")  # mismatch last: it leaves the ranks in sync, but only just
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
@@ -256,6 +258,42 @@ def test_uneven_validation_loaders_and_ranks_without_augmented_samples_do_not_ha
         torch.testing.assert_close(got[0], torch.full((3, 2), 0.5))
         torch.testing.assert_close(got[1], torch.arange(5, dtype=torch.float64) * 0.5)
         torch.testing.assert_close(got[2], torch.full((7,), 0.5))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SaflexBatchSampler around DistributedSampler (rank and world size from the real process group)
+# ----------------------------------------------------------------------------------------------------------------
+SAMPLER_N, SAMPLER_EPOCHS = 40, 3
+
+
+def _sampler(rank: int | None = None) -> SaflexBatchSampler:
+    kwargs = {} if rank is None else {"num_replicas": WORLD, "rank": rank}
+    return SaflexBatchSampler(DistributedSampler(range(SAMPLER_N), shuffle=True, seed=5, **kwargs), 6, p=0.5, seed=3)
+
+
+def _part_sampler(rank: int) -> list[list[list[tuple[int, int]]]]:
+    sampler = _sampler()  # DistributedSampler reads the rank and world size from torch.distributed
+    epochs = []
+    for epoch in range(SAMPLER_EPOCHS):
+        sampler.set_epoch(epoch)
+        epochs.append(list(sampler))
+    return epochs
+
+
+def test_saflex_batch_sampler_over_distributed_sampler(ranks: list) -> None:
+    per_rank = [_part(result, "sampler") for result in ranks]
+    for epoch in range(SAMPLER_EPOCHS):
+        indices = [[i for batch in r[epoch] for i, _ in batch] for r in per_rank]
+        assert set(indices[0]).isdisjoint(indices[1])  # disjoint shards...
+        assert sorted(indices[0] + indices[1]) == list(range(SAMPLER_N))  # ...that cover the dataset
+        flags = [[bool(f) for batch in r[epoch] for _, f in batch] for r in per_rank]
+        assert flags[0] == flags[1]  # the same flag pattern on every rank
+        assert 0 < sum(flags[0]) < len(flags[0])
+        for rank, r in enumerate(per_rank):  # reproducible from (seed, epoch) alone, in another process
+            again = _sampler(rank)
+            again.set_epoch(epoch)
+            assert list(again) == r[epoch]
+    assert per_rank[0][0] != per_rank[0][1]  # a new epoch, new shards and flags
 
 
 # ----------------------------------------------------------------------------------------------------------------
