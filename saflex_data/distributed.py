@@ -56,6 +56,7 @@ __all__ = [
     "BatchLayout",
     "global_saflex_targets",
     "GlobalTargets",
+    "forward_with_tangent",
 ]
 
 # Elements per all-reduce bucket: bounds the extra memory of flattening (DDP's default bucket is 25 MB).
@@ -153,7 +154,8 @@ def loss_settings(loss: Any) -> dict[str, Any]:
         "num_splits": loss.num_splits,
         "label_smoothing": float(loss.label_smoothing),
         "all_reduce": bool(loss.all_reduce),
-        "seed": loss.seed,
+        # Decisions on the global batch need the same Gumbel noise everywhere; per-rank decisions may differ.
+        "seed": loss.seed if loss.all_reduce else None,
         "step": loss.step,
         "precondition": None if loss.precondition is None else type(loss.precondition).__name__,
         "classifier": loss.classifier_name,
@@ -293,3 +295,25 @@ def global_saflex_targets(
         torch.cat([labels_all, labels_all.new_zeros(clean, num_classes)]),
     )
     return GlobalTargets(weights_all[mine], labels_all[mine], finite, record)
+
+
+def forward_with_tangent(model: torch.nn.Module, inputs: Tensor, val_grad: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """:func:`saflex_data.functional.forward_with_tangent` through a ``DistributedDataParallel`` wrapper.
+
+    ``method="single_pass"`` makes the training forward itself carry the tangent. Under DDP that forward must go
+    through the wrapper: DDP arms its gradient all-reduce in ``forward`` (``prepare_for_backward``), so a forward of
+    the raw module is followed by a backward whose gradients are silently *not* averaged across ranks. The dual
+    parameters are passed to the wrapper under its own names (``module.<name>``); their gradients still reach the
+    real parameters and fire DDP's hooks. Any other model is forwarded as is.
+
+    Args:
+        model: The model as the training loop calls it (``DistributedDataParallel`` or not).
+        inputs: The training batch.
+        val_grad: ``{name: gradient}`` keyed by the raw module's parameter names.
+
+    Returns:
+        ``(logits, tangent)`` as :func:`~saflex_data.functional.forward_with_tangent`.
+    """
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        val_grad = {f"module.{name}": grad for name, grad in val_grad.items()}
+    return SF.forward_with_tangent(model, inputs, val_grad)

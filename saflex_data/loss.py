@@ -208,9 +208,10 @@ class SaflexLoss(nn.Module):
             target: A :class:`SaflexTarget` (from ``SaflexCollate``, ``SaflexBatchSampler`` or an adapter), or a
                 plain label tensor when ``num_splits`` is set.
         """
-        self._check_ranks()  # [distributed]
         SF.check_logits(logits)
         labels, is_augmented, op = self._unpack(logits, target)
+        if torch.is_grad_enabled() and logits.requires_grad:  # [distributed] training calls only (no collective
+            self._check_ranks()  # in an evaluation that may run on one rank), also with enabled=False
         if not self.enabled or not (torch.is_grad_enabled() and logits.requires_grad):
             return F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
         batch, num_classes = logits.shape
