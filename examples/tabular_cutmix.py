@@ -40,13 +40,18 @@ categorical = [8, 9]
 perm = torch.randperm(n, generator=gen)
 train_idx, val_idx, test_idx = perm[:600], perm[600:700], perm[700:]  # small train set: augmentation matters
 
+
 # %% The upstream augmentation, on the device, after the loader: batches become [clean; cutmix].
 def run(saflex: bool) -> float:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(10, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, num_classes))
     model.to(args.device)
-    loader = DataLoader(TensorDataset(x[train_idx], y[train_idx]), batch_size=64, shuffle=True,
-                        generator=torch.Generator().manual_seed(1))
+    loader = DataLoader(
+        TensorDataset(x[train_idx], y[train_idx]),
+        batch_size=64,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(1),
+    )
     val_loader = DataLoader(TensorDataset(x[val_idx], y[val_idx]), batch_size=100, shuffle=True)
     augment = DeviceAugment(
         TabularCutMix(p=args.p, categorical=categorical, generator=torch.Generator().manual_seed(2)),
@@ -66,8 +71,10 @@ def run(saflex: bool) -> float:
         acc = (model(x[test_idx].to(args.device)).argmax(1).cpu() == y[test_idx]).float().mean().item()
     if saflex:
         s = criterion.stats
-        print(f"  SAFLEX kept {s['kept_fraction']:.2f} of the CutMix rows (last step), relabeled "
-              f"{s['relabeled_fraction']:.2f}")
+        print(
+            f"  SAFLEX kept {s['kept_fraction']:.2f} of the CutMix rows (last step), relabeled "
+            f"{s['relabeled_fraction']:.2f}"
+        )
     return acc
 
 
@@ -75,5 +82,7 @@ def run(saflex: bool) -> float:
 start = time.perf_counter()
 acc_plain = run(saflex=False)
 acc_saflex = run(saflex=True)
-print(f"test accuracy  CutMix: {acc_plain:.3f}   SAFLEX + CutMix: {acc_saflex:.3f}   "
-      f"({time.perf_counter() - start:.0f} s on {args.device})")
+print(
+    f"test accuracy  CutMix: {acc_plain:.3f}   SAFLEX + CutMix: {acc_saflex:.3f}   "
+    f"({time.perf_counter() - start:.0f} s on {args.device})"
+)

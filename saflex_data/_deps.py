@@ -15,7 +15,7 @@ from types import ModuleType
 __all__ = ["is_available", "require"]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def is_available(module: str) -> bool:
     """Whether ``module`` can be imported, without importing it.
 

@@ -228,8 +228,9 @@ class AugmentPipeline:
     def describe(self) -> str:
         if not self.transforms:
             return "None"
-        return ", ".join(type(t).__name__ if not isinstance(t, CallableTransform) else t.op_names[0]
-                         for t in self.transforms)
+        return ", ".join(
+            type(t).__name__ if not isinstance(t, CallableTransform) else t.op_names[0] for t in self.transforms
+        )
 
     def clean(self, sample: Any) -> Any:
         if self.pre_transform is not None:
@@ -368,7 +369,9 @@ class SaflexCollate:
         key = (os.getpid(), None if info is None else (info.id, info.seed))
         if self._generator is None or self._generator_key != key:
             process_seed = torch.initial_seed() if info is None else info.seed
-            seed = process_seed if self.seed is None else (self.seed if info is None else mix_seed(self.seed, info.seed))
+            seed = (
+                process_seed if self.seed is None else (self.seed if info is None else mix_seed(self.seed, info.seed))
+            )
             self._generator = torch.Generator().manual_seed(seed & _MASK63)
             self._generator_key = key
         return self._generator

@@ -136,7 +136,9 @@ class DeviceAugment(nn.Module):
         if self.tagged:
             result = self.fn.forward_tagged(inputs, target)
             if not (isinstance(result, (tuple, list)) and len(result) == 2):
-                raise TypeError(f"{self.name}: forward_tagged must return (inputs, SaflexTarget), but got {_describe(result)}.")
+                raise TypeError(
+                    f"{self.name}: forward_tagged must return (inputs, SaflexTarget), but got {_describe(result)}."
+                )
             out, new_target = result
         else:
             out = self.fn(inputs)

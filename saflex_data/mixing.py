@@ -113,7 +113,9 @@ class _BatchMix:
     ) -> SaflexTarget:
         name = type(self).__name__
         if not isinstance(inputs, Tensor) or inputs.dim() < min_dim:
-            raise TypeError(f"{name}: inputs must be a tensor with at least {min_dim} dims, but got {_describe(inputs)}.")
+            raise TypeError(
+                f"{name}: inputs must be a tensor with at least {min_dim} dims, but got {_describe(inputs)}."
+            )
         batch = inputs.shape[0]
         if isinstance(labels, SaflexTarget):
             target = labels
@@ -123,8 +125,11 @@ class _BatchMix:
                     f"{name}: labels must be int class indices of shape (B,) or float probabilities of shape (B, K), "
                     f"but got a float tensor of shape {tuple(labels.shape)}."
                 )
-            target = SaflexTarget(labels, torch.zeros(labels.shape[0], dtype=torch.bool, device=labels.device)) \
-                if labels.dim() in (1, 2) else None  # type: ignore[assignment]
+            target = (
+                SaflexTarget(labels, torch.zeros(labels.shape[0], dtype=torch.bool, device=labels.device))
+                if labels.dim() in (1, 2)
+                else None
+            )  # type: ignore[assignment]
             if target is None:
                 raise TypeError(f"{name}: labels must have shape (B,) or (B, K), but got {_describe(labels)}.")
         else:
@@ -308,8 +313,10 @@ class CutMix(_BatchMix):
         xs = torch.arange(width, device=inputs.device).view(1, 1, -1)
         # b = batch; pixel (y, x) of row b is pasted when it lies inside the row's box
         inside = (
-            (ys >= box[:, 0, None, None]) & (ys < box[:, 2, None, None])
-            & (xs >= box[:, 1, None, None]) & (xs < box[:, 3, None, None])
+            (ys >= box[:, 0, None, None])
+            & (ys < box[:, 2, None, None])
+            & (xs >= box[:, 1, None, None])
+            & (xs < box[:, 3, None, None])
         )
         inside = inside.view(inputs.shape[0], *([1] * (inputs.dim() - 3)), height, width)
         perm = params.perm.to(inputs.device)
@@ -415,4 +422,3 @@ def _describe(value: object) -> str:
     if isinstance(value, Tensor):
         return f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
     return f"an object of type {type(value).__name__}"
-

@@ -65,9 +65,7 @@ class OfflineAugmentations:
                 f"{tuple(src.shape)} and dtype {src.dtype}."
             )
         if len(inputs) != src.shape[0]:
-            raise ValueError(
-                f"OfflineAugmentations({name!r}): {len(inputs)} inputs but {src.shape[0]} source indices."
-            )
+            raise ValueError(f"OfflineAugmentations({name!r}): {len(inputs)} inputs but {src.shape[0]} source indices.")
         if labels is not None:
             lab = torch.as_tensor(_as_array(labels))
             if lab.shape[0] != src.shape[0]:

@@ -97,7 +97,9 @@ class SaflexBatchSampler(Sampler[list[tuple[int, int]]]):
         """The in-place augmentation probability of the current epoch (``None`` in copies mode)."""
         if self.p is None:
             return None
-        return _check_p(self.p(self.epoch) if callable(self.p) else self.p, f"p({self.epoch})" if callable(self.p) else "p")
+        return _check_p(
+            self.p(self.epoch) if callable(self.p) else self.p, f"p({self.epoch})" if callable(self.p) else "p"
+        )
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         generator = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
@@ -117,12 +119,12 @@ class SaflexBatchSampler(Sampler[list[tuple[int, int]]]):
             # Same number of draws per position whatever p is, so ranks and schedules stay aligned.
             coins = torch.rand(n, generator=generator) < p
             seeds = torch.randint(1, 1 << 62, (n,), generator=generator)
-            return [(i, int(s) if c else 0) for i, c, s in zip(batch, coins.tolist(), seeds.tolist())]
+            return [(i, int(s) if c else 0) for i, c, s in zip(batch, coins.tolist(), seeds.tolist(), strict=True)]
         copies = self.num_copies or 0
         seeds = torch.randint(1, 1 << 62, (copies, n), generator=generator).tolist()
         out = [(i, 0) for i in batch] if self.keep_clean else []
         for k in range(copies):
-            out.extend(zip(batch, seeds[k]))
+            out.extend(zip(batch, seeds[k], strict=True))
         return out
 
     def __len__(self) -> int:
@@ -166,7 +168,11 @@ class SaflexDataset(Dataset):
     ) -> None:
         self.dataset = dataset
         self.pipeline = AugmentPipeline(
-            transform, pre_transform=pre_transform, post_transform=post_transform, weights=weights, owner="SaflexDataset"
+            transform,
+            pre_transform=pre_transform,
+            post_transform=post_transform,
+            weights=weights,
+            owner="SaflexDataset",
         )
         self.op_names = self.pipeline.op_names
 

@@ -110,16 +110,24 @@ def _augmented_batches(loader: DataLoader) -> list[torch.Tensor]:
 
 def test_two_workers_give_different_augmentations() -> None:
     # Every image is the same, so batches from worker 0 and worker 1 differ only through the augmentation.
-    loader = DataLoader(IndexedDataset(Images(16, same=True)), batch_size=4, num_workers=2,
-                        collate_fn=SaflexCollate(AlbumentationsTransform(pipeline()), p=1.0),
-                        generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(
+        IndexedDataset(Images(16, same=True)),
+        batch_size=4,
+        num_workers=2,
+        collate_fn=SaflexCollate(AlbumentationsTransform(pipeline()), p=1.0),
+        generator=torch.Generator().manual_seed(0),
+    )
     b0, b1, b2, b3 = _augmented_batches(loader)
     assert not torch.equal(b0, b1) and not torch.equal(b2, b3)
     # same seed, same batches
-    again = DataLoader(IndexedDataset(Images(16, same=True)), batch_size=4, num_workers=2,
-                       collate_fn=SaflexCollate(AlbumentationsTransform(pipeline()), p=1.0),
-                       generator=torch.Generator().manual_seed(0))
-    for a, b in zip((b0, b1, b2, b3), _augmented_batches(again)):
+    again = DataLoader(
+        IndexedDataset(Images(16, same=True)),
+        batch_size=4,
+        num_workers=2,
+        collate_fn=SaflexCollate(AlbumentationsTransform(pipeline()), p=1.0),
+        generator=torch.Generator().manual_seed(0),
+    )
+    for a, b in zip((b0, b1, b2, b3), _augmented_batches(again), strict=True):
         assert torch.equal(a, b)
 
 
@@ -139,8 +147,13 @@ class UserDataset(Dataset):
 
 def test_worker_init_reseeds_user_dataset() -> None:
     ds = UserDataset()
-    loader = DataLoader(ds, batch_size=2, num_workers=2, worker_init_fn=AlbumentationsWorkerInit(),
-                        generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(
+        ds,
+        batch_size=2,
+        num_workers=2,
+        worker_init_fn=AlbumentationsWorkerInit(),
+        generator=torch.Generator().manual_seed(0),
+    )
     batches = [x for x, _ in loader]
     assert not torch.equal(batches[0], batches[1])  # worker 0 vs worker 1
 

@@ -49,8 +49,11 @@ def test_sequential_mask_is_changed_rows(device: str) -> None:
     assert torch.equal(target.labels, y) and target.device.type == device
 
 
-@pytest.mark.parametrize("make", [lambda: RandAugment(n=2, m=10), lambda: TrivialAugment(),
-                                  lambda: AutoAugment()], ids=["RandAugment", "TrivialAugment", "AutoAugment"])
+@pytest.mark.parametrize(
+    "make",
+    [lambda: RandAugment(n=2, m=10), lambda: TrivialAugment(), lambda: AutoAugment()],
+    ids=["RandAugment", "TrivialAugment", "AutoAugment"],
+)
 def test_auto_policies_augment_a_subset(make) -> None:  # type: ignore[no-untyped-def]
     torch.manual_seed(1)
     x, y = images(), torch.arange(16) % 4
@@ -112,8 +115,13 @@ def test_record_to_soft_several_mixes() -> None:
 
 def test_keeps_existing_tags_and_appends_name() -> None:
     x = images(4)
-    t = SaflexTarget(torch.arange(4), torch.tensor([True, False, False, False]), torch.arange(4),
-                     torch.tensor([0, -1, -1, -1]), ("offline",))
+    t = SaflexTarget(
+        torch.arange(4),
+        torch.tensor([True, False, False, False]),
+        torch.arange(4),
+        torch.tensor([0, -1, -1, -1]),
+        ("offline",),
+    )
     _, target = KorniaAugment(K.RandomHorizontalFlip(p=1.0))(x, t)
     assert target.op_names == ("offline", "RandomHorizontalFlip") and target.op.tolist() == [1, 1, 1, 1]
 
@@ -125,8 +133,11 @@ class TestErrors:
 
     def test_mix_needs_hard_labels(self) -> None:
         aug = KorniaAugment(K.RandomMixUpV2(), num_classes=3)
-        with pytest.raises(TypeError, match=r"kornia mix ops need class-index labels of shape \(B,\), but got labels "
-                           r"of shape \(4, 3\)"):
+        with pytest.raises(
+            TypeError,
+            match=r"kornia mix ops need class-index labels of shape \(B,\), but got labels "
+            r"of shape \(4, 3\)",
+        ):
             aug(images(4), torch.full((4, 3), 1 / 3))
 
     def test_not_kornia(self) -> None:

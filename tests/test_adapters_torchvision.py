@@ -133,7 +133,9 @@ def test_cutmix_lam_is_one_minus_box_area(seed: int) -> None:
 
 def test_mixup_as_batch_transform_in_a_dataloader() -> None:
     loader = DataLoader(
-        IndexedDataset(Images(8)), batch_size=4, num_workers=0,
+        IndexedDataset(Images(8)),
+        batch_size=4,
+        num_workers=0,
         collate_fn=SaflexCollate(None, post_transform=POST, num_copies=1, batch_transform=TaggedMixUp(num_classes=4)),
     )
     for x, target in loader:
@@ -157,6 +159,9 @@ def test_random_apply_bad_p() -> None:
 def test_shape_changing_transform_is_named_in_the_error() -> None:
     ds = Images(6)
     collate = SaflexCollate(TaggedRandomApply(v2.RandomResizedCrop(size=8), p=1.0), num_copies=1)
-    with pytest.raises(ValueError, match=r"SaflexCollate\(transform=TaggedRandomApply\): row 6 \(augmented by "
-                       r"'RandomResizedCrop'\) came back with shape \(3, 8, 8\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"SaflexCollate\(transform=TaggedRandomApply\): row 6 \(augmented by "
+        r"'RandomResizedCrop'\) came back with shape \(3, 8, 8\)",
+    ):
         collate([ds[i] for i in range(6)])

@@ -132,8 +132,11 @@ class TestSaflexCollate:
         from PIL import Image
 
         arr = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3)
-        batch = [(Image.fromarray(arr), 1), (torch.from_numpy(arr).permute(2, 0, 1).contiguous(), 2),
-                 (np.ascontiguousarray(arr.transpose(2, 0, 1)), 3)]
+        batch = [
+            (Image.fromarray(arr), 1),
+            (torch.from_numpy(arr).permute(2, 0, 1).contiguous(), 2),
+            (np.ascontiguousarray(arr.transpose(2, 0, 1)), 3),
+        ]
         x, target = SaflexCollate(None, num_copies=0, output="uint8")(batch)
         assert x.dtype == torch.uint8 and x.shape == (3, 3, 4, 5)
         assert torch.equal(x[0], x[1]) and torch.equal(x[1], x[2])
@@ -191,20 +194,30 @@ class TestSaflexCollateErrors:
     def test_shape_change_between_samples(self) -> None:
         ds = IdxDataset(8)
         collate = SaflexCollate(random_crop_size, num_copies=3, seed=0)
-        with pytest.raises(ValueError, match=r"SaflexCollate\(transform=random_crop_size\): row \d+ \(augmented by "
-                           r"'random_crop_size'\) came back with shape \(3, \d, \d\)"):
+        with pytest.raises(
+            ValueError,
+            match=r"SaflexCollate\(transform=random_crop_size\): row \d+ \(augmented by "
+            r"'random_crop_size'\) came back with shape \(3, \d, \d\)",
+        ):
             collate([ds[i] for i in range(8)])
 
     def test_dtype_change_between_samples(self) -> None:
-        with pytest.raises(ValueError, match=r"dtype torch.float64, but row 0 \(clean\) has shape \(3, 4, 4\) and "
-                           r"dtype torch.uint8"):
+        with pytest.raises(
+            ValueError,
+            match=r"dtype torch.float64, but row 0 \(clean\) has shape \(3, 4, 4\) and "
+            r"dtype torch.uint8",
+        ):
             SaflexCollate(to_double, num_copies=1)([IdxDataset(2)[0]])
 
-    @pytest.mark.parametrize("label, what", [("cat", "str 'cat'"), (0.5, "float 0.5"),
-                                              (torch.zeros(2, 2), r"a tensor of shape \(2, 2\)")])
+    @pytest.mark.parametrize(
+        "label, what", [("cat", "str 'cat'"), (0.5, "float 0.5"), (torch.zeros(2, 2), r"a tensor of shape \(2, 2\)")]
+    )
     def test_wrong_label_kind(self, label: object, what: str) -> None:
-        with pytest.raises(TypeError, match=rf"label of row 0 \(clean\) must be an int class index or a 1-D float "
-                           rf"tensor of class probabilities, but got {what}"):
+        with pytest.raises(
+            TypeError,
+            match=rf"label of row 0 \(clean\) must be an int class index or a 1-D float "
+            rf"tensor of class probabilities, but got {what}",
+        ):
             SaflexCollate(flip)([(torch.zeros(2), label)])
 
     def test_mixed_hard_and_soft(self) -> None:
@@ -249,8 +262,11 @@ class TestSaflexCollateErrors:
         def drop_one(x: torch.Tensor, t: SaflexTarget) -> tuple[torch.Tensor, SaflexTarget]:
             return x[1:], t[1:]
 
-        with pytest.raises(ValueError, match=r"batch_transform=function returned 2 inputs and 2 targets for a batch "
-                           r"of 3"):
+        with pytest.raises(
+            ValueError,
+            match=r"batch_transform=function returned 2 inputs and 2 targets for a batch "
+            r"of 3",
+        ):
             SaflexCollate(flip, num_copies=1, batch_transform=drop_one)([IdxDataset(3)[i] for i in range(3)])
 
 
@@ -274,8 +290,12 @@ def _collect(loader: DataLoader) -> list[tuple[torch.Tensor, SaflexTarget]]:
 def test_dataloader_same_seed_same_batches(num_workers: int) -> None:
     def make() -> DataLoader:
         return DataLoader(
-            IndexedDataset(IdxDataset(12)), batch_size=4, shuffle=True, num_workers=num_workers,
-            collate_fn=SaflexCollate(noisy, p=0.5, post_transform=to_float), pin_memory=True,
+            IndexedDataset(IdxDataset(12)),
+            batch_size=4,
+            shuffle=True,
+            num_workers=num_workers,
+            collate_fn=SaflexCollate(noisy, p=0.5, post_transform=to_float),
+            pin_memory=True,
             generator=torch.Generator().manual_seed(7),
         )
 
@@ -284,7 +304,7 @@ def test_dataloader_same_seed_same_batches(num_workers: int) -> None:
     torch.manual_seed(123)
     b = _collect(make())
     assert len(a) == 3
-    for (xa, ta), (xb, tb) in zip(a, b):
+    for (xa, ta), (xb, tb) in zip(a, b, strict=True):
         assert torch.equal(xa, xb) and ta == tb
     # tags are true: clean rows are the untransformed samples
     ds = IdxDataset(12)
@@ -296,10 +316,15 @@ def test_dataloader_same_seed_same_batches(num_workers: int) -> None:
 
 def test_dataloader_persistent_workers_new_augmentations_each_epoch() -> None:
     ds = IndexedDataset(IdxDataset(8))
-    loader = DataLoader(ds, batch_size=8, num_workers=2, persistent_workers=True,
-                        collate_fn=SaflexCollate(noisy, p=1.0, post_transform=to_float))
-    (x0, t0), = list(loader)
-    (x1, t1), = list(loader)
+    loader = DataLoader(
+        ds,
+        batch_size=8,
+        num_workers=2,
+        persistent_workers=True,
+        collate_fn=SaflexCollate(noisy, p=1.0, post_transform=to_float),
+    )
+    ((x0, t0),) = list(loader)
+    ((x1, t1),) = list(loader)
     assert t0.index.tolist() == t1.index.tolist() and not torch.equal(x0, x1)
 
 

@@ -44,8 +44,9 @@ def to_float(x: torch.Tensor) -> torch.Tensor:
 
 def cnn() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                         nn.Linear(8, K_CLASSES))
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, K_CLASSES)
+    )
 
 
 def val_images() -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -55,12 +56,14 @@ def val_images() -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(x, y)]
 
 
-def train(model: nn.Module, batches: Iterator[tuple[torch.Tensor, SaflexTarget]], val: list, steps: int = 4) -> SaflexLoss:
+def train(
+    model: nn.Module, batches: Iterator[tuple[torch.Tensor, SaflexTarget]], val: list, steps: int = 4
+) -> SaflexLoss:
     criterion = SaflexLoss(model, val, method="jvp", tau=None)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     before = [p.detach().clone() for p in model.parameters()]
     losses = []
-    for _, (x, target) in zip(range(steps), batches):
+    for _, (x, target) in zip(range(steps), batches, strict=False):
         assert isinstance(target, SaflexTarget) and target.num_augmented > 0
         target = target.to("cpu", non_blocking=True)
         loss = criterion(model(x), target)
@@ -70,7 +73,7 @@ def train(model: nn.Module, batches: Iterator[tuple[torch.Tensor, SaflexTarget]]
         opt.step()
         losses.append(float(loss.detach()))
     assert len(losses) == steps
-    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     stats = criterion.stats
     assert 0.0 < stats["augmented_fraction"] <= 1.0 and 0.0 <= stats["kept_fraction"] <= 1.0
     return criterion
@@ -107,16 +110,21 @@ def loader_albumentations() -> Iterator[tuple[torch.Tensor, SaflexTarget]]:
 
     from saflex_data.adapters.albumentations import AlbumentationsTransform
 
-    compose = A.Compose([A.HorizontalFlip(p=0.5), A.RandomBrightnessContrast(p=0.8), A.ToFloat(max_value=255),
-                         ToTensorV2()], save_applied_params=True)
+    compose = A.Compose(
+        [A.HorizontalFlip(p=0.5), A.RandomBrightnessContrast(p=0.8), A.ToFloat(max_value=255), ToTensorV2()],
+        save_applied_params=True,
+    )
     collate = SaflexCollate(AlbumentationsTransform(compose), p=0.7)
     return cycle(DataLoader(Images(hwc=True), batch_size=8, shuffle=True, collate_fn=collate))
 
 
 def device_loader(aug: Callable[..., Any]) -> Iterator[tuple[torch.Tensor, SaflexTarget]]:
-    clean = DataLoader(Images(), batch_size=8, shuffle=True, collate_fn=SaflexCollate(None, post_transform=to_float,
-                                                                                       num_copies=0,
-                                                                                       target_format="labels"))
+    clean = DataLoader(
+        Images(),
+        batch_size=8,
+        shuffle=True,
+        collate_fn=SaflexCollate(None, post_transform=to_float, num_copies=0, target_format="labels"),
+    )
     for x, y in cycle(clean):
         yield aug(x, y)
 
@@ -160,20 +168,37 @@ def loader_mixing_collate() -> Iterator[tuple[torch.Tensor, SaflexTarget]]:
 
 def loader_offline() -> Iterator[tuple[torch.Tensor, SaflexTarget]]:
     made = torch.stack([Images(64)[32 + j][0] for j in range(16)])  # "generated" images of sources 0..15
-    ds = OfflineAugmentedDataset(Images(), OfflineAugmentations(made, list(range(16)), name="diffusion"),
-                                 transform=to_float)
-    return cycle(DataLoader(ds, batch_size=8, shuffle=True, collate_fn=ds.collate_fn(),
-                            generator=torch.Generator().manual_seed(1)))
+    ds = OfflineAugmentedDataset(
+        Images(), OfflineAugmentations(made, list(range(16)), name="diffusion"), transform=to_float
+    )
+    return cycle(
+        DataLoader(
+            ds, batch_size=8, shuffle=True, collate_fn=ds.collate_fn(), generator=torch.Generator().manual_seed(1)
+        )
+    )
 
 
 def loader_sampler() -> Iterator[tuple[torch.Tensor, SaflexTarget]]:
     ds = SaflexDataset(Images(), lambda x: x.flip(-1), post_transform=to_float)
-    return cycle(DataLoader(ds, batch_sampler=SaflexBatchSampler(range(32), batch_size=8, num_copies=1),
-                            collate_fn=ds.collate_fn()))
+    return cycle(
+        DataLoader(
+            ds, batch_sampler=SaflexBatchSampler(range(32), batch_size=8, num_copies=1), collate_fn=ds.collate_fn()
+        )
+    )
 
 
-LOADERS = [loader_torchvision, loader_torchvision_mixup, loader_albumentations, loader_kornia, loader_kornia_mix,
-           loader_kornia_auto, loader_mixing, loader_mixing_collate, loader_offline, loader_sampler]
+LOADERS = [
+    loader_torchvision,
+    loader_torchvision_mixup,
+    loader_albumentations,
+    loader_kornia,
+    loader_kornia_mix,
+    loader_kornia_auto,
+    loader_mixing,
+    loader_mixing_collate,
+    loader_offline,
+    loader_sampler,
+]
 
 
 @pytest.mark.parametrize("make_loader", LOADERS, ids=[f.__name__.removeprefix("loader_") for f in LOADERS])
@@ -205,11 +230,18 @@ def test_spawn_pin_memory_persistent_workers() -> None:
     x = torch.randint(0, 256, (24, 3, 8, 8), dtype=torch.uint8)
     y = torch.arange(24) % K_CLASSES
     post = v2.ToDtype(torch.float32, scale=True)
-    collate = SaflexCollate(TaggedRandomApply(v2.RandomHorizontalFlip(p=1.0), p=0.5), post_transform=post,
-                            num_copies=1)
-    loader = DataLoader(IndexedDataset(TensorDataset(x, y)), batch_size=8, shuffle=True, num_workers=2,
-                        multiprocessing_context="spawn", persistent_workers=True, pin_memory=True,
-                        collate_fn=collate, generator=torch.Generator().manual_seed(0))
+    collate = SaflexCollate(TaggedRandomApply(v2.RandomHorizontalFlip(p=1.0), p=0.5), post_transform=post, num_copies=1)
+    loader = DataLoader(
+        IndexedDataset(TensorDataset(x, y)),
+        batch_size=8,
+        shuffle=True,
+        num_workers=2,
+        multiprocessing_context="spawn",
+        persistent_workers=True,
+        pin_memory=True,
+        collate_fn=collate,
+        generator=torch.Generator().manual_seed(0),
+    )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     epochs = []
     for _ in range(2):

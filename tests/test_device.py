@@ -57,8 +57,12 @@ class TestModes:
 
 def test_tagged_fn_in_subset_mode_makes_labels_soft() -> None:
     x, y = torch.randn(16, 4), torch.arange(16) % 3
-    aug = DeviceAugment(MixUp(num_classes=3, generator=torch.Generator().manual_seed(1)), mode="subset", p=0.5,
-                        generator=torch.Generator().manual_seed(0))
+    aug = DeviceAugment(
+        MixUp(num_classes=3, generator=torch.Generator().manual_seed(1)),
+        mode="subset",
+        p=0.5,
+        generator=torch.Generator().manual_seed(0),
+    )
     out, target = aug(x, y)
     assert target.labels.shape == (16, 3) and target.op_names == ("mixup",)
     clean = ~target.is_augmented
@@ -68,8 +72,13 @@ def test_tagged_fn_in_subset_mode_makes_labels_soft() -> None:
 
 def test_existing_target_keeps_ops() -> None:
     x = torch.randn(4, 2)
-    t = SaflexTarget(torch.arange(4), torch.tensor([True, False, False, False]), torch.arange(4),
-                     torch.tensor([0, -1, -1, -1]), ("randaug",))
+    t = SaflexTarget(
+        torch.arange(4),
+        torch.tensor([True, False, False, False]),
+        torch.arange(4),
+        torch.tensor([0, -1, -1, -1]),
+        ("randaug",),
+    )
     _, target = DeviceAugment(flip, mode="copy", op_name="flip")(x, t)
     assert target.op_names == ("randaug", "flip") and target.op.tolist() == [0, -1, -1, -1, 1, 1, 1, 1]
 
@@ -83,27 +92,36 @@ def test_is_a_module_that_moves_its_fn() -> None:
 class TestErrors:
     def test_fn_returns_different_batch_size(self) -> None:
         aug = DeviceAugment(lambda x: x[:-1], mode="all", op_name="drop")
-        with pytest.raises(ValueError, match=r"DeviceAugment\(fn=<lambda>\): fn returned a batch of 3 rows \(shape "
-                           r"\(3, 2\)\) for an input batch of 4 rows"):
+        with pytest.raises(
+            ValueError,
+            match=r"DeviceAugment\(fn=<lambda>\): fn returned a batch of 3 rows \(shape "
+            r"\(3, 2\)\) for an input batch of 4 rows",
+        ):
             aug(torch.randn(4, 2), torch.arange(4))
 
     def test_fn_changes_shape_in_subset_mode(self) -> None:
         def widen(x: torch.Tensor) -> torch.Tensor:
             return torch.cat([x, x], dim=1)
 
-        with pytest.raises(ValueError, match=r"DeviceAugment\(fn=widen\): fn returned shape \(\d+, 4\) .* mode='subset' "
-                           "writes the rows back"):
+        with pytest.raises(
+            ValueError,
+            match=r"DeviceAugment\(fn=widen\): fn returned shape \(\d+, 4\) .* mode='subset' "
+            "writes the rows back",
+        ):
             DeviceAugment(widen, mode="subset", p=1.0)(torch.randn(4, 2), torch.arange(4))
 
     def test_fn_returns_non_tensor(self) -> None:
         with pytest.raises(TypeError, match=r"fn must return a tensor, but returned an object of type list"):
             DeviceAugment(lambda x: [x], mode="all")(torch.randn(2, 2), torch.arange(2))
 
-    @pytest.mark.parametrize("labels, match", [
-        (torch.rand(4), r"labels of shape \(B,\) must be int class indices"),
-        (torch.zeros(4, 3, dtype=torch.long), r"labels of shape \(B, K\) must be float probabilities"),
-        ([0, 1, 2, 3], "labels must be class indices .* but got an object of type list"),
-    ])
+    @pytest.mark.parametrize(
+        "labels, match",
+        [
+            (torch.rand(4), r"labels of shape \(B,\) must be int class indices"),
+            (torch.zeros(4, 3, dtype=torch.long), r"labels of shape \(B, K\) must be float probabilities"),
+            ([0, 1, 2, 3], "labels must be class indices .* but got an object of type list"),
+        ],
+    )
     def test_bad_labels(self, labels: object, match: str) -> None:
         with pytest.raises(TypeError, match=match):
             DeviceAugment(flip)(torch.randn(4, 2), labels)

@@ -53,8 +53,13 @@ class TestMixUpFeatures:
 
     def test_soft_input_labels_and_existing_target(self) -> None:
         x = torch.randn(6, 2)
-        target = SaflexTarget(torch.softmax(torch.randn(6, 3), 1), torch.tensor([True] + [False] * 5),
-                              torch.arange(6), torch.tensor([0, -1, -1, -1, -1, -1]), ("flip",))
+        target = SaflexTarget(
+            torch.softmax(torch.randn(6, 3), 1),
+            torch.tensor([True] + [False] * 5),
+            torch.arange(6),
+            torch.tensor([0, -1, -1, -1, -1, -1]),
+            ("flip",),
+        )
         out, t = MixUp(generator=gen(2))(x, target)
         assert t.op_names == ("flip", "mixup")
         assert t.is_augmented[0] and set(t.op[t.is_augmented & (torch.arange(6) > 0)].tolist()) <= {1}
@@ -93,9 +98,14 @@ class TestMixUpFeatures:
         with pytest.raises(ValueError, match="inputs have 4 rows but labels have 3"):
             MixUp(num_classes=2)(torch.randn(4, 3), torch.zeros(3, dtype=torch.long))
 
-    @pytest.mark.parametrize("kwargs, match", [(dict(alpha=0.0), "alpha must be a positive number"),
-                                               (dict(p=-0.1), r"p must be a probability in \[0, 1\]"),
-                                               (dict(pairing="flip"), "pairing must be 'random' or 'roll'")])
+    @pytest.mark.parametrize(
+        "kwargs, match",
+        [
+            (dict(alpha=0.0), "alpha must be a positive number"),
+            (dict(p=-0.1), r"p must be a probability in \[0, 1\]"),
+            (dict(pairing="flip"), "pairing must be 'random' or 'roll'"),
+        ],
+    )
     def test_bad_arguments(self, kwargs: dict, match: str) -> None:
         with pytest.raises(ValueError, match=match):
             MixUp(**kwargs)
@@ -156,7 +166,9 @@ class TestTabularCutMix:
 
     def test_categorical_probability(self) -> None:
         x = torch.randn(64, 5)
-        params = TabularCutMix(p=0.9, categorical=[0, 3], p_categorical=0.0, generator=gen()).forward_parameters(x.shape)
+        params = TabularCutMix(p=0.9, categorical=[0, 3], p_categorical=0.0, generator=gen()).forward_parameters(
+            x.shape
+        )
         assert not params.region[:, [0, 3]].any() and params.region[:, [1, 2, 4]].any()
 
     def test_row_p(self) -> None:

@@ -58,11 +58,13 @@ def test_npz_pool_mode(tmp_path: Path) -> None:
 
 def test_own_labels_and_real_labels_argument(tmp_path: Path) -> None:
     write_npz(tmp_path / "gen.npz", [1, 2], labels=[2, 2])
-    ds = OfflineAugmentedDataset(Real(), OfflineAugmentations.from_npz(tmp_path / "gen.npz"),
-                                 transform=to_tensor, labels=[9, 9, 9, 9, 9, 9])
+    ds = OfflineAugmentedDataset(
+        Real(), OfflineAugmentations.from_npz(tmp_path / "gen.npz"), transform=to_tensor, labels=[9, 9, 9, 9, 9, 9]
+    )
     assert ds[6].label == 2 and ds[7].label == 2
-    ds2 = OfflineAugmentedDataset(Real(), OfflineAugmentations(np.zeros((1, 4, 4, 3), np.uint8), [3]),
-                                  labels=[5, 6, 7, 8, 9, 10])
+    ds2 = OfflineAugmentedDataset(
+        Real(), OfflineAugmentations(np.zeros((1, 4, 4, 3), np.uint8), [3]), labels=[5, 6, 7, 8, 9, 10]
+    )
     assert ds2[6].label == 8
 
 
@@ -114,8 +116,11 @@ def test_several_sets_are_several_ops() -> None:
 class TestErrors:
     def test_source_out_of_range(self) -> None:
         aug = OfflineAugmentations(np.zeros((2, 4, 4, 3), np.uint8), [0, 12], name="gen")
-        with pytest.raises(ValueError, match=r"augmentations 'gen' have source_index \[12\] out of range for a "
-                           r"dataset of 6 samples"):
+        with pytest.raises(
+            ValueError,
+            match=r"augmentations 'gen' have source_index \[12\] out of range for a "
+            r"dataset of 6 samples",
+        ):
             OfflineAugmentedDataset(Real(), aug)
 
     def test_lengths_differ(self) -> None:

@@ -138,10 +138,19 @@ class TestSaflexDataset:
 
 def run_epochs(num_workers: int, epochs: int = 2, persistent: bool = False) -> list[tuple[torch.Tensor, SaflexTarget]]:
     ds = SaflexDataset(IdxDataset(16), jitter)
-    bs = SaflexBatchSampler(RandomSampler(range(16), generator=torch.Generator().manual_seed(0)), batch_size=4,
-                            p=lambda e: 0.25 + 0.5 * e, seed=11)
-    loader = DataLoader(ds, batch_sampler=bs, num_workers=num_workers, collate_fn=ds.collate_fn(),
-                        persistent_workers=persistent and num_workers > 0)
+    bs = SaflexBatchSampler(
+        RandomSampler(range(16), generator=torch.Generator().manual_seed(0)),
+        batch_size=4,
+        p=lambda e: 0.25 + 0.5 * e,
+        seed=11,
+    )
+    loader = DataLoader(
+        ds,
+        batch_sampler=bs,
+        num_workers=num_workers,
+        collate_fn=ds.collate_fn(),
+        persistent_workers=persistent and num_workers > 0,
+    )
     out = []
     for epoch in range(epochs):
         bs.set_epoch(epoch)
@@ -153,7 +162,7 @@ def test_batches_do_not_depend_on_num_workers() -> None:
     a = run_epochs(0)
     b = run_epochs(2, persistent=True)
     assert len(a) == len(b) == 8
-    for (xa, ta), (xb, tb) in zip(a, b):
+    for (xa, ta), (xb, tb) in zip(a, b, strict=True):
         assert torch.equal(xa, xb) and ta == tb
     # with persistent workers the schedule still reached the workers: epoch 1 has more augmented rows
     aug = [int(t.is_augmented.sum()) for _, t in b]

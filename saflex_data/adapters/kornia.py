@@ -53,9 +53,7 @@ def batch_prob_mask(params: Any, batch: int, device: torch.device | None = None)
     return torch.ones(batch, dtype=torch.bool, device=device)
 
 
-def kornia_record_to_soft(
-    record: Tensor, labels: Tensor, num_classes: int, *, partner_weight: str = "lam"
-) -> Tensor:
+def kornia_record_to_soft(record: Tensor, labels: Tensor, num_classes: int, *, partner_weight: str = "lam") -> Tensor:
     """Turn kornia's mix record into soft labels of shape `(B, K)`.
 
     Args:
@@ -111,7 +109,7 @@ class KorniaTagger(nn.Module):
             self.child_names = [name for name, _ in module.named_children()]
             bases = [re.sub(r"_\d+$", "", n) for n in self.child_names]
             self.op_names: tuple[str, ...] = tuple(
-                b if bases.count(b) == 1 else n for b, n in zip(bases, self.child_names)
+                b if bases.count(b) == 1 else n for b, n in zip(bases, self.child_names, strict=True)
             )
         else:
             self.child_names = []
@@ -141,7 +139,9 @@ class KorniaTagger(nn.Module):
                 )
             result = self.module(inputs, target.labels, params=params, data_keys=["input", "class"])
             if not isinstance(result, (list, tuple)) or len(result) != 2:
-                raise TypeError(f"{self._owner()}: expected [image, labels] from the mix op, got {type(result).__name__}.")
+                raise TypeError(
+                    f"{self._owner()}: expected [image, labels] from the mix op, got {type(result).__name__}."
+                )
             out, record = result
             pairs = params.get("mixup_pairs", params.get("mix_pairs"))
             pairs = pairs.to(device).reshape(-1, batch)
@@ -172,9 +172,7 @@ class KorniaTagger(nn.Module):
                 mask = batch_prob_mask(params, batch, device)
                 op = torch.where(mask, ids[0], op)
         if not isinstance(out, Tensor) or out.shape[0] != batch:
-            raise ValueError(
-                f"{self._owner()}: kornia returned {_describe(out)} for an input batch of {batch} rows."
-            )
+            raise ValueError(f"{self._owner()}: kornia returned {_describe(out)} for an input batch of {batch} rows.")
         if out.shape == inputs.shape:
             # Rows no op touched are copied back, so they are bit-identical to the input.
             keep = (~mask).view(-1, *([1] * (inputs.dim() - 1)))

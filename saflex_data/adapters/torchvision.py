@@ -86,13 +86,18 @@ class TaggedRandomChoice:
     """
 
     def __init__(
-        self, transforms: Sequence[Callable[[Any], Any]], p: Sequence[float] | None = None, *, names: Sequence[str] | None = None
+        self,
+        transforms: Sequence[Callable[[Any], Any]],
+        p: Sequence[float] | None = None,
+        *,
+        names: Sequence[str] | None = None,
     ) -> None:
         if not transforms or not all(callable(t) for t in transforms):
             raise TypeError("TaggedRandomChoice: transforms must be a non-empty sequence of callables.")
         if p is not None and (len(p) != len(transforms) or any(not w >= 0 for w in p) or sum(p) <= 0):
             raise ValueError(
-                f"TaggedRandomChoice: p must be {len(transforms)} non-negative weights with a positive sum, but got {p}."
+                f"TaggedRandomChoice: p must be {len(transforms)} non-negative weights with a positive sum, "
+                f"but got {p}."
             )
         if names is not None and len(names) != len(transforms):
             raise ValueError(f"TaggedRandomChoice: got {len(names)} names for {len(transforms)} transforms.")
@@ -195,7 +200,9 @@ class _TaggedMixMixin:
     op_name: str
     last_params: MixParams | None
 
-    def _tagged(self, parent_forward: Callable[..., Any], inputs: Tensor, labels: Tensor | SaflexTarget) -> tuple[Tensor, SaflexTarget]:
+    def _tagged(
+        self, parent_forward: Callable[..., Any], inputs: Tensor, labels: Tensor | SaflexTarget
+    ) -> tuple[Tensor, SaflexTarget]:
         owner = type(self).__name__
         target = as_target(labels, owner)
         if not isinstance(inputs, Tensor) or inputs.dim() < 4:
