@@ -110,6 +110,13 @@ class TestTrainLoader:
         assert target.is_augmented.tolist() == [False] * 4 + [True] * 4
         assert torch.equal(target.labels[:4], target.labels[4:])  # the same images, clean then augmented
 
+    def test_accepts_train_py_augmix_dataset(self, data_dir: Path) -> None:
+        ds = AugMixDataset(dataset(data_dir), num_splits=2)  # train.py wraps the dataset for --aug-splits 2
+        loader = create_train_loader(ds, SIZE, 4, num_aug_splits=2, device=CPU, num_workers=0)
+        assert loader.dataset is ds
+        x, target = next(iter(loader))
+        assert x.shape[0] == 8 and target.num_augmented == 4 and target.op_names == ("ColorJitter",)
+
     def test_splits_collate_matches_fast_collate_order(self) -> None:
         from timm.data.loader import fast_collate
 
@@ -138,6 +145,9 @@ class TestTrainLoader:
             train_loader(data_dir, aug_prob=1.5)
         with pytest.raises(ValueError, match="no secondary augmentation stage"):
             create_train_loader(dataset(data_dir), SIZE, 4, device=CPU, num_workers=0, color_jitter=None)
+        with pytest.raises(ValueError, match="AugMixDataset with num_splits=3, but num_aug_splits=2"):
+            create_train_loader(AugMixDataset(dataset(data_dir), num_splits=3), SIZE, 4, num_aug_splits=2,
+                                device=CPU, num_workers=0)
         with pytest.raises(TypeError, match="already a TaggedAugmentDataset"):
             create_train_loader(TaggedAugmentDataset(dataset(data_dir)), SIZE, 4, device=CPU, num_workers=0)
         with pytest.raises(TypeError, match=r"\(primary, secondary, final\) triple"):

@@ -194,7 +194,8 @@ def create_train_loader(
 
     Args:
         dataset: A dataset from ``timm.data.create_dataset`` (or any dataset returning ``(image, label)`` that
-            applies a settable ``.transform``). Not yet wrapped: this function wraps it.
+            applies a settable ``.transform``); this function wraps it. An ``AugMixDataset`` (what ``train.py``
+            makes for ``--aug-splits``) is used as it is when its ``num_splits`` equals ``num_aug_splits``.
         input_size: As in ``create_loader``.
         batch_size: Samples per batch (per split with ``num_aug_splits``: the batch has ``batch_size * n`` rows).
         aug_prob: Probability that a sample gets timm's secondary augmentation stage (``auto_augment`` or colour
@@ -224,15 +225,19 @@ def create_train_loader(
         raise ValueError("input_size_choices (scheduled resolutions) is not supported by create_train_loader.")
     if not isinstance(num_aug_splits, int) or num_aug_splits == 1 or num_aug_splits < 0:
         raise ValueError(f"num_aug_splits must be 0 (per-sample tags) or an int >= 2, but got {num_aug_splits!r}.")
-    if isinstance(dataset, (TaggedAugmentDataset, AugMixDataset)):
-        raise TypeError(
-            f"dataset is already a {type(dataset).__name__}; pass the plain dataset, create_train_loader wraps it."
+    if isinstance(dataset, TaggedAugmentDataset):
+        raise TypeError("dataset is already a TaggedAugmentDataset; pass the plain dataset, create_train_loader wraps it.")
+    if isinstance(dataset, AugMixDataset) and dataset.num_splits != num_aug_splits:
+        # train.py wraps the dataset in AugMixDataset itself for --aug-splits; accept that, with matching splits.
+        raise ValueError(
+            f"dataset is an AugMixDataset with num_splits={dataset.num_splits}, but num_aug_splits={num_aug_splits}; "
+            "pass the same number (or the plain dataset)."
         )
     kwargs.pop("is_training", None)
     kwargs.pop("collate_fn", None)
     use_prefetcher = kwargs.get("use_prefetcher", True)
     if num_aug_splits:
-        wrapped: Dataset = AugMixDataset(dataset, num_splits=num_aug_splits)
+        wrapped: Dataset = dataset if isinstance(dataset, AugMixDataset) else AugMixDataset(dataset, num_aug_splits)
     else:
         wrapped = TaggedAugmentDataset(dataset, p=aug_prob)
     # num_aug_splits > 0 makes create_loader assign the (primary, secondary, final) triple to wrapped.transform; for
