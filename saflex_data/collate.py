@@ -24,7 +24,7 @@ from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data import Dataset, default_collate, get_worker_info
 
 from saflex_data.batch import SaflexTarget
 
@@ -286,9 +286,10 @@ class SaflexCollate:
         weights: Relative probabilities of the transforms when several are given.
         batch_transform: Batch-level op applied after stacking, ``(inputs, SaflexTarget) -> (inputs, SaflexTarget)``,
             e.g. :class:`~saflex_data.mixing.MixUp`. In copies mode with ``keep_clean`` it only sees the copies.
-        output: ``"tensor"`` stacks tensors/arrays as they are; ``"uint8"`` builds a uint8 NCHW tensor from
-            uint8 CHW tensors, CHW arrays or PIL images, like ``timm.data.loader.fast_collate`` (for timm's
-            prefetcher).
+        output: ``"tensor"`` stacks tensors/arrays as they are (checking that every row has the same shape and
+            dtype; structured inputs such as dicts or tuples go through ``default_collate``); ``"uint8"`` builds
+            a uint8 NCHW tensor from uint8 CHW tensors, CHW arrays or PIL images, like
+            ``timm.data.loader.fast_collate`` (for timm's prefetcher).
         target_format: ``"saflex"`` returns a :class:`~saflex_data.batch.SaflexTarget`; ``"labels"`` returns
             only the label tensor (e.g. for torchvision's reference ``utils.accuracy``).
         seed: Optional seed; by default each process seeds from ``torch.initial_seed()``.
@@ -376,7 +377,7 @@ class SaflexCollate:
             self._generator_key = key
         return self._generator
 
-    def __call__(self, batch: Sequence[Any]) -> tuple[Tensor, SaflexTarget | Tensor]:
+    def __call__(self, batch: Sequence[Any]) -> tuple[Any, SaflexTarget | Tensor]:
         if not isinstance(batch, (list, tuple)) or len(batch) == 0:
             raise ValueError(f"{self.name}: batch must be a non-empty list of samples, but got {batch!r:.80}.")
         rows, block = self._rows(batch)
@@ -389,6 +390,10 @@ class SaflexCollate:
             self.op_names,
         )
         if self.batch_transform is not None:
+            if not isinstance(inputs, Tensor):
+                raise TypeError(
+                    f"{self.name}: batch_transform needs tensor inputs, but the batch is {_describe(inputs)}."
+                )
             inputs, target = self._apply_batch_transform(inputs, target, block)
         if self.target_format == "labels":
             return inputs, target.labels
@@ -447,7 +452,14 @@ class SaflexCollate:
         op = row[3]
         return "clean" if op < 0 else f"augmented by {self.op_names[op]!r}"
 
-    def _stack_inputs(self, rows: list[tuple[Any, Any, int, int]]) -> Tensor:
+    def _stack_inputs(self, rows: list[tuple[Any, Any, int, int]]) -> Any:
+        first = rows[0][0]
+        if self.output == "tensor" and not (isinstance(first, Tensor) or _is_ndarray(first) or _is_pil(first)):
+            # Structured inputs (dicts of token ids, tuples of numeric and categorical features, ...).
+            try:
+                return default_collate([r[0] for r in rows])
+            except (TypeError, RuntimeError) as err:
+                raise TypeError(f"{self.name}: could not stack the inputs with default_collate: {err}") from err
         tensors = [self._to_tensor(i, r) for i, r in enumerate(rows)]
         ref = tensors[0]
         for i, t in enumerate(tensors):

@@ -106,13 +106,28 @@ class DeviceAugment(nn.Module):
     def op_names(self) -> tuple[str, ...]:
         return self.fn_op_names
 
-    def forward(self, inputs: Tensor, labels: Tensor | SaflexTarget) -> tuple[Tensor, SaflexTarget]:
+    def forward(
+        self, inputs: Tensor, labels: Tensor | SaflexTarget, rows: Tensor | None = None
+    ) -> tuple[Tensor, SaflexTarget]:
+        """Augment and tag a batch.
+
+        Args:
+            inputs: Batch of shape `(B, ...)` on any device.
+            labels: Class indices `(B,)`, probabilities `(B, K)` or a :class:`SaflexTarget` (its tags are kept).
+            rows: Optional chosen subset for ``mode="subset"``: a bool mask `(B,)` or row indices; replaces the
+                random draw with probability ``p``.
+
+        Returns:
+            ``(inputs, target)``; ``2B`` rows ``[clean; augmented]`` in ``"copy"`` mode.
+        """
         if not isinstance(inputs, Tensor) or inputs.dim() < 1:
             raise TypeError(f"{self.name}: inputs must be a batched tensor, but got {_describe(inputs)}.")
         target = as_target(labels, self.name)
         if len(target) != inputs.shape[0]:
             raise ValueError(f"{self.name}: inputs have {inputs.shape[0]} rows but labels have {len(target)}.")
         target = _with_names(target, self.fn_op_names)
+        if rows is not None and self.mode != "subset":
+            raise ValueError(f"{self.name}: rows applies to mode='subset' only, but mode is {self.mode!r}.")
         if self.mode == "all":
             return self._apply(inputs, target, same_shape=False)
         if self.mode == "copy":
@@ -123,8 +138,18 @@ class DeviceAugment(nn.Module):
                     f"shape {tuple(inputs.shape)} and dtype {inputs.dtype}; mode='copy' needs the same per-row shape."
                 )
             return torch.cat([inputs, x_aug]), SaflexTarget.cat(_common_labels([target, t_aug]))
-        chosen = torch.rand(inputs.shape[0], generator=self.generator) < self.p
-        rows = chosen.nonzero().flatten().to(inputs.device)
+        if rows is None:
+            chosen = torch.rand(inputs.shape[0], generator=self.generator) < self.p
+            rows = chosen.nonzero().flatten()
+        elif not isinstance(rows, Tensor) or rows.dim() != 1 or rows.is_floating_point():
+            raise TypeError(
+                f"{self.name}: rows must be a bool mask or int indices of shape (R,), but got {_describe(rows)}."
+            )
+        elif rows.dtype == torch.bool:
+            if rows.shape[0] != inputs.shape[0]:
+                raise ValueError(f"{self.name}: the rows mask has {rows.shape[0]} entries for {inputs.shape[0]} rows.")
+            rows = rows.nonzero().flatten()
+        rows = rows.to(inputs.device)
         if rows.numel() == 0:
             return inputs, target
         x_sub, t_sub = self._apply(inputs[rows], target[rows], same_shape=True)

@@ -337,3 +337,13 @@ def test_target_moves_non_blocking(device: str) -> None:
     x, target = next(iter(loader))
     moved = target.to(device, non_blocking=True)
     assert moved.device.type == device and moved.index.device.type == device
+
+
+def test_structured_inputs_use_default_collate() -> None:
+    def jitter_numeric(sample: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return sample[0] + 1.0, sample[1]
+
+    batch = [((torch.zeros(3), torch.tensor([1, 2])), 0), ((torch.ones(3), torch.tensor([0, 1])), 1)]
+    (numeric, categorical), target = SaflexCollate(jitter_numeric, num_copies=1)(batch)
+    assert numeric.shape == (4, 3) and categorical.shape == (4, 2)
+    assert torch.equal(numeric[2], torch.ones(3)) and target.is_augmented.tolist() == [False, False, True, True]

@@ -138,3 +138,20 @@ class TestErrors:
 def test_as_target_passes_saflex_target_through() -> None:
     t = SaflexTarget(torch.arange(2), torch.zeros(2, dtype=torch.bool))
     assert as_target(t) is t
+
+
+@pytest.mark.parametrize("rows", [torch.tensor([1, 3]), torch.tensor([False, True, False, True])])
+def test_chosen_subset(rows: torch.Tensor) -> None:
+    x, y = torch.randn(4, 5), torch.arange(4)
+    out, target = DeviceAugment(flip, mode="subset")(x, y, rows=rows)
+    assert target.is_augmented.tolist() == [False, True, False, True]
+    assert torch.equal(out[[0, 2]], x[[0, 2]]) and torch.equal(out[[1, 3]], x[[1, 3]].flip(-1))
+
+
+def test_chosen_subset_errors() -> None:
+    with pytest.raises(ValueError, match="rows applies to mode='subset' only, but mode is 'all'"):
+        DeviceAugment(flip, mode="all")(torch.randn(4, 2), torch.arange(4), rows=torch.tensor([0]))
+    with pytest.raises(ValueError, match="the rows mask has 3 entries for 4 rows"):
+        DeviceAugment(flip)(torch.randn(4, 2), torch.arange(4), rows=torch.tensor([True, False, True]))
+    with pytest.raises(TypeError, match=r"rows must be a bool mask or int indices of shape \(R,\)"):
+        DeviceAugment(flip)(torch.randn(4, 2), torch.arange(4), rows=torch.tensor([0.5]))
