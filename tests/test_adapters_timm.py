@@ -16,11 +16,11 @@ from timm.data import AugMixDataset, create_dataset, create_loader  # noqa: E402
 from timm.data.loader import PrefetchLoader  # noqa: E402
 
 from saflex_data import SaflexLoss, SaflexTarget  # noqa: E402
+from saflex_data.collate import SaflexCollate  # noqa: E402
 from saflex_data.adapters.timm import (  # noqa: E402
     SaflexTask,
     SplitsCollate,
     TaggedAugmentDataset,
-    TaggedCollate,
     ValPrepare,
     create_train_loader,
     create_val_loader,
@@ -91,10 +91,11 @@ class TestTrainLoader:
 
     def test_prefetcher_collate_is_uint8_like_fast_collate(self, data_dir: Path) -> None:
         loader = train_loader(data_dir, use_prefetcher=True)
-        assert isinstance(loader.loader.collate_fn, TaggedCollate)
+        assert isinstance(loader.loader.collate_fn, SaflexCollate)
         x, target = next(iter(loader.loader))  # what the workers hand to PrefetchLoader
         assert x.dtype == torch.uint8 and x.shape == (4, *SIZE)
         assert target.labels.dtype == torch.long
+        assert target.index is not None and sorted(target.index.tolist()) == sorted(set(target.index.tolist()))
 
     @pytest.mark.parametrize("p, expected", [(0.0, 0), (1.0, 4)])
     def test_aug_prob_extremes(self, data_dir: Path, p: float, expected: int) -> None:

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, default_collate
 
 from .._deps import require
 from ..batch import SaflexTarget
+from ..collate import SaflexCollate, TaggedSample
 from ..loss import SaflexLoss, unwrap_model
 
 timm = require("timm")
@@ -39,7 +40,6 @@ from timm.data.loader import PrefetchLoader, fast_collate  # noqa: E402
 __all__ = [
     "SaflexTask",
     "TaggedAugmentDataset",
-    "TaggedCollate",
     "SplitsCollate",
     "ValPrepare",
     "create_train_loader",
@@ -62,9 +62,10 @@ class TaggedAugmentDataset(Dataset):
     """Per-sample tagged version of timm's ``AugMixDataset``: the secondary stage runs with probability ``p``.
 
     ``create_loader`` assigns ``create_transform(..., separate=True)``'s ``(primary, secondary, final)`` triple to
-    ``.transform``. Each item is ``(image, label, is_augmented)`` where the image went through
-    ``primary -> [secondary if is_augmented] -> final``. The coin is drawn from torch's RNG, which the DataLoader
-    seeds per worker (timm's ``_worker_init``), so workers differ and runs are reproducible.
+    ``.transform``. Each item is a pre-tagged :class:`~saflex_data.collate.TaggedSample` ``(input, label, index,
+    op)`` (``op`` 0: augmented, -1: clean) whose image went through ``primary -> [secondary if augmented] -> final``;
+    :class:`~saflex_data.SaflexCollate` stacks them (uint8 like ``fast_collate`` for the prefetcher). The coin is
+    drawn from torch's RNG, which the DataLoader seeds per worker, so workers differ and runs are reproducible.
 
     Args:
         dataset: A timm/torchvision style dataset returning ``(image, label)`` that applies ``.transform``.
@@ -100,45 +101,14 @@ class TaggedAugmentDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getitem__(self, index: int) -> tuple[Any, Any, bool]:
+    def __getitem__(self, index: int) -> TaggedSample:
         x, y = self.dataset[index]
-        flag = bool(torch.rand(()) < self.p)
-        if flag and self.augmentation is not None:
+        augmented = bool(torch.rand(()) < self.p)
+        if augmented and self.augmentation is not None:
             x = self.augmentation(x)
         if self.normalize is not None:
             x = self.normalize(x)
-        return x, y, flag
-
-
-class TaggedCollate:
-    """Collate ``(image, label, is_augmented)`` items into ``(images, SaflexTarget)``.
-
-    Args:
-        uint8: ``True`` for timm's prefetcher: images are stacked by ``timm.data.loader.fast_collate`` into a uint8
-            NCHW tensor (normalised later, on the device, by ``PrefetchLoader``); ``False`` uses ``default_collate``
-            (float images already normalised by the dataset transform).
-        op_names: Names of the op ids (``0`` = the secondary augmentation), for ``SaflexLoss.op_stats()``.
-    """
-
-    def __init__(self, uint8: bool = True, op_names: Sequence[str] | None = None) -> None:
-        self.uint8 = uint8
-        self.op_names = tuple(op_names) if op_names is not None else None
-
-    def __call__(self, batch: list[tuple[Any, Any, bool]]) -> tuple[Tensor, SaflexTarget]:
-        if not batch or len(batch[0]) != 3:
-            raise TypeError(
-                "TaggedCollate expects (image, label, is_augmented) items from TaggedAugmentDataset, but got "
-                f"items of length {len(batch[0]) if batch else 0}."
-            )
-        pairs = [(x, y) for x, y, _ in batch]
-        if self.uint8:
-            images, labels = fast_collate(pairs)
-        else:
-            images, labels = default_collate(pairs)
-        is_augmented = torch.tensor([bool(f) for _, _, f in batch], dtype=torch.bool)
-        op = torch.where(is_augmented, 0, -1)
-        return images, SaflexTarget(labels.long() if labels.dim() == 1 else labels, is_augmented, op=op,
-                                    op_names=self.op_names)
+        return TaggedSample(x, y, index, 0 if augmented else -1)
 
 
 class SplitsCollate:
@@ -243,11 +213,11 @@ def create_train_loader(
     # num_aug_splits > 0 makes create_loader assign the (primary, secondary, final) triple to wrapped.transform; for
     # per-sample tags it changes nothing else (RandomErasing splits only follow it with re_split=True, where timm
     # uses 2 splits either way).
-    collate: Callable[..., Any]
+    collate: SplitsCollate | SaflexCollate
     if num_aug_splits:
         collate = SplitsCollate(num_aug_splits, uint8=use_prefetcher)
-    else:
-        collate = TaggedCollate(uint8=use_prefetcher)
+    else:  # pre-tagged samples: SaflexCollate only stacks them (uint8 NCHW for the prefetcher, like fast_collate)
+        collate = SaflexCollate(output="uint8" if use_prefetcher else "tensor", op_names=("augment",))
     loader = _timm_create_loader(
         wrapped, input_size, batch_size, is_training=True, num_aug_splits=num_aug_splits or 2,
         collate_fn=collate, **kwargs,
