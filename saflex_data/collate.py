@@ -272,6 +272,10 @@ class SaflexCollate:
     ``[clean; copy_1; ...; copy_n]`` (timm's ``--aug-splits`` order), so ``SaflexLoss(num_splits=...)`` also works
     with ``target_format="labels"``.
 
+    The target's ``index`` is the dataset index when samples are ``(input, label, index)`` (wrap the dataset in
+    :class:`IndexedDataset`), else the sample's position in the incoming batch; either way a clean row and its
+    copies share it. ``op`` is ``-1`` for clean rows, else an index into ``op_names``.
+
     Args:
         transform: The random per-sample augmentation: a callable, an adapter implementing
             :class:`SampleTransform` (e.g. ``TaggedRandomApply``, ``AlbumentationsTransform``), or a sequence of

@@ -190,7 +190,9 @@ class MixUp(_BatchMix):
         num_classes: Number of classes; required for class-index labels.
         pairing: ``"random"`` permutation or ``"roll"`` (torchvision's ``roll(1, 0)``).
         same_on_batch: One ``lam`` for the whole batch (torchvision/timm batch mode).
-        generator: Optional ``torch.Generator`` for the draws (else the global torch RNG).
+        generator: Optional ``torch.Generator`` for the draws (else the global torch RNG). Leave it ``None`` inside a
+            ``SaflexCollate`` (the collate seeds the global RNG per batch and per worker; a generator object would
+            be copied into every worker with the same state).
         op_name: Name in ``op_names`` (default ``"mixup"``).
 
     Example:
@@ -254,7 +256,8 @@ class CutMix(_BatchMix):
         p: Probability that a row is mixed (per row).
         num_classes: Number of classes; required for class-index labels.
         pairing: ``"random"`` permutation or ``"roll"``.
-        generator: Optional ``torch.Generator`` for the draws.
+        generator: Optional ``torch.Generator`` for the draws (else the global torch RNG; leave it ``None`` inside a
+            ``SaflexCollate``, see :class:`MixUp`).
         op_name: Name in ``op_names`` (default ``"cutmix"``).
 
     Example:
@@ -341,7 +344,8 @@ class TabularCutMix(_BatchMix):
         num_classes: Number of classes; required when ``label_mode="soft"`` with class-index labels.
         label_mode: ``"hard"`` keeps the row's label (the upstream in the paper); ``"soft"`` mixes labels with
             ``lam = 1 - replaced_features / D``.
-        generator: Optional ``torch.Generator`` for the draws.
+        generator: Optional ``torch.Generator`` for the draws (else the global torch RNG; leave it ``None`` inside a
+            ``SaflexCollate``, see :class:`MixUp`).
         op_name: Name in ``op_names`` (default ``"tabular_cutmix"``).
 
     Example:
