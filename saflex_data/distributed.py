@@ -12,7 +12,7 @@ concatenated global batch:
    generator is seeded identically on every rank and advances identically), then keeps its own rows. So
    ``normalize="batch_max"``, ``rule="centered"`` and the noise see the global batch, and ``SaflexLoss.stats``
    describes the global batch and is identical on every rank.
-3. **Settings** (once, on the first call): compared across ranks with ``all_gather_object``
+3. **Settings** (once, on the first training call): compared across ranks with ``all_gather_object``
    (:func:`check_consistent`); a mismatch raises the same ``ValueError`` on every rank instead of a hang in
    collectives of different sizes or counts.
 
@@ -138,7 +138,8 @@ def check_consistent(settings: Mapping[str, Any], *, name: str = "SaflexLoss", g
 
 
 def loss_settings(loss: Any) -> dict[str, Any]:
-    """The settings of a :class:`~saflex_data.SaflexLoss` that every rank must share (compared on the first call)."""
+    """The settings of a :class:`~saflex_data.SaflexLoss` that every rank must share (compared on its first training
+    call)."""
     params = [p for p in loss.model.parameters() if p.requires_grad]
     return {
         "method": loss.method,
@@ -297,7 +298,9 @@ def global_saflex_targets(
     return GlobalTargets(weights_all[mine], labels_all[mine], finite, record)
 
 
-def forward_with_tangent(model: torch.nn.Module, inputs: Tensor, val_grad: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+def forward_with_tangent(
+    model: torch.nn.Module, inputs: Tensor, val_grad: Mapping[str, Tensor]
+) -> tuple[Tensor, Tensor]:
     """:func:`saflex_data.functional.forward_with_tangent` through a ``DistributedDataParallel`` wrapper.
 
     ``method="single_pass"`` makes the training forward itself carry the tangent. Under DDP that forward must go

@@ -77,7 +77,7 @@ class SaflexLoss(nn.Module):
             all-reduce of parameter-sized tensors per refresh, as large as DDP's gradient all-reduce) and decide on
             the global batch (an all-gather of the augmented rows' ``Π`` each step), so that every rank decides
             exactly like one process on the concatenated batch and ``stats`` are global; ``False`` keeps all of it
-            per rank. See :mod:`saflex_data.distributed`. The ranks' settings are compared on the first call.
+            per rank. See :mod:`saflex_data.distributed`. The ranks' settings are compared on the first training call.
         seed: Seed of the Gumbel noise generator (part of ``state_dict``).
 
     Example:
@@ -219,8 +219,10 @@ class SaflexLoss(nn.Module):
         dtype = torch.promote_types(logits.dtype, torch.float32)  # the solve and the loss in >= float32
         targets = _soft(labels, num_classes, dtype)
         weights = torch.ones(batch, dtype=dtype, device=logits.device)
-        # [distributed] the ranks' counts first: all of them refresh and exchange iff the global batch has augmented rows
-        layout = _dist.batch_layout(len(aug_index), batch, num_classes, device=logits.device) if self._synced() else None
+        # [distributed] the ranks' counts first: all refresh and exchange iff the global batch has augmented rows
+        layout = None
+        if self._synced():
+            layout = _dist.batch_layout(len(aug_index), batch, num_classes, device=logits.device)
         record = None
         if aug_index.numel() or (layout is not None and layout.total_augmented):
             with torch.autocast(device_type=logits.device.type, enabled=False):

@@ -69,7 +69,8 @@ def _init(rank: int, world: int, port: int) -> None:
 # one launch runs every scenario in turn (spawning 2 interpreters costs most of the time); a scenario that raises
 # is recorded and fails its own tests only
 # ----------------------------------------------------------------------------------------------------------------
-PARTS = ("equivalence", "single_pass", "uneven", "sampler", "mismatch")  # mismatch last: it leaves the ranks in sync, but only just
+# mismatch last: the ranks stay in sync after its errors, but only because check_consistent raises on every rank
+PARTS = ("equivalence", "single_pass", "uneven", "cost", "sampler", "mismatch")
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
@@ -133,7 +134,9 @@ def _train(model: nn.Module, criterion: SaflexLoss, data: dict, rows: slice) -> 
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
     weights, labels, stats = [], [], []
     for s in range(STEPS):
-        target = SaflexTarget(data["y"][s, rows], data["aug"][s, rows], op=data["op"][s, rows], op_names=("a", "b", "c"))
+        target = SaflexTarget(
+            data["y"][s, rows], data["aug"][s, rows], op=data["op"][s, rows], op_names=("a", "b", "c")
+        )
         loss = criterion(model(data["x"][s, rows]), target)
         opt.zero_grad()
         loss.backward()
@@ -158,7 +161,8 @@ def _part_equivalence(rank: int) -> list[dict[str, Any]]:
     for config in CONFIGS:
         model = _model()
         ddp = nn.parallel.DistributedDataParallel(model)
-        val = [(data["vx"][s, rank * V : (rank + 1) * V], data["vy"][s, rank * V : (rank + 1) * V]) for s in range(STEPS)]
+        val = [(data["vx"][s, rank * V : (rank + 1) * V], data["vy"][s, rank * V : (rank + 1) * V])
+               for s in range(STEPS)]
         criterion = SaflexLoss(ddp, val, **config)
         assert criterion.model is model  # the extra passes use the raw module
         results.append(_train(ddp, criterion, data, slice(rank * B, (rank + 1) * B)))
@@ -325,6 +329,53 @@ def test_uneven_validation_loaders_and_ranks_without_augmented_samples_do_not_ha
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# the documented communication cost, counted
+# ----------------------------------------------------------------------------------------------------------------
+def _part_cost(rank: int) -> dict[str, list[tuple[int, ...]]]:
+    data = _problem()
+    calls: dict[str, list[tuple[int, ...]]] = {"all_reduce": [], "all_gather": []}
+    real = {name: getattr(dist, name) for name in calls}
+
+    def counting(name: str) -> Callable:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            tensor = args[0] if name == "all_reduce" else args[1]
+            calls[name].append(tuple(tensor.shape))
+            return real[name](*args, **kwargs)
+        return call
+
+    model = _model()
+    ddp = nn.parallel.DistributedDataParallel(model)  # DDP's own gradient all-reduce runs in C++: not counted
+    val = [(data["vx"][s, rank * V : (rank + 1) * V], data["vy"][s, rank * V : (rank + 1) * V]) for s in range(STEPS)]
+    criterion = SaflexLoss(ddp, val, method="jvp")
+    for name in calls:
+        setattr(dist, name, counting(name))
+    try:
+        _train(ddp, criterion, data, slice(rank * B, (rank + 1) * B))
+    finally:
+        for name, fn in real.items():
+            setattr(dist, name, fn)
+    return calls
+
+
+def test_communication_is_what_the_docs_say(ranks: list) -> None:
+    data = _problem()
+    params = sum(p.numel() for p in _model().parameters())
+    refreshing = [s for s in range(STEPS) if data["aug"][s].any()]  # steps whose global batch has augmented rows
+    for result in ranks:
+        calls = _part(result, "cost")
+        # the validation gradient: one all-reduce of P floats per refresh (a single bucket here)
+        assert calls["all_reduce"] == [(params,)] * len(refreshing)
+        # per step: the counts (3 integers), then the augmented rows' [Π | label | op] padded to the largest shard
+        expected = []
+        for s in range(STEPS):
+            expected.append((3,))
+            sizes = [int(data["aug"][s, r * B : (r + 1) * B].sum()) for r in range(WORLD)]
+            if sum(sizes):
+                expected.append((max(sizes), 2 * CLASSES + 1))
+        assert calls["all_gather"] == expected
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # SaflexBatchSampler around DistributedSampler (rank and world size from the real process group)
 # ----------------------------------------------------------------------------------------------------------------
 SAMPLER_N, SAMPLER_EPOCHS = 40, 3
@@ -392,7 +443,8 @@ def _part_mismatch(rank: int) -> list[str | None]:
 def test_settings_that_differ_across_ranks_raise_on_every_rank(ranks: list) -> None:
     for result in ranks:
         messages = _part(result, "mismatch")
-        assert messages[0] is not None and "SaflexLoss settings differ across ranks (beta: rank 0 = 0.5, rank 1 = 1.0)" in messages[0]
+        assert messages[0] is not None
+        assert "SaflexLoss settings differ across ranks (beta: rank 0 = 0.5, rank 1 = 1.0)" in messages[0]
         assert messages[1] is not None and "all_reduce: rank 0 = True, rank 1 = False" in messages[1]
         assert messages[2] is not None
         for part in ("classifier: rank 0 = None, rank 1 = '2'", "method: rank 0 = 'jvp', rank 1 = 'last_layer'",
