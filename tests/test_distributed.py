@@ -70,7 +70,7 @@ def _init(rank: int, world: int, port: int) -> None:
 # is recorded and fails its own tests only
 # ----------------------------------------------------------------------------------------------------------------
 # mismatch last: the ranks stay in sync after its errors, but only because check_consistent raises on every rank
-PARTS = ("equivalence", "single_pass", "uneven", "cost", "sampler", "mismatch")
+PARTS = ("equivalence", "single_pass", "uneven", "cost", "nonfinite", "sampler", "mismatch")
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
@@ -373,6 +373,32 @@ def test_communication_is_what_the_docs_say(ranks: list) -> None:
             if sum(sizes):
                 expected.append((max(sizes), 2 * CLASSES + 1))
         assert calls["all_gather"] == expected
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# a non-finite Π on one rank: every rank falls back together (as one process would for the whole batch)
+# ----------------------------------------------------------------------------------------------------------------
+def _part_nonfinite(rank: int) -> dict[str, Any]:
+    import warnings
+
+    data = _problem()
+    ddp = nn.parallel.DistributedDataParallel(_model())
+    val = [(data["vx"][0, rank * V : (rank + 1) * V], data["vy"][0, rank * V : (rank + 1) * V])]
+    criterion = SaflexLoss(ddp, val, method="jvp")
+    x, rows = data["x"][0].clone(), slice(rank * B, (rank + 1) * B)
+    x[B + int(data["aug"][0, B:].nonzero()[0])] = float("nan")  # one augmented row of rank 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        criterion(ddp(x[rows]), SaflexTarget(data["y"][0, rows], data["aug"][0, rows]))
+    return {"weights": criterion.last_step["weights"], "stats": criterion.stats}
+
+
+def test_non_finite_inner_products_on_one_rank_make_every_rank_fall_back(ranks: list) -> None:
+    results = [_part(result, "nonfinite") for result in ranks]
+    for result in results:
+        assert result["stats"]["nonfinite_steps"] == 1.0
+        assert bool((result["weights"] == 1).all())
+    assert results[0]["stats"] == results[1]["stats"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
