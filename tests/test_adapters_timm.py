@@ -68,6 +68,11 @@ def train_loader(data_dir: Path, **kwargs):
     )
 
 
+class _Stream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        return iter([])
+
+
 def tiny_model(**kwargs) -> nn.Module:
     torch.manual_seed(0)
     return timm.create_model("test_resnet", num_classes=2, **kwargs)
@@ -132,6 +137,10 @@ class TestTrainLoader:
     def test_loader_set_epoch_and_len_pass_through(self, data_dir: Path) -> None:
         loader = train_loader(data_dir)
         assert len(loader) == 4 and loader.sampler is not None and loader.mixup_enabled is False
+        seen = []
+        loader.dataset.dataset.set_epoch = seen.append  # e.g. timm's iterable readers
+        loader.dataset.set_epoch(3)  # what timm's train.py calls
+        assert seen == [3]
 
     def test_errors(self, data_dir: Path) -> None:
         with pytest.raises(ValueError, match="collate_fn cannot be passed"):
@@ -149,6 +158,8 @@ class TestTrainLoader:
         with pytest.raises(ValueError, match="AugMixDataset with num_splits=3, but num_aug_splits=2"):
             create_train_loader(AugMixDataset(dataset(data_dir), num_splits=3), SIZE, 4, num_aug_splits=2,
                                 device=CPU, num_workers=0)
+        with pytest.raises(TypeError, match="must be a map-style dataset"):
+            TaggedAugmentDataset(_Stream())
         with pytest.raises(TypeError, match="already a TaggedAugmentDataset"):
             create_train_loader(TaggedAugmentDataset(dataset(data_dir)), SIZE, 4, device=CPU, num_workers=0)
         with pytest.raises(TypeError, match=r"\(primary, secondary, final\) triple"):

@@ -24,8 +24,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, RandomSampler, default_collate
+from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler, default_collate
 
 from .._deps import require
 from ..batch import SaflexTarget
@@ -73,6 +74,11 @@ class TaggedAugmentDataset(Dataset):
     """
 
     def __init__(self, dataset: Dataset, p: float = 0.5) -> None:
+        if isinstance(dataset, IterableDataset):
+            raise TypeError(
+                f"dataset must be a map-style dataset (an ImageFolder/ImageTar reader), but got the iterable "
+                f"{type(dataset).__name__}; for streaming datasets use num_aug_splits=2 or the device path."
+            )
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"p (aug_prob) must be a probability in [0, 1], but got {p!r}.")
         self.dataset = dataset
@@ -100,6 +106,12 @@ class TaggedAugmentDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Forwarded to the wrapped dataset when it has one (timm's ``train.py`` calls ``loader.dataset.set_epoch``)."""
+        inner = getattr(self.dataset, "set_epoch", None)
+        if callable(inner):
+            inner(epoch)
 
     def __getitem__(self, index: int) -> TaggedSample:
         x, y = self.dataset[index]
@@ -295,7 +307,8 @@ def create_val_loader(
             become the defaults here, and explicit values that disagree raise: normalisation must match.
         shuffle: Draw the minibatches in a random order (a fresh permutation per pass, from ``seed``). Without it
             a class-sorted image folder gives one-class minibatches.
-        seed: Seed of the shuffling generator.
+        seed: Seed of the shuffling generator (plus the rank under ``torch.distributed``, so that ranks draw
+            different minibatches).
         drop_last: Keep every minibatch full (ignored when the dataset is smaller than one batch).
         **kwargs: Any other ``create_loader`` argument (``crop_pct``, ``interpolation``, ``num_workers``,
             ``pin_memory``, ...). ``is_training`` is always ``False``.
@@ -333,7 +346,8 @@ def create_val_loader(
     loader = _timm_create_loader(dataset, input_size, batch_size, is_training=False, **kwargs)
     inner = loader.loader if isinstance(loader, PrefetchLoader) else loader
     if shuffle or drop_last:
-        generator = torch.Generator().manual_seed(seed)
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        generator = torch.Generator().manual_seed(seed + rank)
         keep_last = drop_last and len(inner.dataset) >= batch_size  # type: ignore[arg-type]
         inner = DataLoader(
             inner.dataset,
