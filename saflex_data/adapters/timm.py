@@ -3,7 +3,9 @@
 A timm user changes two places to get SAFLEX (Ding et al., ICLR 2024):
 
 * the **loader**: :func:`create_train_loader` is ``timm.data.create_loader`` (same arguments, prefetcher on or off)
-  whose batches carry a :class:`~saflex_data.SaflexTarget` saying which samples went through the augmentation.
+  whose batches carry a :class:`~saflex_data.SaflexTarget` saying which samples went through the augmentation
+  (per-sample tags, stacked by :class:`~saflex_data.SaflexCollate`, uint8 NCHW for the prefetcher like
+  ``fast_collate``; or timm's ``[clean; augmented]`` split layout with ``num_aug_splits=2``).
   timm's own ``--aug-splits 2`` (``[clean; augmented]`` batches from ``AugMixDataset`` + ``fast_collate``) also
   works unchanged, with ``SaflexLoss(num_splits=2)``;
 * the **loss**: ``SaflexLoss(model, val_loader, prepare=ValPrepare.from_model(model))`` with the validation stream
@@ -46,6 +48,8 @@ __all__ = [
     "create_train_loader",
     "create_val_loader",
     "has_task_api",
+    "is_channels_last",
+    "step_stats",
 ]
 
 
@@ -189,6 +193,11 @@ def create_train_loader(
 
     Returns:
         timm's loader (``PrefetchLoader`` or ``DataLoader``); ``len``, ``.sampler``, ``.dataset`` are timm's.
+
+    Note:
+        Random erasing (``re_prob``) is part of the base pipeline: it hits clean and augmented samples alike
+        (``re_split=True`` spares the clean split in the split layout, as in timm). Collate-time mixup
+        (``FastCollateMixup``) is not supported; mixed batches come from ``saflex_data.mixing`` on the device.
 
     Raises:
         ValueError: For ``is_training=False``, a ``collate_fn``, ``no_aug=True``, ``input_size_choices``, a bad
