@@ -33,6 +33,11 @@ global batch would). A rank with no augmented sample in its shard, or with a val
 (each rank cycles its own), runs the same collectives in the same order as the others, so nothing waits on a
 timeout. With the ``nccl`` backend, call ``torch.cuda.set_device(local_rank)`` before the first step (the object
 exchange of :func:`check_consistent` uses the current device).
+
+Limits: every rank must run the same number of training steps (``DistributedSampler`` guarantees it; DDP's ``Join``
+context for uneven inputs does not shadow SaflexLoss's collectives), and an evaluation call (no grad) runs no
+collective, so it may run on one rank only. ``method="single_pass"`` must run its training forward through the DDP
+wrapper: see :func:`forward_with_tangent`.
 """
 
 from __future__ import annotations
