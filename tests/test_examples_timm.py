@@ -119,3 +119,17 @@ def test_kornia_gpu_example_tags_on_device(data_dir: Path, extra: list[str], cap
     assert any(s["augmented_fraction"] < 1 for s in summary["saflex"])  # a tagged subset, not the whole batch
     assert summary["op_stats"], "per-op statistics come from the kornia tags"
     assert "per-op keep/relabel rates" in capsys.readouterr().out
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("extra", [[], ["--no-prefetcher"], ["--aug-splits", "2", "--channels-last"]],
+                         ids=["prefetcher", "no_prefetcher", "aug_splits_channels_last"])
+def test_timm_train_on_cuda(data_dir: Path, extra: list[str]) -> None:
+    example = load_example("timm_train")
+    summary = example.main([
+        "--data-dir", str(data_dir), "--model", "test_resnet", "--img-size", "32", "-b", "8", "--epochs", "3",
+        "--steps", "6", "--device", "cuda", "-j", "0", "--amp", "--amp-dtype", "bfloat16", "--lr", "2e-3", *extra,
+    ])
+    assert summary["finite"] and len(summary["saflex"]) == 6
+    assert summary["eval_after"]["loss"] < summary["eval_before"]["loss"]
