@@ -208,7 +208,8 @@ def create_train_loader(
     if kwargs.get("collate_fn") is not None:
         raise ValueError(
             "collate_fn cannot be passed to create_train_loader: it installs its own tagging collate "
-            "(FastCollateMixup is not supported; use Mixup on the device with use_prefetcher=False instead)."
+            "(FastCollateMixup is not supported; mix on the device with saflex_data.mixing.MixUp/CutMix, which tag "
+            "the mixed rows)."
         )
     if kwargs.get("no_aug"):
         raise ValueError("no_aug=True leaves nothing to tag; SAFLEX needs an augmentation (drop no_aug).")
@@ -217,7 +218,9 @@ def create_train_loader(
     if not isinstance(num_aug_splits, int) or num_aug_splits == 1 or num_aug_splits < 0:
         raise ValueError(f"num_aug_splits must be 0 (per-sample tags) or an int >= 2, but got {num_aug_splits!r}.")
     if isinstance(dataset, TaggedAugmentDataset):
-        raise TypeError("dataset is already a TaggedAugmentDataset; pass the plain dataset, create_train_loader wraps it.")
+        raise TypeError(
+            "dataset is already a TaggedAugmentDataset; pass the plain dataset, create_train_loader wraps it."
+        )
     if isinstance(dataset, AugMixDataset) and dataset.num_splits != num_aug_splits:
         # train.py wraps the dataset in AugMixDataset itself for --aug-splits; accept that, with matching splits.
         raise ValueError(
@@ -435,7 +438,8 @@ class ValPrepare:
                 "normalises like the training loader, or pass use_prefetcher=True."
             )
         if self.mean is not None:
-            inputs = (inputs.float() - self.mean.to(inputs.device)) / self.std.to(inputs.device)  # type: ignore[union-attr]
+            std = self.std.to(inputs.device)  # type: ignore[union-attr]
+            inputs = (inputs.float() - self.mean.to(inputs.device)) / std
         if self.dtype is not None:
             inputs = inputs.to(self.dtype)
         if self.channels_last and inputs.dim() == 4:
