@@ -350,13 +350,15 @@ class SaflexContrastiveLoss(nn.Module):
         images, labels = self._next_val_batch()
         towers = self.towers
         towers.class_prompts = towers.class_prompts.to(images.device)
-        was_training = towers.training
+        # Restore every module's own flag afterwards (a model may keep, e.g., a frozen tower in eval mode).
+        modes = [(module, module.training) for module in towers.modules()]
         towers.train(self.val_mode == "train")
         try:
             with torch.autocast(device_type=images.device.type, enabled=False):
                 self.val_grad = validation_gradient(towers, images, labels)
         finally:
-            towers.train(was_training)
+            for module, training in modes:
+                module.training = training
         return self.val_grad
 
     def _validation_signal(self) -> dict[str, Tensor]:
@@ -439,15 +441,16 @@ class SaflexContrastiveLoss(nn.Module):
             targets[augmented] = aug_labels.to(device=logits.device, dtype=dtype)
         else:
             self._nonfinite_fallback()
-        self._record(is_augmented.to(logits.device), weights, targets)
+        self._record(is_augmented.to(logits.device), weights, targets, texts)
         self.step += 1
         return clip_loss(logits.to(dtype), targets, weights)
 
     # -- statistics and state ------------------------------------------------------------------------------------
     @torch.no_grad()
-    def _record(self, is_augmented: Tensor, weights: Tensor, targets: Tensor) -> None:
-        own = torch.arange(len(is_augmented), device=is_augmented.device)
-        relabeled = (targets.argmax(-1) != own) & is_augmented
+    def _record(self, is_augmented: Tensor, weights: Tensor, targets: Tensor, texts: Tensor) -> None:
+        # Relabeled = the chosen text differs from the own one (a repeated prompt in another column is no relabel).
+        flat = texts.reshape(len(texts), -1).to(targets.device)
+        relabeled = (flat[targets.argmax(-1)] != flat).any(-1) & is_augmented
         kept = (weights > 0) & is_augmented
         denom = is_augmented.sum().clamp_min(1).float()
         self._last = {
@@ -460,8 +463,8 @@ class SaflexContrastiveLoss(nn.Module):
 
     @property
     def stats(self) -> dict[str, float]:
-        """Statistics of the last SAFLEX step (fractions of its augmented images; ``relabeled``: the chosen text is
-        not the image's own caption) plus the non-finite fallback count and the step."""
+        """Statistics of the last SAFLEX step (fractions of its augmented images; ``relabeled``: the chosen text
+        differs from the image's own text) plus the non-finite fallback count and the step."""
         out = {k: float(v) for k, v in self._last.items()}
         out["nonfinite_steps"] = float(self.nonfinite_steps)
         out["step"] = float(self.step)
