@@ -257,7 +257,8 @@ def main() -> None:
     for name, result in results.items():
         print(f"{name:20s} test accuracy {result['test_accuracy']:.3f}  ({result['seconds']:.0f}s)")
     saflex = results["FLYP + aug + SAFLEX"]
-    print("SAFLEX kept (second half of training), per upstream op: " + ", ".join(f"{op} {saflex[f'kept_{op}']:.2f}" for op in OPS))
+    kept = ", ".join(f"{op} {saflex[f'kept_{op}']:.2f}" for op in OPS)
+    print(f"SAFLEX kept (second half of training), per upstream op: {kept}")
 
 
 if __name__ == "__main__":

@@ -96,7 +96,9 @@ def clip_loss(logits: Tensor, image_targets: Tensor | None = None, weights: Tens
     """
     check_logits(logits)
     if logits.shape[0] != logits.shape[1]:
-        raise ValueError(f"logits must be a square matrix (B, B) of images against texts, but got {tuple(logits.shape)}.")
+        raise ValueError(
+            f"logits must be a square matrix (B, B) of images against texts, but got {tuple(logits.shape)}."
+        )
     diagonal = torch.arange(logits.shape[0], device=logits.device)
     text_to_image = F.cross_entropy(logits.T, diagonal)
     if image_targets is None and weights is None:
@@ -177,16 +179,13 @@ def _tangent_friendly() -> Iterator[None]:
     In eval mode ``nn.MultiheadAttention`` dispatches to ``aten::_native_multi_head_attention``, which has no forward
     AD (open_clip's towers use it); the fused SDPA kernels have none either (SPEC §4).
     """
-    mha = getattr(torch.backends, "mha", None)
-    fastpath = mha.get_fastpath_enabled() if mha is not None else None
-    if mha is not None:
-        mha.set_fastpath_enabled(False)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
     try:
         with _math_attention():
             yield
     finally:
-        if mha is not None:
-            mha.set_fastpath_enabled(fastpath)
+        torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -210,15 +209,18 @@ class SaflexContrastiveLoss(nn.Module):
         model: An ``nn.Module`` with ``encode_image``/``encode_text`` (open_clip's ``CLIP``; its ``logit_scale``, the
             log of the multiplier, is used and trained), or a pair ``(image_encoder, text_encoder)`` of modules that
             return embeddings `(N, D)`; then the loss owns a learnable ``logit_scale`` (add ``criterion.parameters()``
-            to the optimizer). A ``DistributedDataParallel``/``torch.compile`` wrapper is unwrapped. Held as a plain
-            reference, not a submodule.
+            to the optimizer; it takes the towers' dtype and device). A ``DistributedDataParallel``/``torch.compile``
+            wrapper is unwrapped. Held as a plain reference, not a submodule. A ``logit_bias`` (SigLIP) is not used:
+            this is the softmax CLIP loss.
         val_loader: Any iterable of ``(images, labels)`` validation batches, cycled forever; labels are class indices
             into ``class_prompts``. Batches are moved to the model's device.
         class_prompts: Text-encoder inputs of the ``K`` class prompts, e.g. ``tokenizer([f"a photo of a {c}." for c
             in classes])`` of shape `(K, context_length)`.
         method: ``"jvp"``: a separate ``torch.func.jvp`` pass over the augmented images and all texts, then the
             normal forward; ``"single_pass"``: the training forward itself runs with dual parameters and gives the
-            logits and their tangent together (dropout masks and BatchNorm statistics are then those of the step).
+            logits and their tangent together (dropout masks and BatchNorm statistics are then those of the step,
+            so ``Π`` is exact for a train-mode BatchNorm tower too; ``"jvp"`` normalises the augmented images with
+            their own batch statistics there).
         beta: Bonus on the own caption, in units of the normalised ``Π``.
         tau: Gumbel-softmax temperature; ``None`` means a deterministic argmax.
         normalize: How ``Π`` is scaled before the bonus and the noise (see ``functional.normalize_inner_products``).

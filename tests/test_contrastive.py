@@ -161,7 +161,8 @@ class TestClipLoss:
 
     def test_one_hot_targets_and_unit_weights_equal_plain(self):
         logits = torch.randn(4, 4, dtype=torch.float64)
-        torch.testing.assert_close(clip_loss(logits, torch.eye(4, dtype=torch.float64), torch.ones(4)), clip_loss(logits))
+        one_hot = torch.eye(4, dtype=torch.float64)
+        torch.testing.assert_close(clip_loss(logits, one_hot, torch.ones(4)), clip_loss(logits))
 
     def test_fixed_normaliser(self):
         logits = torch.randn(4, 4, dtype=torch.float64)
@@ -406,7 +407,7 @@ class TestErrors:
             SaflexContrastiveLoss(towers, val_loader, PROMPTS[:1])
         with pytest.raises(ValueError, match=r"val_loader yielded no batches"):
             SaflexContrastiveLoss(towers, [], PROMPTS)(images, texts, is_augmented)
-        with pytest.raises(TypeError, match=r"val_loader must yield \(images, labels\) tensor pairs, but it yielded a "):
+        with pytest.raises(TypeError, match=r"val_loader must yield \(images, labels\) tensor pairs, but it yielded a"):
             SaflexContrastiveLoss(towers, [val_loader[0][0]], PROMPTS)(images, texts, is_augmented)
         bad_labels = [(val_loader[0][0], val_loader[0][1] + NUM_CLASSES)]
         with pytest.raises(ValueError, match=r"validation labels must be class indices \(V,\) into the 5 class_prompt"):
@@ -474,5 +475,6 @@ class TestOpenClip:
         ).T
         val_grad = torch.autograd.grad(F.cross_entropy(val_logits, val_labels), params, allow_unused=True)
         val_grad = [torch.zeros_like(p) if v is None else v for p, v in zip(params, val_grad)]
-        expected = _reference_pi(model.encode_image, model.encode_text, model.logit_scale, images, texts, val_grad, params)
+        towers = (model.encode_image, model.encode_text)
+        expected = _reference_pi(*towers, model.logit_scale, images, texts, val_grad, params)
         assert _relative_error(pi, expected) <= 1e-10
