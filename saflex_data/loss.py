@@ -139,6 +139,10 @@ class SaflexLoss(nn.Module):
 
         # A plain attribute (not a submodule): the model's parameters must not appear in this loss's state_dict.
         self.__dict__["model"] = unwrap_model(model)
+        # method="single_pass": the training forward itself must go through a DDP wrapper (DDP arms its gradient
+        # all-reduce in forward); the extra passes of the other methods use the raw module.
+        ddp = _outer_ddp(model)
+        self.__dict__["_train_model"] = self.model if ddp is None else ddp
         self.val_loader = val_loader
         self.method = method
         self.beta, self.tau, self.normalize, self.rule = beta, tau, normalize, rule
@@ -263,14 +267,24 @@ class SaflexLoss(nn.Module):
         per_sample = F.cross_entropy(logits.to(dtype), targets, reduction="none", label_smoothing=self.label_smoothing)
         return (weights * per_sample).sum() / batch
 
-    def forward_train(self, inputs: Tensor) -> Tensor:
+    def forward_train(self, inputs: Tensor, model: nn.Module | None = None) -> Tensor:
         """The training forward for ``method="single_pass"``: returns ``model(inputs)``'s logits and keeps their
-        tangent along the validation-descent direction for the next ``criterion(logits, target)`` call."""
+        tangent along the validation-descent direction for the next ``criterion(logits, target)`` call.
+
+        Args:
+            inputs: The training batch.
+            model: The model as the loop calls it, when it was wrapped (e.g. in DDP) after the loss was built,
+                like timm's ``task.trainable_module``; defaults to the model given at construction.
+        """
         if self.method != "single_pass":
             raise RuntimeError(f"forward_train is for method='single_pass'; this loss uses method={self.method!r}.")
         self._check_ranks()  # [distributed]
         signal = self._validation_signal()
-        logits, self._tangent = SF.forward_with_tangent(self.model, inputs, signal)
+        train_model = self._train_model
+        if model is not None:
+            ddp = _outer_ddp(model)
+            train_model = unwrap_model(model) if ddp is None else ddp
+        logits, self._tangent = _dist.forward_with_tangent(train_model, inputs, signal)
         return logits
 
     # ------------------------------------------------------------------------------------------------------------
@@ -293,7 +307,8 @@ class SaflexLoss(nn.Module):
             if self.num_splits is None:
                 raise TypeError(
                     "target must be a SaflexTarget that says which samples are augmented (build the loader with "
-                    "saflex_data.SaflexCollate or SaflexBatchSampler, or an adapter), or pass num_splits=2 for "
+                    "saflex_data.SaflexCollate or SaflexBatchSampler, or an adapter such as timm's "
+                    "saflex_data.adapters.timm.create_train_loader), or pass num_splits=2 for "
                     f"timm's --aug-splits layout [clean; augmented]; got a plain tensor of shape {tuple(target.shape)}."
                 )
             if batch % self.num_splits:
@@ -573,6 +588,16 @@ class SaflexLoss(nn.Module):
             f"method={self.method!r}, beta={self.beta}, tau={self.tau}, normalize={self.normalize!r}, "
             f"rule={self.rule!r}, val_every={self.val_every}, val_mode={self.val_mode!r}, enabled={self.enabled}"
         )
+
+
+def _outer_ddp(model: nn.Module) -> nn.parallel.DistributedDataParallel | None:
+    """The ``DistributedDataParallel`` wrapper of ``model`` (under ``torch.compile`` wrappers), if any."""
+    while not isinstance(model, nn.parallel.DistributedDataParallel):
+        inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return None
+        model = inner
+    return model
 
 
 def _soft(labels: Tensor, num_classes: int, dtype: torch.dtype = torch.float32) -> Tensor:

@@ -268,9 +268,6 @@ def test_single_pass_through_the_ddp_wrapper_matches_one_process(ranks: list) ->
             torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-11)
 
 
-@pytest.mark.xfail(strict=True, reason="SaflexLoss.forward_train forwards the raw module, so DDP does not average the "
-                   "gradients; the fix (forward through the wrapper, saflex_data.distributed.forward_with_tangent) "
-                   "is in the lead's part of loss.py")
 def test_single_pass_forward_train_under_ddp_matches_one_process(ranks: list) -> None:
     ref = _single_pass_reference()
     for result in ranks:

@@ -563,7 +563,7 @@ class SaflexTask(_TaskBase):  # type: ignore[misc, valid-type]
         if isinstance(prepare, ValPrepare) and prepare._train_stats is None:
             prepare.observe_train(input)
         if criterion.method == "single_pass":
-            output = criterion.forward_train(input)
+            output = criterion.forward_train(input, model=self.trainable_module)
         else:
             output = self.trainable_module(input)
         loss = criterion(output, target)
