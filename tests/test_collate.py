@@ -347,3 +347,31 @@ def test_structured_inputs_use_default_collate() -> None:
     (numeric, categorical), target = SaflexCollate(jitter_numeric, num_copies=1)(batch)
     assert numeric.shape == (4, 3) and categorical.shape == (4, 2)
     assert torch.equal(numeric[2], torch.ones(3)) and target.is_augmented.tolist() == [False, False, True, True]
+
+
+def test_require_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from saflex_data._deps import is_available, require
+
+    monkeypatch.setitem(sys.modules, "kornia", None)
+    with pytest.raises(
+        ModuleNotFoundError,
+        match=r"saflex_data.adapters.kornia needs kornia; pip install "
+        r"'saflex-data\[kornia\]'",
+    ):
+        require("kornia")
+    assert is_available("torch") and not is_available("surely_not_a_module_xyz")
+
+
+def test_core_data_modules_import_no_optional_dependency() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, saflex_data.collate, saflex_data.sampler, saflex_data.mixing, saflex_data.offline, "
+        "saflex_data.device, saflex_data.adapters; "
+        "print(sorted(m for m in ('torchvision', 'kornia', 'albumentations', 'timm', 'PIL') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
