@@ -129,9 +129,9 @@ class DeviceAugment(nn.Module):
         if rows is not None and self.mode != "subset":
             raise ValueError(f"{self.name}: rows applies to mode='subset' only, but mode is {self.mode!r}.")
         if self.mode == "all":
-            return self._apply(inputs, target, same_shape=False)
+            return self._augment_rows(inputs, target, same_shape=False)
         if self.mode == "copy":
-            x_aug, t_aug = self._apply(inputs, target, same_shape=False)
+            x_aug, t_aug = self._augment_rows(inputs, target, same_shape=False)
             if x_aug.shape[1:] != inputs.shape[1:] or x_aug.dtype != inputs.dtype:
                 raise ValueError(
                     f"{self.name}: fn returned shape {tuple(x_aug.shape)} and dtype {x_aug.dtype} for inputs of "
@@ -152,12 +152,12 @@ class DeviceAugment(nn.Module):
         rows = rows.to(inputs.device)
         if rows.numel() == 0:
             return inputs, target
-        x_sub, t_sub = self._apply(inputs[rows], target[rows], same_shape=True)
+        x_sub, t_sub = self._augment_rows(inputs[rows], target[rows], same_shape=True)
         out = inputs.clone()
         out[rows] = x_sub
         return out, _scatter(target, rows, t_sub)
 
-    def _apply(self, inputs: Tensor, target: SaflexTarget, *, same_shape: bool) -> tuple[Tensor, SaflexTarget]:
+    def _augment_rows(self, inputs: Tensor, target: SaflexTarget, *, same_shape: bool) -> tuple[Tensor, SaflexTarget]:
         if self.tagged:
             result = self.fn.forward_tagged(inputs, target)
             if not (isinstance(result, (tuple, list)) and len(result) == 2):

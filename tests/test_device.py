@@ -155,3 +155,12 @@ def test_chosen_subset_errors() -> None:
         DeviceAugment(flip)(torch.randn(4, 2), torch.arange(4), rows=torch.tensor([True, False, True]))
     with pytest.raises(TypeError, match=r"rows must be a bool mask or int indices of shape \(R,\)"):
         DeviceAugment(flip)(torch.randn(4, 2), torch.arange(4), rows=torch.tensor([0.5]))
+
+
+def test_device_augment_moves_like_a_module():
+    """nn.Module.to()/cuda() call self._apply(fn): the augment must not shadow it."""
+    from saflex_data import DeviceAugment
+
+    aug = DeviceAugment(lambda x: x.flip(-1), mode="all")
+    assert aug.to("cpu") is aug
+    assert aug.to(torch.float64) is aug

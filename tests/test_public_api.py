@@ -1,0 +1,40 @@
+"""The public surface: a name that disappears or an optional import at top level fails here."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import saflex_data
+
+PUBLIC = {
+    "CallableTransform", "CutMix", "DeviceAugment", "IndexedDataset", "MixParams", "MixUp", "OfflineAugmentations",
+    "OfflineAugmentedDataset", "SaflexBatchSampler", "SaflexCollate", "SaflexContrastiveLoss", "SaflexDataset",
+    "SaflexLoss", "SaflexTarget", "SampleTransform", "TabularCutMix", "TaggedSample", "__version__", "functional",
+}  # fmt: skip
+FUNCTIONAL = {
+    "validation_gradient", "last_layer_validation_gradient", "grad_inner_products", "inner_products_from_tangent",
+    "last_layer_inner_products", "forward_with_tangent", "saflex_targets", "find_classifier",
+}  # fmt: skip
+
+
+def test_top_level_names():
+    assert set(saflex_data.__all__) == PUBLIC
+    for name in PUBLIC:
+        assert hasattr(saflex_data, name), name
+
+
+def test_functional_contract():
+    assert FUNCTIONAL <= set(saflex_data.functional.__all__)
+    for name in FUNCTIONAL:
+        assert callable(getattr(saflex_data.functional, name)), name
+
+
+def test_import_needs_only_torch():
+    code = (
+        "import sys, saflex_data, saflex_data.adapters\n"
+        "bad = [m for m in ('torchvision', 'timm', 'kornia', 'albumentations', 'open_clip', 'pandas', 'PIL') "
+        "if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
