@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--upstreams", default="RandAugment,Mixup")
     parser.add_argument("--methods", default="jvp,last_layer")
     parser.add_argument("--beta", type=float, default=None, help="SaflexLoss beta (default: the library default)")
+    parser.add_argument("--tau", default=None, help="SaflexLoss tau ('none': argmax; default: the library default)")
     parser.add_argument("--normalize", default=None)
     parser.add_argument("--rule", default=None)
     parser.add_argument("--rows", default=None, help="comma-separated row names to run (default: all)")
@@ -75,6 +76,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     saflex_kwargs = {k: v for k, v in (("beta", args.beta), ("normalize", args.normalize), ("rule", args.rule))
                      if v is not None}  # fmt: skip
+    if args.tau is not None:
+        saflex_kwargs["tau"] = None if args.tau.lower() == "none" else float(args.tau)
     upstreams, methods = args.upstreams.split(","), args.methods.split(",")
     rows = build_rows(upstreams, methods)
     if args.rows:

