@@ -105,7 +105,7 @@ def loader(job: dict[str, Any], epoch: int, skip: int) -> DataLoader:
 
 
 def train(job: dict[str, Any], start: int, stop: int, checkpoint: Path | None = None, at: int = -1) -> list:
-    """Steps ``start .. stop-1``; returns ``[(weights, soft labels, loss)]``; saves the checkpoint before step ``at``."""
+    """Steps ``start .. stop-1``; returns ``[(weights, soft labels, loss)]``; checkpoints before step ``at``."""
     model, optimizer, scheduler, criterion = job["model"], job["optimizer"], job["scheduler"], job["criterion"]
     per_epoch = len(job["sampler"])
     records = []

@@ -52,7 +52,8 @@ def _one_thread():
 # ---------------------------------------------------------------------------------------------------------------
 def _val(batches: int = 3, size: int = 8, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(size, 1, 6, 6, generator=g), torch.randint(0, K, (size,), generator=g)) for _ in range(batches)]
+    return [(torch.randn(size, 1, 6, 6, generator=g), torch.randint(0, K, (size,), generator=g))
+            for _ in range(batches)]
 
 
 def _batch(seed: int = 1, batch: int = 10, n_aug: int = 5) -> tuple[torch.Tensor, SaflexTarget]:
@@ -227,7 +228,8 @@ class TestNonFinite:
         assert any(a == b for a, b in zip(counts, counts[1:]))  # the good batch's steps decide
 
     @pytest.mark.xfail(strict=True, reason="needs loss.py change: a non-finite validation gradient is folded into "
-                       "the val_ema average, which then stays NaN forever (SAFLEX silently off for the rest of the run)")
+                       "the val_ema average, which then stays NaN forever (SAFLEX silently off for the rest of the "
+                       "run)")
     def test_nonfinite_validation_gradient_does_not_poison_the_ema(self):
         model = _model()
         val = _val(batches=3)
@@ -359,8 +361,7 @@ class TestDegenerateBatches:
         x, target = _batch(n_aug=0)
         logits = _logits(criterion, model, x)
         loss = criterion(logits, target)
-        assert torch.equal(loss, F.cross_entropy(logits, target.labels, reduction="none").sum() / 10) or \
-            torch.allclose(loss, F.cross_entropy(logits, target.labels), rtol=1e-6, atol=0)
+        torch.testing.assert_close(loss, F.cross_entropy(logits, target.labels))
         assert criterion.step == 1 and criterion.stats["augmented_fraction"] == 0.0
         if method != "single_pass":  # single_pass needs the signal for its forward, before the tags are known
             assert criterion._val_drawn == 0
