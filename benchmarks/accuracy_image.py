@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": C.machine_string(),
         "versions": C.versions(),
         "settings": {
-            "model": f"timm ResNet-18, 3x3 stride-{args.stem_stride} stem, no max-pool, base width {args.width}, 1 input channel",
+            "model": f"timm ResNet-18, 3x3 stride-{args.stem_stride} stem, no max-pool, base width {args.width}, "
+                     "1 input channel",
             "optimizer": f"Adam lr {args.lr}, one-cycle schedule, {args.epochs} epochs, no weight decay",
             "batch": f"{args.batch_size} clean + {args.batch_size} augmented copies (upstream rows); "
                      f"NoAug: {args.batch_size} clean",

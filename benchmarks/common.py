@@ -266,7 +266,8 @@ def train_run(
             raise ValueError("a SAFLEX run needs an upstream augmentation and a validation split")
         vx, vy = prepare(val[0]), val[1]
         val_loader = torch.utils.data.DataLoader(
-            torch.utils.data.TensorDataset(vx, vy), batch_size=min(config.val_batch_size, len(vy)), shuffle=True, drop_last=True,
+            torch.utils.data.TensorDataset(vx, vy), batch_size=min(config.val_batch_size, len(vy)), shuffle=True,
+            drop_last=True,
             generator=torch.Generator().manual_seed(seed + 1),
         )  # fmt: skip
         criterion = SaflexLoss(model, val_loader, method=config.saflex, **config.saflex_kwargs)
@@ -290,7 +291,9 @@ def train_run(
                     labels = torch.cat([_soft(yb, k), _soft(aug.labels, k)])
                 else:
                     labels = torch.cat([yb, aug.labels])
-                aug_tag = aug.is_augmented if aug.is_augmented is not None else torch.ones(len(aug.inputs), dtype=torch.bool)
+                aug_tag = aug.is_augmented
+                if aug_tag is None:
+                    aug_tag = torch.ones(len(aug.inputs), dtype=torch.bool)
                 is_aug = torch.cat([torch.zeros(b, dtype=torch.bool), aug_tag.bool()])
                 op = None
                 if aug.op is not None:

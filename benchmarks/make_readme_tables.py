@@ -77,7 +77,8 @@ def summary(gains: list[dict]) -> str:
         d1 = [g["vs_upstream"] for g in gs if g["vs_upstream"] is not None]
         d2 = [g["vs_upstream_train_val"] for g in gs if g["vs_upstream_train_val"] is not None]
         lines.append(
-            f"| {method} | {len(gs)} | {sum(d > 0 for d in d1)}/{len(d1)} | {_delta(statistics.fmean(d1)) if d1 else ''}"
+            f"| {method} | {len(gs)} | {sum(d > 0 for d in d1)}/{len(d1)} | "
+            f"{_delta(statistics.fmean(d1)) if d1 else ''}"
             f" | {sum(d > 0 for d in d2)}/{len(d2)} | {_delta(statistics.fmean(d2)) if d2 else ''} |"
         )
     return "\n".join(lines)

