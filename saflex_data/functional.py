@@ -11,6 +11,11 @@ For an augmented sample ``x_i`` with per-class losses ``ℓ_k = -log p_k(x_i)`` 
 (one forward-mode JVP of the logits along ``-g``). SAFLEX keeps the upstream label unless another class wins by a
 margin, and drops the sample when even the chosen label has negative gain: ``w_i = 1[y_iᵀ Π_i ≥ 0]``.
 
+That is the paper's rule (``rule="paper"``). The recommended rule, ``rule="margin"``, first z-scores each class
+column of ``Π`` over the batch (removing the batch-global class direction of ``g``) and drops a sample whose
+upstream label trails the best class by more than ``β`` batch standard deviations, without relabelling; it is the
+best rule measured in ``benchmarks/decision_quality.py`` (the paper's rule relabels most samples near-randomly).
+
 Everything here is a pure function: no module state, no global RNG, outputs on the input's device.
 """
 
@@ -496,7 +501,7 @@ def standardize_inner_products(pi: Tensor) -> Tensor:
     return centred / scale.clamp_min(eps * (1.0 + pi.abs().amax()))
 
 
-def weight_scores(pi: Tensor, targets: Tensor, *, rule: Rule = "margin") -> Tensor:
+def weight_scores(pi: Tensor, targets: Tensor, *, rule: Rule = "paper") -> Tensor:
     """The continuous score behind each sample's keep/drop weight; higher = keep (for AUROC and diagnostics).
 
     ``paper``/``centered``: the gain of the upstream label ``y_iᵀΠ_i`` (Ren et al.'s meta-gradient; the weight is
@@ -540,6 +545,10 @@ def saflex_targets(
 ) -> tuple[Tensor, Tensor]:
     """Sample weights and soft labels of augmented samples from their inner products (SPEC §2).
 
+    Recommended: ``rule="margin"`` (drop, never relabel), the best rule measured by
+    ``benchmarks/decision_quality.py``; ``rule="paper"`` is the paper's exact rule, for comparisons with the paper.
+    (The default stays ``"paper"`` until the callers' tests are switched in one coordinated commit.)
+
     Rules:
 
     - ``"paper"`` (the paper's exact rule, SPEC §2): ``S_i = Π̂_i + β y_i^aug`` with ``Π̂`` normalised (see
@@ -565,7 +574,7 @@ def saflex_targets(
             margin rules.
         tau: Gumbel-softmax temperature; ``None`` means a deterministic argmax.
         normalize: How ``Π`` is scaled before the bonus and the noise (``paper``/``centered``).
-        rule: ``"paper"``, ``"centered"``, ``"margin"`` or ``"margin_relabel"``.
+        rule: ``"paper"`` (default), ``"margin"`` (recommended), ``"centered"`` or ``"margin_relabel"``.
         generator: Random generator for the Gumbel noise (drawn on the generator's device).
 
     Returns:
@@ -573,9 +582,13 @@ def saflex_targets(
 
     Example:
         >>> pi = torch.tensor([[0.2, -0.1, -0.1], [-0.3, 0.4, -0.1]])
-        >>> w, y = saflex_targets(pi, torch.tensor([0, 0]), beta=0.5, tau=None)
+        >>> w, y = saflex_targets(pi, torch.tensor([0, 0]), beta=0.5, tau=None, rule="paper")
         >>> w.tolist(), y.argmax(1).tolist()
         ([1.0, 1.0], [0, 1])
+        >>> pi = torch.tensor([[1.0, 0.0], [0.9, 0.1], [1.1, -0.1], [-2.0, 2.0]])
+        >>> w, y = saflex_targets(pi, torch.tensor([0, 0, 0, 0]), rule="margin")  # the last label loses clearly
+        >>> w.tolist(), y.argmax(1).tolist()
+        ([1.0, 1.0, 1.0, 0.0], [0, 0, 0, 0])
     """
     check_logits(pi, "pi")
     check_targets(targets, pi.shape[0], pi.shape[1], "targets")
