@@ -235,7 +235,7 @@ class TestOneStep:
         labels, by the first-order amount -lr/(2B) Σ_aug (w_i y_iᵀΠ_i - Π_ii) (within 5%)."""
         lr = 1e-4
         towers, images, texts, is_augmented, val = _problem(seed=seed, batch=12)
-        criterion = SaflexContrastiveLoss(towers, [val], PROMPTS, tau=None, beta=0.5)
+        criterion = SaflexContrastiveLoss(towers, [val], PROMPTS, tau=None, beta=0.5, rule="paper")
         named = {n: p for n, p in criterion.towers.named_parameters() if p.requires_grad}
         params = list(named.values())
 
@@ -251,7 +251,7 @@ class TestOneStep:
 
         pi = criterion.inner_products(images, texts)
         augmented = is_augmented.nonzero().squeeze(1)
-        weights, labels = saflex_targets(pi[augmented], augmented, beta=0.5, tau=None)
+        weights, labels = saflex_targets(pi[augmented], augmented, beta=0.5, tau=None, rule="paper")
         gain = (weights * (labels * pi[augmented]).sum(1) - pi[augmented, augmented]).sum()
         predicted = float(-lr / (2 * len(images)) * gain)
         assert predicted < 0
@@ -278,11 +278,11 @@ class TestSaflexContrastiveLoss:
 
     def test_loss_equals_weighted_formula_and_clean_rows_keep_diagonal(self):
         towers, images, texts, is_augmented, val = _problem(seed=4, batch=8)
-        criterion = SaflexContrastiveLoss(towers, [val], PROMPTS, tau=None, beta=0.0)
+        criterion = SaflexContrastiveLoss(towers, [val], PROMPTS, tau=None, beta=0.0, rule="paper")
         loss = criterion(images, texts, is_augmented)
         pi = criterion.inner_products(images, texts)
         aug = is_augmented.nonzero().squeeze(1)
-        weights, labels = saflex_targets(pi[aug], aug, beta=0.0, tau=None)
+        weights, labels = saflex_targets(pi[aug], aug, beta=0.0, tau=None, rule="paper")
         targets, w = torch.eye(8, dtype=torch.float64), torch.ones(8, dtype=torch.float64)
         targets[aug], w[aug] = labels, weights
         logits = clip_logits(towers[0](images), towers[1](texts), criterion.logit_scale)
