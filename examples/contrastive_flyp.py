@@ -45,7 +45,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F

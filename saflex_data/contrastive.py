@@ -35,7 +35,6 @@ from .functional import (
     Normalize,
     Rule,
     _math_attention,
-    _running_stats_frozen,
     check_logits,
     forward_with_tangent,
     grad_inner_products,
