@@ -161,6 +161,7 @@ class SaflexLoss(nn.Module):
         self._val_iter: Iterator[Any] | None = None
         self._val_drawn = 0  # validation batches drawn so far (to fast-forward after a resume)
         self._val_skip = 0
+        self._val_epoch_rng: Tensor | None = None  # the val loader's generator state when its current epoch began
         self._signal: Any = None  # cached validation signal: dict (jvp) or (G_W, G_b) (last_layer)
         self._busy = False  # True during the loss's own passes: the capture hooks ignore them
         self._inputs: Tensor | None = None
@@ -176,6 +177,7 @@ class SaflexLoss(nn.Module):
         self.classifier_name: str | None = None
         if method == "last_layer":
             self.classifier_name, linear = SF.find_classifier(self.model, classifier)
+            self.__dict__["_classifier"] = linear  # a plain reference, not a submodule (no state_dict entries)
             self._handles = [linear.register_forward_hook(self._capture_features)]
         elif method == "jvp":
             self._handles = [self.model.register_forward_pre_hook(self._capture_inputs)]
@@ -193,7 +195,8 @@ class SaflexLoss(nn.Module):
         if self._busy:
             self._val_capture = (args[0], output)
         else:
-            self._features, self._classifier_output = args[0].detach(), output
+            # Detached: a forward without a loss call (a skipped step, an eval pass with grad) must not pin its graph.
+            self._features, self._classifier_output = args[0].detach(), output.detach()
 
     def remove_hooks(self) -> None:
         """Detach the loss from the model (its forward hooks)."""
@@ -330,7 +333,7 @@ class SaflexLoss(nn.Module):
             features = self._require(self._features, batch, "features of the classifier (its forward hook)")
             if not self._classifier_checked:
                 out = self._classifier_output
-                if out is None or out.shape != logits.shape or not torch.equal(out.detach(), logits.detach()):
+                if out is None or out.shape != logits.shape or not _same_values(out, logits.detach()):
                     raise ValueError(
                         f"the classifier {self.classifier_name!r} did not produce the logits passed to the loss; "
                         "pass classifier=<the nn.Linear whose output is the logits> or use method='jvp'."
@@ -346,13 +349,19 @@ class SaflexLoss(nn.Module):
         inputs = self._require(self._inputs, batch, "inputs of the model's forward (its forward pre-hook)")
         signal = self._validation_signal()
         with self._own_pass():
+            if _batch_dependent(self.model):
+                # Train-mode BatchNorm normalises with the whole batch's statistics: forward the whole batch, as the
+                # training step did (the augmented rows alone see other statistics, and a single one fails).
+                return SF.grad_inner_products(self.model, inputs, signal, method="jvp")[aug_index]
             return SF.grad_inner_products(self.model, inputs[aug_index], signal, method="jvp")
 
     def _require(self, value: Tensor | None, batch: int, what: str) -> Tensor:
         if value is None:
             raise RuntimeError(
                 f"SaflexLoss(method={self.method!r}) saw no {what} since the last call; call the model (or "
-                "forward_train) on the batch, then the loss, once per step."
+                "forward_train) on the batch, then the loss, once per step. (A model compiled with torch.compile and "
+                "already run before SaflexLoss was built keeps a graph without the loss's hooks: build SaflexLoss "
+                "before the first compiled forward, or call torch._dynamo.reset().)"
             )
         if value.shape[0] != batch:
             raise ValueError(
@@ -378,6 +387,10 @@ class SaflexLoss(nn.Module):
         fresh = [self._one_validation_signal() for _ in range(self.val_batches)]
         signal = _tree_mean(fresh)
         signal = self._all_reduce(signal)
+        if not _tree_finite(signal):
+            # Used once (this step falls back, counted) but never cached nor averaged in: one bad validation batch
+            # must not switch SAFLEX off for val_every steps, or for good through val_ema.
+            return self._precondition(signal)
         if self.val_ema is not None and self._signal is not None:
             signal = _tree_lerp(signal, self._signal, self.val_ema)
         self._signal = signal
@@ -396,7 +409,17 @@ class SaflexLoss(nn.Module):
                         logits = model(inputs)
                     SF.check_logits(logits, "model(validation inputs)")
                     features = self._val_capture[0].flatten(1)
-                    return SF.last_layer_validation_gradient(features, logits, targets)
+                    grad_weight, grad_bias = SF.last_layer_validation_gradient(features, logits, targets)
+                    linear = self._classifier
+                    if not linear.weight.requires_grad:
+                        raise ValueError(
+                            f"method='last_layer' needs a trainable classifier, but {self.classifier_name!r}.weight "
+                            "has requires_grad=False (a frozen head never moves, so its gradient says nothing about "
+                            "the step); use method='jvp', which counts the trainable parameters."
+                        )
+                    if linear.bias is None or not linear.bias.requires_grad:
+                        grad_bias = None  # only trainable parameters count
+                    return grad_weight, grad_bias
                 return SF.validation_gradient(model, inputs, targets)
         finally:
             model.train(was_training)
@@ -432,6 +455,7 @@ class SaflexLoss(nn.Module):
     def _draw_val_batch(self) -> Any:
         for attempt in range(2):
             if self._val_iter is None:
+                self._val_epoch_rng = _loader_rng_state(self.val_loader)  # to replay this epoch's order on resume
                 self._val_iter = iter(self.val_loader)
             try:
                 batch = next(self._val_iter)
@@ -565,6 +589,7 @@ class SaflexLoss(nn.Module):
             "step": self.step,
             "generator": self._generator.get_state(),
             "val_drawn": self._val_drawn,
+            "val_rng": self._val_epoch_rng,
             "signal": self._signal,
             "nonfinite_steps": self.nonfinite_steps,
         }
@@ -579,6 +604,10 @@ class SaflexLoss(nn.Module):
         drawn = int(state.get("val_drawn", 0))
         length = _safe_len(self.val_loader)
         self._val_iter = None
+        rng = state.get("val_rng")
+        generator = getattr(self.val_loader, "generator", None)
+        if rng is not None and isinstance(generator, torch.Generator):
+            generator.set_state(rng)  # a shuffled DataLoader(generator=...) replays the saved epoch's order
         self._val_drawn = drawn
         self._val_skip = drawn % length if length else 0
         self._val_drawn -= self._val_skip
@@ -612,6 +641,19 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _batch_dependent(model: nn.Module) -> bool:
+    """Whether a sample's output depends on the rest of the batch (BatchNorm using batch statistics)."""
+    return any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None)
+        for m in model.modules()
+    )
+
+
+def _loader_rng_state(loader: Any) -> Tensor | None:
+    generator = getattr(loader, "generator", None)
+    return generator.get_state() if isinstance(generator, torch.Generator) else None
+
+
 def _safe_len(obj: Any) -> int:
     try:
         return len(obj)
@@ -630,8 +672,19 @@ def _tree_mean(items: list[Any]) -> Any:
 
 def _tree_lerp(new: Any, old: Any, decay: float) -> Any:
     if isinstance(new, dict):
-        return {k: decay * old[k] + (1 - decay) * new[k] for k in new}
-    return tuple(None if n is None else decay * o + (1 - decay) * n for n, o in zip(new, old))
+        # A parameter unfrozen since the last refresh has no average yet: it starts from its fresh gradient.
+        return {k: decay * old[k] + (1 - decay) * new[k] if k in old else new[k] for k in new}
+    return tuple(n if n is None or o is None else decay * o + (1 - decay) * n for n, o in zip(new, old))
+
+
+def _tree_finite(signal: Any) -> bool:
+    tensors = list(signal.values()) if isinstance(signal, dict) else [t for t in signal if t is not None]
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()) if tensors else True
+
+
+def _same_values(a: Tensor, b: Tensor) -> bool:
+    """``torch.equal`` that also matches NaN with NaN (a non-finite step must fall back, not fail the check)."""
+    return bool(((a == b) | (a.isnan() & b.isnan())).all())
 
 
 def _adam_preconditioner(optimizer: torch.optim.Optimizer, p: Tensor) -> Tensor | float:

@@ -13,7 +13,7 @@ Each case says which of the documented behaviours (README, "Failure modes") appl
   first step, with the argument and the fix in the message, and leave model and criterion usable;
 * **exact** — degenerate but valid batches (no augmented sample, only augmented samples, ``K=2``) work.
 
-Cases that need a ``loss.py`` change are ``xfail(strict=True)`` with the reason; the patch is in the hardening report.
+Every case documents the behaviour the README's "Failure modes" table promises.
 """
 
 from __future__ import annotations
@@ -180,9 +180,6 @@ class TestNonFinite:
         assert not torch.isfinite(loss)
         assert criterion.step == 1  # the step is counted; the caller's NaN guard / GradScaler decides what to do
 
-    @pytest.mark.xfail(strict=True, reason="needs loss.py change: the last_layer classifier check uses torch.equal, "
-                       "which is False on NaN, so a non-finite first step raises a misleading 'did not produce the "
-                       "logits' error instead of falling back")
     def test_last_layer_first_step_with_nan_logits_falls_back(self):
         model = _model()
         criterion = SaflexLoss(model, _val(), method="last_layer")
@@ -227,9 +224,6 @@ class TestNonFinite:
         assert counts[0] == 1 and counts[-1] <= 4
         assert any(a == b for a, b in zip(counts, counts[1:]))  # the good batch's steps decide
 
-    @pytest.mark.xfail(strict=True, reason="needs loss.py change: a non-finite validation gradient is folded into "
-                       "the val_ema average, which then stays NaN forever (SAFLEX silently off for the rest of the "
-                       "run)")
     def test_nonfinite_validation_gradient_does_not_poison_the_ema(self):
         model = _model()
         val = _val(batches=3)
@@ -420,9 +414,6 @@ class TestDegenerateBatches:
 
 
 class TestBatchNormInTrainMode:
-    @pytest.mark.xfail(strict=True, reason="needs loss.py change: method='jvp' forwards only the augmented rows, so a "
-                       "train-mode BatchNorm1d model raises 'Expected more than 1 value per channel' on a batch with a "
-                       "single augmented row (plain CE trains on it), killing the job")
     def test_a_single_augmented_row_with_batchnorm1d(self):
         model = make_model("mlp_bn", K, dtype=torch.float32).train()
         g = torch.Generator().manual_seed(0)
@@ -432,8 +423,6 @@ class TestBatchNormInTrainMode:
         target = SaflexTarget(torch.randint(0, K, (10,), generator=g), torch.arange(10) == 9)
         assert torch.isfinite(criterion(model(x), target))
 
-    @pytest.mark.xfail(strict=True, reason="needs loss.py change: method='jvp' computes Π with the BatchNorm "
-                       "statistics of the augmented rows alone, not those of the training step's batch")
     def test_jvp_matches_the_exact_single_pass_with_batchnorm_in_train_mode(self):
         g = torch.Generator().manual_seed(0)
         val = [(torch.randn(8, 5, generator=g, dtype=torch.float64), torch.randint(0, K, (8,), generator=g))]
@@ -489,8 +478,6 @@ class TestFrozenParameters:
             assert torch.isfinite(criterion(model(x), target))
         assert "conv.weight" in criterion._signal
 
-    @pytest.mark.xfail(strict=True, reason="needs loss.py change: _tree_lerp indexes the old EMA with the new keys, so "
-                       "unfreezing a parameter mid-run with val_ema raises KeyError and kills the job")
     def test_unfreezing_mid_run_with_ema(self):
         model = _model()
         model.conv.requires_grad_(False)
@@ -501,8 +488,6 @@ class TestFrozenParameters:
             x, target = _batch(seed=step)
             assert torch.isfinite(criterion(model(x), target))
 
-    @pytest.mark.xfail(strict=True, reason="needs loss.py change: method='last_layer' uses the classifier's gradient "
-                       "even when the classifier is frozen (decisions from a layer that never moves)")
     def test_last_layer_with_a_frozen_classifier_raises(self):
         model = _model()
         model.fc.requires_grad_(False)
@@ -511,8 +496,6 @@ class TestFrozenParameters:
         with pytest.raises(ValueError, match="trainable classifier.*method='jvp'"):
             criterion(model(x), target)
 
-    @pytest.mark.xfail(strict=True, reason="needs loss.py change: method='last_layer' adds a bias gradient term for a "
-                       "classifier whose bias is frozen or absent (bias=False)")
     @pytest.mark.parametrize("case", ["frozen_bias", "no_bias"])
     def test_last_layer_counts_the_bias_only_when_trainable(self, case):
         model = _model()
@@ -602,9 +585,6 @@ class TestDevices:
 # ---------------------------------------------------------------------------------------------------------------
 # references kept across steps
 # ---------------------------------------------------------------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason="needs loss.py change: the last_layer forward hook keeps the classifier output "
-                   "(with its autograd graph) until the next loss call, so a forward without a loss call (a skipped "
-                   "step, an eval pass with grad enabled) pins a whole batch of activations")
 def test_a_forward_without_a_loss_call_keeps_no_graph_alive():
     model = _model()
     criterion = SaflexLoss(model, _val(), method="last_layer")
