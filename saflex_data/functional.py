@@ -349,13 +349,19 @@ def _quiet_forward_ad() -> Iterator[None]:
         yield
 
 
-def _math_attention() -> contextlib.AbstractContextManager:
-    """Forward-mode AD is not implemented for fused SDPA kernels; the math kernel has it (SPEC §4)."""
+@contextlib.contextmanager
+def _math_attention() -> Iterator[None]:
+    """Forward-mode AD is not implemented for fused SDPA kernels nor for eval-mode ``nn.MultiheadAttention``'s fast
+    path (``aten::_native_multi_head_attention``); the math kernel has it (SPEC §4)."""
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
     try:
         from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # pragma: no cover - torch < 2.3
-        return contextlib.nullcontext()
-    return sdpa_kernel(SDPBackend.MATH)
+
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
 
 
 def _autograd_inner_products(model: nn.Module, inputs: Tensor, val_grad: Mapping[str, Tensor]) -> Tensor:

@@ -399,7 +399,7 @@ class SaflexLoss(nn.Module):
     def _one_validation_signal(self) -> Any:
         inputs, targets = self._next_val_batch()
         model = self.model
-        was_training = model.training
+        modes = [(m, m.training) for m in model.modules()]  # restored one by one: frozen submodules stay in eval
         model.train(self.val_mode == "train")
         try:
             with self._own_pass(), torch.autocast(device_type=inputs.device.type, enabled=False):
@@ -422,7 +422,8 @@ class SaflexLoss(nn.Module):
                     return grad_weight, grad_bias
                 return SF.validation_gradient(model, inputs, targets)
         finally:
-            model.train(was_training)
+            for module, training in modes:
+                module.training = training
 
     def _next_val_batch(self) -> tuple[Tensor, Tensor]:
         while True:

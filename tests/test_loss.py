@@ -434,3 +434,29 @@ class TestSaflexTarget:
             pytest.skip("pin_memory needs an accelerator")
         _, target = _batch()
         assert target.pin_memory().labels.is_pinned()
+
+
+def test_validation_pass_restores_each_submodule_mode():
+    model = _model()
+    model.bn.eval()  # e.g. a frozen BatchNorm inside a training model
+    criterion = SaflexLoss(model, _val(), val_mode="train")
+    x, target = _batch()
+    criterion(model(x), target)
+    assert model.training and not model.bn.training
+
+
+def test_jvp_through_eval_mode_multihead_attention():
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.fc = nn.Linear(8, K)
+
+        def forward(self, x):
+            return self.fc(self.mha(x, x, x, need_weights=False)[0].mean(1))
+
+    model = Attn().eval()  # eval mode takes MHA's fused fast path, which has no forward-mode derivative
+    x, y = torch.randn(3, 5, 8), torch.tensor([0, 1, 2])
+    g = SF.validation_gradient(model, x, y)
+    assert SF.grad_inner_products(model, x, g, method="jvp").shape == (3, K)
+    assert torch.backends.mha.get_fastpath_enabled()
