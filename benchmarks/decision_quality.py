@@ -603,14 +603,14 @@ def references() -> list[Method]:
 EMA = dict(val_source="ema", val_ema=0.9, extra_vb=32)
 # The library default (functional.saflex_targets: rule="margin", beta=None -> 1.0) with SaflexLoss's default
 # validation stream (one fresh minibatch per step, eval-mode BatchNorm) and the cheap last_layer method.
-DEFAULT = "margin β=1, last_layer, fresh val 128 (library default)"
+DEFAULT = "margin β=1.5, last_layer, fresh val 128 (library default)"
 
 
 def saflex_methods(core_only: bool = False) -> list[Method]:
     core = [
         Method("paper jvp (β=0.5, τ=0.01, batch_max, fresh val 128)", pi_method="jvp"),
         Method("paper last_layer (β=0.5, τ=0.01)"),
-        Method(DEFAULT, rule="margin", beta=1.0, is_default=True),
+        Method(DEFAULT, rule="margin", beta=1.5, is_default=True),
         Method("margin β=1, last_layer, val EMA(32, 0.9)", rule="margin", beta=1.0, **EMA),
         Method("margin_relabel β=1, last_layer, val EMA", rule="margin_relabel", beta=1.0, tau=None, **EMA),
     ]
@@ -619,6 +619,8 @@ def saflex_methods(core_only: bool = False) -> list[Method]:
     return core + [
         Method("paper last_layer β=5"),
         Method("centered last_layer (β=0.5, τ=0.01)", rule="centered"),
+        Method("margin β=1, last_layer, fresh val 128", rule="margin", beta=1.0),
+        Method("margin β=1, jvp, all val (300)", rule="margin", beta=1.0, pi_method="jvp", val_source="all"),
         Method("margin β=1, last_layer, all val (300)", rule="margin", beta=1.0, val_source="all"),
         Method("margin β=1, jvp, val EMA", rule="margin", beta=1.0, pi_method="jvp", **EMA),
         Method("margin β=1, last_layer + Adam precondition, val EMA", rule="margin", beta=1.0, precondition=True, **EMA),
@@ -668,7 +670,10 @@ def _nanmean(xs: list[float]) -> float | None:
     return float(np.mean(xs)) if xs else None
 
 
-def summarise(runs: list[dict], methods: dict[str, Method], seeds: int) -> list[dict]:
+def summarise(
+    runs: list[dict], methods: dict[str, Method], seeds: int, old_refs: dict | None = None
+) -> list[dict]:
+    """One entry per (dataset, variant). ``old_refs``: reference accuracies of a previous run (for --variants)."""
     out = []
     by = {}
     for r in runs:
@@ -680,7 +685,9 @@ def summarise(runs: list[dict], methods: dict[str, Method], seeds: int) -> list[
 
         def ref(n: str) -> float | None:
             rr = by.get((ds, n))
-            return float(np.mean([r["test_acc"] for r in rr])) if rr else None
+            if rr:
+                return float(np.mean([r["test_acc"] for r in rr]))
+            return (old_refs or {}).get((ds, n))
 
         acc = float(np.mean(accs))
         noisy, clean, tv = ref("noisy upstream"), ref("clean upstream"), ref("noisy upstream, train ∪ val")
@@ -689,8 +696,6 @@ def summarise(runs: list[dict], methods: dict[str, Method], seeds: int) -> list[
         if stages:
             for key in stages[0]["q1"]:
                 stage_mean[key] = _nanmean([st[q][key] for st in stages for q in st])
-        plain_t = by.get((ds, "noisy upstream"))
-        plain_step = float(np.mean([r["wall_s"] for r in plain_t])) if plain_t else None
         m = methods[name]
         entry = {
             "dataset": ds,
@@ -711,7 +716,6 @@ def summarise(runs: list[dict], methods: dict[str, Method], seeds: int) -> list[
             },
             "decision_stats": stage_mean,
             "decisions_by_stage": (stages[0] if len(stages) == 1 else _avg_stages(stages)) if stages else None,
-            "wall_overhead_vs_plain": (float(np.mean([r["wall_s"] for r in rs])) / plain_step - 1) if plain_step else None,
             "saflex_ms_per_step": 1000 * float(np.mean([r["saflex_s_per_step"] for r in rs])),
         }
         out.append(entry)
@@ -818,6 +822,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=None, help="override the training steps of every run (smoke tests)")
     ap.add_argument("--datasets", default="fmnist-noisy,hpc-noisy,fmnist-destructive")
     ap.add_argument("--merge", action="store_true", help="replace only these datasets' entries in the existing --json")
+    ap.add_argument("--variants", default=None,
+                    help="with --merge: run only variants whose name contains one of these '|'-separated strings")
     ap.add_argument("--timing", action="store_true", help="also measure ms/step, plain vs SAFLEX")
     ap.add_argument("--fmnist-dir", type=Path, default=Path("/usr/share/datasets/fashion-mnist"))
     ap.add_argument("--json", type=Path, default=RESULTS / "decision_quality.json")
@@ -845,12 +851,14 @@ def main(argv: list[str] | None = None) -> None:
         if ds not in args.datasets.split(","):
             continue
         for m in ms:
+            if args.variants and not any(v in m.name for v in args.variants.split("|")):
+                continue
             methods[m.name] = m
             for seed in range(n_seeds):
                 plan.append((ds, m, seed, args.quick, args.fmnist_dir, steps[ds], ()))
     # Probe run: scoring variants on a fixed probe set along a plain noisy-upstream trajectory.
     probe_m = Method("probe trajectory (noisy upstream)", kind="plain")
-    if "fmnist-noisy" in args.datasets.split(","):
+    if "fmnist-noisy" in args.datasets.split(",") and not args.variants:
         plan.insert(0, ("fmnist-noisy", probe_m, 100, args.quick, args.fmnist_dir, steps["fmnist-noisy"],
                         (0.1, 0.3, 0.6, 1.0)))
     # Longest jobs first for a better packing.
@@ -875,18 +883,25 @@ def main(argv: list[str] | None = None) -> None:
     probe_runs = [r for r in runs if r["method"] == probe_m.name]
     for r in probe_runs:
         r["probe_only"] = True
-    entries = summarise([r for r in runs if r["method"] != probe_m.name], methods, seeds)
+    old = json.loads(args.json.read_text()) if args.merge and args.json.exists() else None
+    old_refs = {(e["dataset"], e["variant"]): e["test_acc"] for e in old["entries"]} if old else None
+    entries = summarise([r for r in runs if r["method"] != probe_m.name], methods, seeds, old_refs)
     order = {m.name: i for i, m in enumerate(full)}
     entries.sort(key=lambda e: (e["dataset"], order.get(e["variant"], 99)))
     probes = probe_runs[0]["probes"] if probe_runs else []
     timing = step_timing(args.fmnist_dir) if args.timing else None
-    if args.merge and args.json.exists():
-        old = json.loads(args.json.read_text())
+    if old is not None:
+        new_keys = {(e["dataset"], e["variant"]) for e in entries}
         rerun = set(args.datasets.split(","))
-        entries = [e for e in old["entries"] if e["dataset"] not in rerun] + entries
+        keep = [
+            e for e in old["entries"]
+            if (e["dataset"] not in rerun or args.variants) and (e["dataset"], e["variant"]) not in new_keys
+        ]
+        entries = keep + entries
         entries.sort(key=lambda e: (e["dataset"], order.get(e["variant"], 99)))
         for e in entries:
             e["is_default"] = e["variant"] == DEFAULT
+            e.pop("wall_overhead_vs_plain", None)  # wall time under a shared CPU; see meta.timing instead
         probes = probes or old.get("probes", [])
         timing = timing or old["meta"].get("timing")
     args.json.parent.mkdir(parents=True, exist_ok=True)

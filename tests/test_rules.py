@@ -103,7 +103,9 @@ class TestMarginRule:
     def test_default_beta_and_single_sample(self):
         pi, up, _ = _planted(seed=4)
         torch.testing.assert_close(SF.saflex_targets(pi, up, rule="margin")[0],
-                                   SF.saflex_targets(pi, up, rule="margin", beta=1.0)[0])
+                                   SF.saflex_targets(pi, up, rule="margin", beta=1.5)[0])
+        assert not torch.equal(SF.saflex_targets(pi, up, rule="margin", beta=0.2)[0],
+                               SF.saflex_targets(pi, up, rule="margin", beta=1.5)[0])
         w, y = SF.saflex_targets(torch.tensor([[0.1, -0.4]]), torch.tensor([1]), rule="margin")
         assert w.tolist() == [1.0] and y.tolist() == [[0.0, 1.0]]  # one sample carries no batch contrast
 
