@@ -66,6 +66,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--normalize", default=None)
     parser.add_argument("--rule", default=None)
     parser.add_argument("--rows", default=None, help="comma-separated row names to run (default: all)")
+    parser.add_argument("--reuse-baselines", default=None,
+                        help="JSON (or folder of them) of an earlier run with the same settings: its rows without SAFLEX "
+                             "are copied in (and not rerun) so the table compares against them")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(C.RESULTS))
     parser.add_argument("--tag", default="fashion_mnist", help="dataset name in the JSON / file name")
@@ -152,6 +155,8 @@ def main(argv: list[str] | None = None) -> dict:
                           if r["saflex"] else {}))
                  for r in rows],
     }  # fmt: skip
+    if args.reuse_baselines:
+        payload = C.merge_baselines(payload, args.reuse_baselines)
     out = Path(args.out)
     C.write_json(out / f"accuracy_{args.tag}.json", payload)
     C.plot_rows(out / f"accuracy_{args.tag}.png", payload)

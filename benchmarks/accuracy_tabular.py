@@ -150,7 +150,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--normalize", default=None)
     parser.add_argument("--rule", default=None)
     parser.add_argument("--rows", default=None, help="comma-separated row names to run (default: all)")
-    parser.add_argument("--seed-offset", type=int, default=0)
+    parser.add_argument("--reuse-baselines", default=None,
+                        help="JSON (or folder of them) of an earlier run with the same settings: its rows without SAFLEX "
+                             "are copied in (and not rerun) so the table compares against them")
+    parser.add_argument("--tag-suffix", default="", help="written as accuracy_<dataset>__<suffix>.json")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(C.RESULTS))
     args = parser.parse_args(argv)
@@ -167,6 +170,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     payloads = []
     for name in args.datasets.split(","):
         payload = run_table(name, args, saflex_kwargs)
+        if args.tag_suffix:
+            payload["dataset"] = f"{name}__{args.tag_suffix}"
+        if args.reuse_baselines:
+            payload = C.merge_baselines(payload, args.reuse_baselines)
+        name = payload["dataset"]
         C.write_json(out / f"accuracy_{name}.json", payload)
         C.plot_rows(out / f"accuracy_{name}.png", payload)
         for r in payload["rows"]:

@@ -392,3 +392,31 @@ def plot_rows(path: Path, payload: dict[str, Any]) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+_SAME_SETTINGS = ("model", "optimizer", "batch", "n_train", "n_val", "n_test", "seeds", "split", "upstreams",
+                  "upstream", "source")  # fmt: skip
+
+
+def merge_baselines(payload: dict[str, Any], source: str | Path) -> dict[str, Any]:
+    """Copy the rows without SAFLEX from an earlier result of the same settings into ``payload`` (in front).
+
+    Used to rerun only SAFLEX rows with other ``SaflexLoss`` settings: the baseline rows do not depend on them.
+    ``source`` is a JSON file or a folder holding ``accuracy_<dataset>.json``.
+
+    Raises:
+        ValueError: If the earlier run's settings differ in a key that affects the baselines.
+    """
+    path = Path(source)
+    if path.is_dir():
+        path = path / f"accuracy_{payload['dataset'].split('__')[0]}.json"
+    old = json.loads(path.read_text())
+    diff = [k for k in _SAME_SETTINGS
+            if old["settings"].get(k) != payload["settings"].get(k)]  # fmt: skip
+    if diff:
+        raise ValueError(f"--reuse-baselines {path}: settings differ in {diff}; rerun the baselines instead.")
+    have = {r["name"] for r in payload["rows"]}
+    copied = [dict(r, copied_from=str(path.name)) for r in old["rows"] if r["saflex"] is None and r["name"] not in have]
+    payload["rows"] = copied + payload["rows"]
+    payload["settings"]["baselines_copied_from"] = f"{path.name} (commit {old['versions'].get('git_commit')})"
+    return payload

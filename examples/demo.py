@@ -106,7 +106,7 @@ def train(
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=total, pct_start=0.2)
     criterion = None
     if mode == "saflex":
-        kwargs = {k: v for k, v in (("method", args.method), ("beta", args.beta)) if v is not None}
+        kwargs = {k: v for k, v in (("method", args.method), ("beta", args.beta), ("rule", args.rule)) if v is not None}
         criterion = SaflexLoss(model, val_loader, **kwargs)
     kept, relabeled, step = [], [], 0
     t0 = time.perf_counter()
@@ -242,6 +242,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--method", default=None, help="SaflexLoss method (default: the library's)")
     parser.add_argument("--beta", type=float, default=None, help="SaflexLoss beta (default: the library's)")
+    parser.add_argument("--rule", default=None, help="SaflexLoss rule, e.g. 'margin' (default: the library's)")
+    parser.add_argument("--runs", default="noaug,upstream,saflex", help="which of noaug,upstream,saflex to train")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="demo_out")
@@ -271,7 +273,10 @@ def main(argv: list[str] | None = None) -> dict:
     )  # fmt: skip
 
     results, infos = {}, {}
-    for mode in ("noaug", "upstream", "saflex"):
+    modes = [m for m in ("noaug", "upstream", "saflex") if m in args.runs.split(",")]
+    if "saflex" not in modes:
+        raise ValueError(f"--runs must include saflex (the pictures show its decisions), but got {args.runs!r}.")
+    for mode in modes:
         model, criterion, info = train(mode, loader, val_loader, args.epochs, args, args.steps)
         results[mode] = accuracy(model, images[te], labels[te])
         infos[mode] = info
