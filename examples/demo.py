@@ -209,7 +209,7 @@ def plot_samples(path: Path, x: Tensor, target: SaflexTarget, last: dict[str, Te
     plt.close(fig)
 
 
-def plot_op_rates(path: Path, op_stats: dict[str, dict[str, float]]) -> None:
+def plot_op_rates(path: Path, op_stats: dict[str, dict[str, float]], setting: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -225,7 +225,7 @@ def plot_op_rates(path: Path, op_stats: dict[str, dict[str, float]]) -> None:
     ax.set_xticks(list(pos), names, rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("% of that op's samples")
     ax.set_ylim(0, 105)
-    ax.set_title("SAFLEX decisions per upstream op (last epoch)", fontsize=9)
+    ax.set_title(f"SAFLEX decisions per upstream op (last epoch) {setting}", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
     x, target = next(iter(loader))
     last = decisions_on(model, criterion, x, target)
     plot_samples(out / "demo_samples.png", x, target, last)
-    plot_op_rates(out / "demo_op_rates.png", op_stats)
+    plot_op_rates(out / "demo_op_rates.png", op_stats, f"[rule={criterion.rule}, beta={criterion.beta}]")
 
     names = {"noaug": "No augmentation", "upstream": "Strong upstream, plain CE", "saflex": "SAFLEX + strong upstream"}
     print("\n| run | test accuracy (%) | train time (s) |\n|---|---:|---:|")
