@@ -620,6 +620,7 @@ def saflex_methods(core_only: bool = False) -> list[Method]:
         Method("paper last_layer β=5"),
         Method("centered last_layer (β=0.5, τ=0.01)", rule="centered"),
         Method("margin β=1, last_layer, fresh val 128", rule="margin", beta=1.0),
+        Method("margin β=1.5, last_layer, fresh val 32 (cost target)", rule="margin", beta=1.5, extra_vb=32),
         Method("margin β=1, jvp, all val (300)", rule="margin", beta=1.0, pi_method="jvp", val_source="all"),
         Method("margin β=1, last_layer, all val (300)", rule="margin", beta=1.0, val_source="all"),
         Method("margin β=1, jvp, val EMA", rule="margin", beta=1.0, pi_method="jvp", **EMA),
