@@ -57,7 +57,8 @@ def accuracy_tables(payloads: list[dict]) -> tuple[str, list[dict]]:
                 base, base_val = _find(rows, r["upstream"], False), _find(rows, r["upstream"], True)
                 d1 = _mean(r["scores"]) - _mean(base["scores"]) if base else None
                 d2 = _mean(r["scores"]) - _mean(base_val["scores"]) if base_val else None
-                gains.append({"dataset": p["dataset"], "row": r["name"], "method": r["saflex"],
+                variant = p["dataset"].split("__", 1)[1] if "__" in p["dataset"] else "library defaults"
+                gains.append({"dataset": p["dataset"], "row": r["name"], "method": r["saflex"], "variant": variant,
                               "vs_upstream": d1, "vs_upstream_train_val": d2})  # fmt: skip
             name = f"**{r['name']}**" if r["saflex"] else r["name"]
             lines.append(f"| {name} | {_ms(r['scores'])} | {_delta(d1)} | {_delta(d2)} |")
@@ -70,14 +71,15 @@ def accuracy_tables(payloads: list[dict]) -> tuple[str, list[dict]]:
 def summary(gains: list[dict]) -> str:
     if not gains:
         return ""
-    lines = ["| method | SAFLEX rows | wins vs upstream | mean Δ vs upstream | wins vs upstream on train ∪ val | "
-             "mean Δ vs upstream on train ∪ val |", "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
-    for method in sorted({g["method"] for g in gains}):
-        gs = [g for g in gains if g["method"] == method]
+    lines = ["| SaflexLoss settings | method | SAFLEX rows | wins vs upstream | mean Δ vs upstream | wins vs upstream on train ∪ val | "
+             "mean Δ vs upstream on train ∪ val |", "|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    keys = sorted({(g["variant"] != "library defaults", g["variant"], g["method"]) for g in gains})
+    for _, variant, method in keys:
+        gs = [g for g in gains if g["method"] == method and g["variant"] == variant]
         d1 = [g["vs_upstream"] for g in gs if g["vs_upstream"] is not None]
         d2 = [g["vs_upstream_train_val"] for g in gs if g["vs_upstream_train_val"] is not None]
         lines.append(
-            f"| {method} | {len(gs)} | {sum(d > 0 for d in d1)}/{len(d1)} | "
+            f"| {variant} | {method} | {len(gs)} | {sum(d > 0 for d in d1)}/{len(d1)} | "
             f"{_delta(statistics.fmean(d1)) if d1 else ''}"
             f" | {sum(d > 0 for d in d2)}/{len(d2)} | {_delta(statistics.fmean(d2)) if d2 else ''} |"
         )
@@ -108,7 +110,7 @@ def main(argv: list[str] | None = None) -> str:
     root = Path(args.results)
     payloads = [json.loads(f.read_text()) for f in sorted(root.glob("accuracy_*.json"))]
     # images first, then tables
-    payloads.sort(key=lambda p: (p["metric"] != "accuracy" or "mnist" not in p["dataset"], p["dataset"]))
+    payloads.sort(key=lambda p: ("mnist" not in p["dataset"], "__" in p["dataset"], p["dataset"]))
     tables, gains = accuracy_tables(payloads)
     parts = ["### Accuracy\n", tables]
     if gains:
