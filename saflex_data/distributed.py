@@ -228,10 +228,10 @@ def global_saflex_targets(
     layout: BatchLayout,
     *,
     op: Tensor | None = None,
-    beta: float = 0.5,
+    beta: float | None = None,
     tau: float | None = 0.01,
     normalize: SF.Normalize = "batch_max",
-    rule: SF.Rule = "paper",
+    rule: SF.Rule = "margin",
     generator: torch.Generator | None = None,
     group: Any = None,
 ) -> GlobalTargets:

@@ -41,6 +41,7 @@ __all__ = [
     "last_layer_inner_products",
     "forward_with_tangent",
     "saflex_targets",
+    "default_beta",
     "standardize_inner_products",
     "weight_scores",
     "find_classifier",
@@ -507,7 +508,7 @@ def standardize_inner_products(pi: Tensor) -> Tensor:
     return centred / scale.clamp_min(eps * (1.0 + pi.abs().amax()))
 
 
-def weight_scores(pi: Tensor, targets: Tensor, *, rule: Rule = "paper") -> Tensor:
+def weight_scores(pi: Tensor, targets: Tensor, *, rule: Rule = "margin") -> Tensor:
     """The continuous score behind each sample's keep/drop weight; higher = keep (for AUROC and diagnostics).
 
     ``paper``/``centered``: the gain of the upstream label ``y_iᵀΠ_i`` (Ren et al.'s meta-gradient; the weight is
@@ -540,6 +541,13 @@ def weight_scores(pi: Tensor, targets: Tensor, *, rule: Rule = "paper") -> Tenso
 _DEFAULT_BETA = {"paper": 0.5, "centered": 0.5, "margin": 1.5, "margin_relabel": 1.0}
 
 
+def default_beta(rule: Rule) -> float:
+    """The β that ``saflex_targets(..., beta=None)`` uses for ``rule``."""
+    if rule not in _RULES:
+        raise ValueError(f"rule must be one of {_RULES}, but got {rule!r}.")
+    return _DEFAULT_BETA[rule]
+
+
 def saflex_targets(
     pi: Tensor,
     targets: Tensor,
@@ -547,7 +555,7 @@ def saflex_targets(
     beta: float | None = None,
     tau: float | None = 0.01,
     normalize: Normalize = "batch_max",
-    rule: Rule = "paper",
+    rule: Rule = "margin",
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Sample weights and soft labels of augmented samples from their inner products (SPEC §2).

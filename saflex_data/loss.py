@@ -50,14 +50,18 @@ class SaflexLoss(nn.Module):
             the extra passes always use the raw module). Held as a plain reference, not a submodule.
         val_loader: Any iterable of ``(inputs, targets)`` validation batches (targets: class indices or
             probabilities). It is cycled forever; batches are moved to the model's device.
-        method: How ``Π`` is computed: ``"jvp"`` (exact, one forward-mode pass over the augmented samples),
-            ``"last_layer"`` (closed form from the classifier's input features; nearly free) or ``"single_pass"``
-            (exact; the training forward itself carries the tangent: call ``logits = criterion.forward_train(x)``
-            instead of ``model(x)``).
-        beta: Bonus on the upstream label, in units of the normalised ``Π`` (see ``saflex_targets``).
-        tau: Gumbel-softmax temperature; ``None`` for a deterministic argmax.
-        normalize: Scaling of ``Π`` before the bonus and the noise (see ``normalize_inner_products``).
-        rule: Label/weight rule passed to ``saflex_targets`` (``"paper"`` is the paper's exact rule).
+        method: How ``Π`` is computed: ``"last_layer"`` (default: closed form from the classifier's input features;
+            nearly free), ``"jvp"`` (exact, one forward-mode pass over the augmented samples, or over the whole batch
+            when BatchNorm uses batch statistics) or ``"single_pass"`` (exact; the training forward itself carries
+            the tangent: call ``logits = criterion.forward_train(x)`` instead of ``model(x)``).
+        beta: The rule's margin or bonus (see ``saflex_targets``); ``None`` takes the rule's default (1.5 batch
+            standard deviations for ``"margin"``, 0.5 for ``"paper"``).
+        tau: Gumbel-softmax temperature for the relabelling rules; ``None`` for a deterministic argmax.
+        normalize: Scaling of ``Π`` before the bonus and the noise (``"paper"``/``"centered"``).
+        rule: Decision rule passed to ``saflex_targets``. Default ``"margin"``: drop an augmented sample whose
+            upstream label trails the best class by more than ``beta`` batch standard deviations of ``Π``, never
+            relabel (the rule that measured best in ``benchmarks/decision_quality.py``); ``"paper"`` is the paper's
+            exact rule (β bonus, Gumbel-softmax relabelling, ``w = 1[yᵀΠ ≥ 0]``).
         val_every: Refresh the validation gradient every ``val_every`` steps (reuse it in between).
         val_batches: Average the validation gradient over this many validation minibatches per refresh.
         val_ema: If set, keep an exponential moving average of the validation gradient with this decay.
@@ -80,6 +84,9 @@ class SaflexLoss(nn.Module):
             per rank. See :mod:`saflex_data.distributed`. The ranks' settings are compared on the first training call.
         seed: Seed of the Gumbel noise generator (part of ``state_dict``).
 
+    The validation loader's batch size matters: the decisions are made from one validation minibatch per refresh, and
+    128 samples measured clearly better than 32 (``benchmarks/decision_quality.py``).
+
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
         >>> val = [(torch.randn(8, 4), torch.randint(0, 3, (8,)))]
@@ -95,11 +102,11 @@ class SaflexLoss(nn.Module):
         model: nn.Module,
         val_loader: Iterable[Any],
         *,
-        method: LossMethod = "jvp",
-        beta: float = 0.5,
+        method: LossMethod = "last_layer",
+        beta: float | None = None,
         tau: float | None = 0.01,
         normalize: SF.Normalize = "batch_max",
-        rule: SF.Rule = "paper",
+        rule: SF.Rule = "margin",
         val_every: int = 1,
         val_batches: int = 1,
         val_ema: float | None = None,
@@ -145,7 +152,8 @@ class SaflexLoss(nn.Module):
         self.__dict__["_train_model"] = self.model if ddp is None else ddp
         self.val_loader = val_loader
         self.method = method
-        self.beta, self.tau, self.normalize, self.rule = beta, tau, normalize, rule
+        self.beta = SF.default_beta(rule) if beta is None else beta  # a number from here on (state, DDP checks)
+        self.tau, self.normalize, self.rule = tau, normalize, rule
         self.val_every, self.val_batches, self.val_ema, self.val_mode = val_every, val_batches, val_ema, val_mode
         self.enabled = enabled
         self.prepare = prepare

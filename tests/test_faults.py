@@ -324,7 +324,7 @@ class TestValidationLoader:
         model = _model()
         x_val, y_val = _val(batches=1, size=5)[0]
         loader = DataLoader(TensorDataset(x_val, y_val), batch_size=8)  # one short batch of 5
-        criterion = SaflexLoss(model, loader, tau=None)
+        criterion = SaflexLoss(model, loader, method="jvp", tau=None)
         reference = SF.validation_gradient(model.eval(), x_val, y_val)
         model.train()
         for step in range(3):
@@ -449,7 +449,7 @@ class TestFrozenParameters:
         model = _model()
         model.conv.requires_grad_(False)
         val = _val(batches=1)
-        criterion = SaflexLoss(model, val, method=method, tau=None, normalize="none")
+        criterion = SaflexLoss(model, val, method=method, tau=None, normalize="none", rule="paper")
         x, target = _batch()
         _step(criterion, model, x, target)
         assert set(criterion._signal) == {"fc.weight", "fc.bias"}
@@ -462,7 +462,7 @@ class TestFrozenParameters:
         aug = target.is_augmented
         pi_trainable = SF.grad_inner_products(model, x[aug], trainable)
         pi_all = SF.grad_inner_products(model, x[aug], everything)
-        w, y = SF.saflex_targets(pi_trainable, target.labels[aug], tau=None, normalize="none")
+        w, y = SF.saflex_targets(pi_trainable, target.labels[aug], tau=None, normalize="none", rule="paper")
         assert torch.equal(criterion.last_step["weights"][aug], w)
         assert torch.equal(criterion.last_step["targets"][aug], y)
         assert not torch.allclose(pi_trainable, pi_all)
@@ -470,7 +470,7 @@ class TestFrozenParameters:
     def test_unfreezing_mid_run_without_ema(self):
         model = _model()
         model.conv.requires_grad_(False)
-        criterion = SaflexLoss(model, _val(), val_every=2)
+        criterion = SaflexLoss(model, _val(), method="jvp", val_every=2)
         for step in range(4):
             if step == 1:
                 model.conv.requires_grad_(True)  # a backbone unfrozen after a warm-up
@@ -481,7 +481,7 @@ class TestFrozenParameters:
     def test_unfreezing_mid_run_with_ema(self):
         model = _model()
         model.conv.requires_grad_(False)
-        criterion = SaflexLoss(model, _val(), val_ema=0.9)
+        criterion = SaflexLoss(model, _val(), method="jvp", val_ema=0.9)
         for step in range(3):
             if step == 1:
                 model.conv.requires_grad_(True)
@@ -504,7 +504,7 @@ class TestFrozenParameters:
         else:
             model.fc.bias.requires_grad_(False)
         val = _val(batches=1)
-        criterion = SaflexLoss(model, val, method="last_layer", tau=None, normalize="none")
+        criterion = SaflexLoss(model, val, method="last_layer", tau=None, normalize="none", rule="paper")
         x, target = _batch()
         criterion(model(x), target)
         model.eval()
@@ -512,7 +512,7 @@ class TestFrozenParameters:
         model.train()
         aug = target.is_augmented
         pi = SF.grad_inner_products(model, x[aug], grads, method="last_layer")
-        w, y = SF.saflex_targets(pi, target.labels[aug], tau=None, normalize="none")
+        w, y = SF.saflex_targets(pi, target.labels[aug], tau=None, normalize="none", rule="paper")
         assert torch.equal(criterion.last_step["weights"][aug], w)
         assert torch.equal(criterion.last_step["targets"][aug], y)
 

@@ -195,37 +195,37 @@ class _SelfAttention(nn.Module):
 class TestSaflexTargets:
     def test_argmax_without_bonus_picks_the_best_class_and_keeps_everything(self):
         pi = torch.tensor([[0.3, -0.1, -0.2], [-0.5, 0.1, 0.4]])
-        w, y = SF.saflex_targets(pi, torch.tensor([1, 0]), beta=0.0, tau=None)
+        w, y = SF.saflex_targets(pi, torch.tensor([1, 0]), beta=0.0, tau=None, rule="paper")
         assert y.argmax(1).tolist() == [0, 2] and w.tolist() == [1.0, 1.0]
 
     def test_bonus_keeps_upstream_label_unless_another_wins_by_beta(self):
         # Normalised scale: mean_i max_k |Π_ik| = 1.
         pi = torch.tensor([[0.2, 0.6, -0.8], [1.2, 0.0, -1.2]]) / 1.0
-        w, y = SF.saflex_targets(pi, torch.tensor([0, 1]), beta=0.5, tau=None, normalize="none")
+        w, y = SF.saflex_targets(pi, torch.tensor([0, 1]), beta=0.5, tau=None, normalize="none", rule="paper")
         assert y.argmax(1).tolist() == [0, 0]  # 0.2+0.5 > 0.6 keeps label 0; 0.0+0.5 < 1.2 moves to 0
-        w, y = SF.saflex_targets(pi, torch.tensor([0, 1]), beta=0.3, tau=None, normalize="none")
+        w, y = SF.saflex_targets(pi, torch.tensor([0, 1]), beta=0.3, tau=None, normalize="none", rule="paper")
         assert y.argmax(1).tolist() == [1, 0]
 
     def test_weight_drops_a_kept_label_with_negative_gain(self):
         pi = torch.tensor([[-0.1, 0.15, -0.05]])
-        w, y = SF.saflex_targets(pi, torch.tensor([0]), beta=1.0, tau=None, normalize="none")
+        w, y = SF.saflex_targets(pi, torch.tensor([0]), beta=1.0, tau=None, normalize="none", rule="paper")
         assert y.argmax(1).tolist() == [0] and w.tolist() == [0.0]
 
     def test_weight_uses_raw_pi_not_the_bonus(self):
         pi = torch.tensor([[0.5, -0.2, -0.3]])
-        w, _ = SF.saflex_targets(pi, torch.tensor([1]), beta=10.0, tau=None)
+        w, _ = SF.saflex_targets(pi, torch.tensor([1]), beta=10.0, tau=None, rule="paper")
         assert w.tolist() == [0.0]
 
     def test_soft_upstream_labels_get_a_soft_bonus(self):
         pi = torch.zeros(1, 3)
-        w, y = SF.saflex_targets(pi, torch.tensor([[0.3, 0.7, 0.0]]), beta=1.0, tau=None)
+        w, y = SF.saflex_targets(pi, torch.tensor([[0.3, 0.7, 0.0]]), beta=1.0, tau=None, rule="paper")
         assert y.argmax(1).tolist() == [1] and w.tolist() == [1.0]
 
     def test_gumbel_is_reproducible_and_concentrated(self):
         pi = torch.randn(64, 5, generator=torch.Generator().manual_seed(0))
         t = torch.randint(0, 5, (64,), generator=torch.Generator().manual_seed(1))
-        a = SF.saflex_targets(pi, t, generator=torch.Generator().manual_seed(3))
-        b = SF.saflex_targets(pi, t, generator=torch.Generator().manual_seed(3))
+        a = SF.saflex_targets(pi, t, generator=torch.Generator().manual_seed(3), rule="paper")
+        b = SF.saflex_targets(pi, t, generator=torch.Generator().manual_seed(3), rule="paper")
         torch.testing.assert_close(a, b)
         assert bool((a[1].amax(1) > 0.99).float().mean() > 0.9)  # τ = 0.01 gives nearly one-hot labels
         torch.testing.assert_close(a[1].sum(1), torch.ones(64))
@@ -234,7 +234,7 @@ class TestSaflexTargets:
         """At small τ, the Gumbel-softmax label is a draw from softmax(S)."""
         pi = torch.tensor([[0.0, 1.0, -1.0]]).expand(4000, 3)
         g = torch.Generator().manual_seed(0)
-        _, y = SF.saflex_targets(pi, torch.zeros(4000, dtype=torch.long), beta=0.0, normalize="none", generator=g)
+        _, y = SF.saflex_targets(pi, torch.zeros(4000, dtype=torch.long), beta=0.0, normalize="none", generator=g, rule="paper")
         freq = y.argmax(1).bincount(minlength=3).double() / 4000
         torch.testing.assert_close(freq, torch.softmax(torch.tensor([0.0, 1.0, -1.0]), 0).double(), atol=0.03,
                                    rtol=0)
@@ -243,8 +243,8 @@ class TestSaflexTargets:
         pi = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
         t = torch.randint(0, 4, (8,), generator=torch.Generator().manual_seed(1))
         for normalize in ["batch_max", "row_max"]:
-            a = SF.saflex_targets(pi, t, tau=None, normalize=normalize)
-            b = SF.saflex_targets(pi * 1e-6, t, tau=None, normalize=normalize)
+            a = SF.saflex_targets(pi, t, tau=None, normalize=normalize, rule="paper")
+            b = SF.saflex_targets(pi * 1e-6, t, tau=None, normalize=normalize, rule="paper")
             torch.testing.assert_close(a, b)
 
     def test_centered_rule_removes_a_batch_global_direction(self):
@@ -273,7 +273,7 @@ class TestOneStepFirstOrder:
         xv, yv = torch.randn(16, 5, generator=g, dtype=torch.float64), torch.randint(0, classes, (16,), generator=g)
         val_grad = SF.validation_gradient(model, xv, yv)
         pi = SF.grad_inner_products(model, x_aug, val_grad)
-        w, soft = SF.saflex_targets(pi, y_aug, beta=beta, tau=None)
+        w, soft = SF.saflex_targets(pi, y_aug, beta=beta, tau=None, rule="paper")
         n = 16
 
         def val_loss_after_step(weights, labels):
@@ -301,38 +301,38 @@ class TestOneStepFirstOrder:
 class TestErrors:
     def test_targets_out_of_range(self):
         with pytest.raises(ValueError, match=r"targets must be class indices in \[0, 3\).*got values in \[0, 5\]"):
-            SF.saflex_targets(torch.zeros(2, 3), torch.tensor([0, 5]))
+            SF.saflex_targets(torch.zeros(2, 3), torch.tensor([0, 5]), rule="paper")
 
     def test_targets_wrong_shape(self):
         with pytest.raises(ValueError, match=r"targets must have shape \(2,\).*got \(3,\)"):
-            SF.saflex_targets(torch.zeros(2, 3), torch.tensor([0, 1, 2]))
+            SF.saflex_targets(torch.zeros(2, 3), torch.tensor([0, 1, 2]), rule="paper")
 
     def test_probabilities_must_sum_to_one(self):
         with pytest.raises(ValueError, match="must be non-negative and sum to 1"):
-            SF.saflex_targets(torch.zeros(2, 3), torch.full((2, 3), 0.5))
+            SF.saflex_targets(torch.zeros(2, 3), torch.full((2, 3), 0.5), rule="paper")
 
     def test_probabilities_wrong_classes(self):
         with pytest.raises(ValueError, match=r"probabilities must have shape \(2, 3\).*got \(2, 4\)"):
-            SF.saflex_targets(torch.zeros(2, 3), torch.full((2, 4), 0.25))
+            SF.saflex_targets(torch.zeros(2, 3), torch.full((2, 4), 0.25), rule="paper")
 
     def test_targets_wrong_kind(self):
         with pytest.raises(ValueError, match="must be class indices of shape"):
-            SF.saflex_targets(torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.long))
+            SF.saflex_targets(torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.long), rule="paper")
 
     def test_logits_wrong_shape(self):
         with pytest.raises(ValueError, match=r"pi must be a float tensor of shape \(B, K\)"):
-            SF.saflex_targets(torch.zeros(3), torch.tensor([0, 1, 2]))
+            SF.saflex_targets(torch.zeros(3), torch.tensor([0, 1, 2]), rule="paper")
 
     def test_bad_options(self):
         pi, t = torch.zeros(1, 2), torch.tensor([0])
         with pytest.raises(ValueError, match="rule must be one of"):
             SF.saflex_targets(pi, t, rule="magic")
         with pytest.raises(ValueError, match="tau must be a positive float or None"):
-            SF.saflex_targets(pi, t, tau=0.0)
+            SF.saflex_targets(pi, t, tau=0.0, rule="paper")
         with pytest.raises(ValueError, match="normalize must be one of"):
-            SF.saflex_targets(pi, t, normalize="l2")
+            SF.saflex_targets(pi, t, normalize="l2", rule="paper")
         with pytest.raises(ValueError, match="beta must be a finite float"):
-            SF.saflex_targets(pi, t, beta=float("nan"))
+            SF.saflex_targets(pi, t, beta=float("nan"), rule="paper")
 
     def test_method_unknown(self):
         model, x, xv, yv = _problem("mlp")

@@ -51,7 +51,7 @@ class TestSaflexLoss:
     def test_repr_and_state_dict_hold_no_model_parameters(self):
         model = _model()
         criterion = SaflexLoss(model, _val())
-        assert "method='jvp'" in repr(criterion)
+        assert "method='last_layer'" in repr(criterion) and "rule='margin'" in repr(criterion)
         assert list(criterion.state_dict()) == ["_extra_state"]
         assert list(criterion.parameters()) == []
 
@@ -69,7 +69,7 @@ class TestSaflexLoss:
     @pytest.mark.parametrize("method", METHODS)
     def test_loss_is_the_weighted_soft_label_cross_entropy(self, method):
         model = _model(dtype=torch.float64, batchnorm=False)
-        criterion = SaflexLoss(model, _val(dtype=torch.float64), method=method, tau=None, beta=0.2)
+        criterion = SaflexLoss(model, _val(dtype=torch.float64), method=method, tau=None, beta=0.2, rule="paper")
         x, target = _batch(dtype=torch.float64)
         logits = _forward(criterion, model, x)
         loss = criterion(logits, target)
@@ -79,7 +79,7 @@ class TestSaflexLoss:
         val_grad = SF.validation_gradient(model, val_x, val_y)
         model.train()
         pi = SF.grad_inner_products(model, x[5:], val_grad, method="last_layer" if method == "last_layer" else "jvp")
-        w, soft = SF.saflex_targets(pi, target.labels[5:], beta=0.2, tau=None)
+        w, soft = SF.saflex_targets(pi, target.labels[5:], beta=0.2, tau=None, rule="paper")
         weights = torch.cat([torch.ones(5, dtype=torch.float64), w])
         labels = torch.cat([F.one_hot(target.labels[:5], K).double(), soft])
         expected = (weights * F.cross_entropy(logits, labels, reduction="none")).sum() / 10
@@ -355,7 +355,7 @@ class TestErrors:
 
     def test_loss_called_without_a_model_forward(self):
         model = _model()
-        criterion = SaflexLoss(model, _val())
+        criterion = SaflexLoss(model, _val(), method="jvp")
         x, target = _batch()
         logits = model(x)
         criterion(logits, target)
