@@ -17,6 +17,8 @@ from saflex_data import SaflexLoss, SaflexTarget
 parser = argparse.ArgumentParser()
 parser.add_argument("--device", default="cpu")
 parser.add_argument("--steps", type=int, default=200)
+parser.add_argument("--method", default="last_layer", choices=["last_layer", "jvp"])
+parser.add_argument("--rule", default="margin", choices=["margin", "paper"])
 args = parser.parse_args()
 torch.manual_seed(0)
 device = torch.device(args.device)
@@ -30,7 +32,7 @@ def sample(n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return centers[y] + torch.randn(n, 20), y
 
 
-val_loader = [sample(32) for _ in range(8)]  # any iterable of (inputs, targets); cycled forever
+val_loader = [sample(128) for _ in range(8)]  # any iterable of (inputs, targets); cycled forever
 x_test, y_test = sample(2000)
 
 # %% The model, the loss swap and the loop.
@@ -39,7 +41,8 @@ optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
 criterion = SaflexLoss(
     model,  # held by reference (not a submodule); hooks capture what the loss needs
     val_loader,  # the validation stream SAFLEX learns from
-    method="jvp",  # exact inner products (one forward-mode pass); "last_layer" is nearly free
+    method=args.method,  # "last_layer" (default, nearly free), "jvp" or "single_pass" (exact)
+    rule=args.rule,  # "margin" (default: drop, never relabel) or "paper" (the paper's relabelling rule)
 )
 
 fixed, kept_good = [], []  # per step: share of wrong labels repaired, share of good labels kept as they are

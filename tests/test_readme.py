@@ -21,7 +21,7 @@ def test_quick_start_runs():
 
 
 def test_quick_start_is_short():
-    assert len(_python_blocks()[0].strip().splitlines()) <= 16
+    assert len(_python_blocks()[0].strip().splitlines()) <= 15
 
 
 def test_two_commands():
