@@ -42,6 +42,7 @@ from .functional import (
     saflex_targets,
     validation_gradient,
 )
+from ._validation import ValidationStream
 from .loss import _adam_preconditioner, unwrap_model
 
 __all__ = ["SaflexContrastiveLoss", "clip_logits", "clip_loss", "ContrastiveMethod"]
@@ -304,7 +305,7 @@ class SaflexContrastiveLoss(nn.Module):
 
         self.step = 0
         self._generator = torch.Generator().manual_seed(seed)
-        self._val_iter: Iterator[Any] | None = None
+        self._val = ValidationStream(val_loader, type(self).__name__)
         self.val_grad: dict[str, Tensor] | None = None
         self.nonfinite_steps = 0
         self._warned_nonfinite = False
@@ -313,26 +314,7 @@ class SaflexContrastiveLoss(nn.Module):
 
     # -- validation ----------------------------------------------------------------------------------------------
     def _next_val_batch(self) -> tuple[Tensor, Tensor]:
-        for _ in range(2):
-            if self._val_iter is None:
-                self._val_iter = iter(self.val_loader)
-            try:
-                batch = next(self._val_iter)
-                break
-            except StopIteration:
-                self._val_iter = None
-        else:
-            raise ValueError(
-                "val_loader yielded no batches: SaflexContrastiveLoss needs a non-empty validation loader of "
-                "(images, labels)."
-            )
-        if not isinstance(batch, (tuple, list)) or len(batch) < 2 or not all(isinstance(t, Tensor) for t in batch[:2]):
-            raise TypeError(f"val_loader must yield (images, labels) tensor pairs, but it yielded {_describe(batch)}.")
-        images, labels = batch[0], batch[1]
-        device = self.towers.log_scale().device
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        if self.prepare is not None:
-            images = self.prepare(images)
+        images, labels = self._val.next(self.towers.log_scale().device, self.prepare)
         num_classes = self.towers.class_prompts.shape[0]
         if labels.dim() != 1 or labels.is_floating_point() or (labels.numel() and int(labels.max()) >= num_classes):
             raise ValueError(
@@ -488,6 +470,7 @@ class SaflexContrastiveLoss(nn.Module):
             "generator": self._generator.get_state(),
             "val_grad": self.val_grad,
             "nonfinite_steps": self.nonfinite_steps,
+            **self._val.state(),
         }
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
@@ -495,6 +478,7 @@ class SaflexContrastiveLoss(nn.Module):
         self._generator.set_state(state["generator"])
         self.val_grad = state.get("val_grad")
         self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
+        self._val.load_state(state)  # the validation stream resumes where the saved run was
 
     def extra_repr(self) -> str:
         return (

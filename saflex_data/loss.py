@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Literal
 
 import torch
@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from . import distributed as _dist
 from . import functional as SF
+from ._validation import ValidationStream
 from .batch import SaflexTarget
 
 __all__ = ["SaflexLoss"]
@@ -166,10 +167,7 @@ class SaflexLoss(nn.Module):
 
         self.step = 0
         self._generator = torch.Generator().manual_seed(seed)
-        self._val_iter: Iterator[Any] | None = None
-        self._val_drawn = 0  # validation batches drawn so far (to fast-forward after a resume)
-        self._val_skip = 0
-        self._val_epoch_rng: Tensor | None = None  # the val loader's generator state when its current epoch began
+        self._val = ValidationStream(val_loader, type(self).__name__)
         self._signal: Any = None  # cached validation signal: dict (jvp) or (G_W, G_b) (last_layer)
         self._busy = False  # True during the loss's own passes: the capture hooks ignore them
         self._inputs: Tensor | None = None
@@ -405,7 +403,7 @@ class SaflexLoss(nn.Module):
         return self._precondition(signal)
 
     def _one_validation_signal(self) -> Any:
-        inputs, targets = self._next_val_batch()
+        inputs, targets = self._val.next(_model_device(self.model), self.prepare)
         model = self.model
         modes = [(m, m.training) for m in model.modules()]  # restored one by one: frozen submodules stay in eval
         model.train(self.val_mode == "train")
@@ -433,50 +431,9 @@ class SaflexLoss(nn.Module):
             for module, training in modes:
                 module.training = training
 
-    def _next_val_batch(self) -> tuple[Tensor, Tensor]:
-        while True:
-            batch = self._draw_val_batch()
-            if self._val_skip > 0:  # fast-forward after load_state_dict
-                self._val_skip -= 1
-                continue
-            break
-        if isinstance(batch, Mapping):
-            batch = (batch.get("image", batch.get("inputs")), batch.get("label", batch.get("labels")))
-        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-            raise TypeError(
-                f"val_loader must yield (inputs, targets) pairs, but it yielded {type(batch).__name__}."
-            )
-        inputs, targets = batch[0], batch[1]
-        if isinstance(targets, SaflexTarget):
-            targets = targets.labels
-        if not isinstance(inputs, Tensor) or not isinstance(targets, Tensor):
-            raise TypeError(
-                "val_loader must yield tensors (inputs, targets), but got "
-                f"({type(inputs).__name__}, {type(targets).__name__})."
-            )
-        device = _model_device(self.model)
-        inputs = inputs.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
-        if self.prepare is not None:
-            inputs = self.prepare(inputs)
-        return inputs, targets
-
-    def _draw_val_batch(self) -> Any:
-        for attempt in range(2):
-            if self._val_iter is None:
-                self._val_epoch_rng = _loader_rng_state(self.val_loader)  # to replay this epoch's order on resume
-                self._val_iter = iter(self.val_loader)
-            try:
-                batch = next(self._val_iter)
-            except StopIteration:
-                self._val_iter = None
-                continue
-            self._val_drawn += 1
-            return batch
-        raise ValueError(
-            "val_loader yielded no batches: SaflexLoss needs a non-empty validation loader (check its dataset "
-            "length, and drop_last=True with a dataset smaller than one batch)."
-        )
+    @property
+    def _val_drawn(self) -> int:
+        return self._val.drawn
 
     # [distributed] ------------------------------------------------------------------------------------------------
     def _synced(self) -> bool:
@@ -597,8 +554,7 @@ class SaflexLoss(nn.Module):
         return {
             "step": self.step,
             "generator": self._generator.get_state(),
-            "val_drawn": self._val_drawn,
-            "val_rng": self._val_epoch_rng,
+            **self._val.state(),
             "signal": self._signal,
             "nonfinite_steps": self.nonfinite_steps,
         }
@@ -608,18 +564,7 @@ class SaflexLoss(nn.Module):
         self._generator.set_state(state["generator"])
         self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
         self._signal = state.get("signal")
-        # A fresh validation iterator is fast-forwarded to where the saved run was (exact for a loader whose order
-        # is reproducible, e.g. shuffle=False or a seeded generator).
-        drawn = int(state.get("val_drawn", 0))
-        length = _safe_len(self.val_loader)
-        self._val_iter = None
-        rng = state.get("val_rng")
-        generator = getattr(self.val_loader, "generator", None)
-        if rng is not None and isinstance(generator, torch.Generator):
-            generator.set_state(rng)  # a shuffled DataLoader(generator=...) replays the saved epoch's order
-        self._val_drawn = drawn
-        self._val_skip = drawn % length if length else 0
-        self._val_drawn -= self._val_skip
+        self._val.load_state(state)  # a fresh iterator, fast-forwarded to where the saved run was
 
     def extra_repr(self) -> str:
         return (
@@ -656,18 +601,6 @@ def _batch_dependent(model: nn.Module) -> bool:
         isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None)
         for m in model.modules()
     )
-
-
-def _loader_rng_state(loader: Any) -> Tensor | None:
-    generator = getattr(loader, "generator", None)
-    return generator.get_state() if isinstance(generator, torch.Generator) else None
-
-
-def _safe_len(obj: Any) -> int:
-    try:
-        return len(obj)
-    except TypeError:
-        return 0
 
 
 def _tree_mean(items: list[Any]) -> Any:

@@ -407,7 +407,7 @@ class TestErrors:
             SaflexContrastiveLoss(towers, val_loader, PROMPTS[:1])
         with pytest.raises(ValueError, match=r"val_loader yielded no batches"):
             SaflexContrastiveLoss(towers, [], PROMPTS)(images, texts, is_augmented)
-        with pytest.raises(TypeError, match=r"val_loader must yield \(images, labels\) tensor pairs, but it yielded a"):
+        with pytest.raises(TypeError, match=r"val_loader must yield \(inputs, targets\) pairs, but it yielded Tensor"):
             SaflexContrastiveLoss(towers, [val_loader[0][0]], PROMPTS)(images, texts, is_augmented)
         bad_labels = [(val_loader[0][0], val_loader[0][1] + NUM_CLASSES)]
         with pytest.raises(ValueError, match=r"validation labels must be class indices \(V,\) into the 5 class_prompt"):
