@@ -92,10 +92,16 @@ def overhead_table(path: Path) -> str:
     o = json.loads(path.read_text())
     lines = [f"Plain step: {o['plain_ms']:.0f} ms ({o['machine']}, torch {o['torch']}, "
              f"{o.get('setting', {}).get('threads', '?')} threads).\n",
-             "| method | step time / plain | peak RSS / plain |", "|---|---:|---:|"]  # fmt: skip
+             "| method | step time / plain (median) | (min) | (from pieces) | peak RSS / plain |",
+             "|---|---:|---:|---:|---:|"]  # fmt: skip
+
+    def fmt(value: float | None) -> str:
+        return "" if value is None else f"{value:.2f}×"
+
     for m, r in o["ratio"].items():
         rss = o.get("peak_rss_ratio", {}).get(m)
-        lines.append(f"| {m} | {r:.2f}× | {'' if rss is None else f'{rss:.2f}×'} |")
+        lo, est = o.get("ratio_of_min", {}).get(m), o.get("ratio_from_components", {}).get(m)
+        lines.append(f"| {m} | {fmt(r)} | {fmt(lo)} | {fmt(est)} | {fmt(rss)} |")
     comp = o.get("components_ms")
     if comp:
         lines.append("\n| piece (each alone) | ms |\n|---|---:|")

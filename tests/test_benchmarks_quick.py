@@ -43,7 +43,7 @@ def test_make_readme_tables_deltas(tmp_path: Path) -> None:
     text = _load("make_readme_tables").main(["--results", str(tmp_path)])
     assert "| **SAFLEX[jvp]+Up** | 84.00 ± 1.41 | +3.00 | +3.00 |" in text
     assert "| library defaults | jvp | 1 | 1/1 | +3.00 | 1/1 | +3.00 |" in text
-    assert "| jvp | 1.50× | 1.20× |" in text and "| last_layer | 1.05× |  |" in text
+    assert "| jvp | 1.50× |  |  | 1.20× |" in text and "| last_layer | 1.05× |  |  |  |" in text
 
 
 def test_train_run_saflex_tabular_synthetic() -> None:
