@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tag", default="fashion_mnist", help="dataset name in the JSON / file name")
     args = parser.parse_args(argv)
     if args.quick:
-        args.seeds, args.n_train, args.n_val, args.n_test, args.epochs = 2, 512, 128, 1000, 3
+        args.seeds, args.n_train, args.n_val, args.n_test, args.epochs = 2, 512, 128, 1000, 8
     C.set_threads(args.threads)
 
     saflex_kwargs = {k: v for k, v in (("beta", args.beta), ("normalize", args.normalize), ("rule", args.rule))
