@@ -130,6 +130,9 @@ def components(args: argparse.Namespace) -> dict[str, float]:
     def jvp_aug() -> None:
         SF.grad_inner_products(model, x[b:], g, method="jvp")
 
+    def jvp_all() -> None:
+        SF.grad_inner_products(model, x, g, method="jvp")
+
     def dual_forward() -> None:
         logits, _ = SF.forward_with_tangent(model, x, g)
         F.cross_entropy(logits, y).backward()
@@ -141,6 +144,7 @@ def components(args: argparse.Namespace) -> dict[str, float]:
         f"validation gradient ({v}, eval mode)": val_grad,
         f"validation forward no-grad ({v}, last_layer)": val_forward_nograd,
         f"jvp inner products ({b} augmented)": jvp_aug,
+        f"jvp inner products ({2 * b}, whole batch: train-mode BatchNorm)": jvp_all,
         f"dual forward + backward ({2 * b}, single_pass)": dual_forward,
     }
     out = {}
@@ -193,7 +197,8 @@ def peak_rss(args: argparse.Namespace) -> dict[str, float]:
 def derived(payload: dict) -> dict:
     """Load-robust companions of the median ``ratio``: the ratio of minimum step times, and the ratio predicted
     from the pieces timed alone (``components_ms``): plain = forward+backward of the batch; ``jvp`` adds the
-    validation gradient and the JVP of the augmented half; ``last_layer`` adds the validation no-grad forward;
+    validation gradient and the JVP (of the whole batch: SaflexLoss does that for train-mode BatchNorm models, as
+    here; of the augmented half otherwise); ``last_layer`` adds the validation no-grad forward;
     ``single_pass`` replaces the forward+backward by the dual one and adds the validation gradient (the Adam step
     and the cheap Π / rule arithmetic are left out of both sides)."""
     mins = {v: min(ts) for v, ts in payload["step_ms_all"].items()}
@@ -204,7 +209,9 @@ def derived(payload: dict) -> dict:
         return next((v for k, v in comp.items() if k.startswith(prefix)), None)
 
     fb, vg, vf = get("forward+backward"), get("validation gradient"), get("validation forward")
-    jvp, dual = get("jvp inner products"), get("dual forward")
+    # SaflexLoss runs the JVP over the whole batch when the model has train-mode BatchNorm (exact batch statistics)
+    jvp, dual = get("jvp inner products") if get("jvp inner products (") is None else None, get("dual forward")
+    jvp = next((v for k, v in comp.items() if k.startswith("jvp inner products") and "whole batch" in k), jvp)
     if fb:
         est = {}
         if vg is not None and jvp is not None:
