@@ -112,9 +112,11 @@ def overhead_table(path: Path) -> str:
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", default=str(RESULTS))
+    parser.add_argument("--only", default="accuracy_*.json",
+                        help="glob of the accuracy files to include, e.g. 'accuracy_*__margin_beta1.5.json'")
     args = parser.parse_args(argv)
     root = Path(args.results)
-    payloads = [json.loads(f.read_text()) for f in sorted(root.glob("accuracy_*.json"))]
+    payloads = [json.loads(f.read_text()) for f in sorted(root.glob(args.only))]
     # images first, then tables
     payloads.sort(key=lambda p: ("mnist" not in p["dataset"], "__" in p["dataset"], p["dataset"]))
     tables, gains = accuracy_tables(payloads)

@@ -27,3 +27,18 @@ def test_quick_start_is_short():
 def test_two_commands():
     text = README.read_text()
     assert "make demo" in text and "make test" in text
+
+
+def test_results_section_is_generated_from_the_result_files():
+    import subprocess
+    import sys
+
+    root = README.parent
+    out = subprocess.run(
+        [sys.executable, "benchmarks/make_readme_tables.py", "--only", "accuracy_*__margin_beta1.5.json"],
+        cwd=root, capture_output=True, text=True, check=True,
+    ).stdout.rstrip("\n")
+    text = README.read_text()
+    section = text[text.index("<!-- results:begin -->\n") + len("<!-- results:begin -->\n"):
+                   text.index("\n<!-- results:end -->")]
+    assert section == out
