@@ -19,6 +19,7 @@ cluster while keeping its label. SAFLEX should drop or relabel most mirrored sam
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 
 import torch
@@ -123,6 +124,11 @@ def main() -> None:
             accuracy = (model(x.to(device)).argmax(1).cpu() == y).float().mean().item()
         print(f"world size {world}, test accuracy {accuracy:.3f}", flush=True)
     if distributed:
+        # DDP's reducer (kept alive by the wrapper and the criterion) must go before its process group does:
+        # destroyed after it, at interpreter exit, gloo aborts the process ("terminate called ...").
+        del ddp, criterion
+        gc.collect()
+        dist.barrier()  # rank 0 evaluated alone: tear the process group down together
         dist.destroy_process_group()
 
 

@@ -223,9 +223,10 @@ class SaflexLoss(nn.Module):
         """
         SF.check_logits(logits)
         labels, is_augmented, op = self._unpack(logits, target)
-        if torch.is_grad_enabled() and logits.requires_grad:  # [distributed] training calls only (no collective
-            self._check_ranks()  # in an evaluation that may run on one rank), also with enabled=False
-        if not self.enabled or not (torch.is_grad_enabled() and logits.requires_grad):
+        training = torch.is_grad_enabled() and logits.requires_grad
+        if training:  # [distributed] training calls only (no collective in an evaluation that may run on one rank),
+            self._check_ranks()  # also with enabled=False
+        if not (self.enabled and training):
             return F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
         batch, num_classes = logits.shape
         aug_index = is_augmented.nonzero().squeeze(1)
