@@ -199,6 +199,24 @@ class _TaggedMixMixin:
 
     op_name: str
     last_params: MixParams | None
+    _default_op_name: str
+
+    def __init__(self, *, op_name: str | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.op_name = self._default_op_name if op_name is None else op_name
+        self.op_names = (self.op_name,)
+        self.last_params = None
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        params = super().make_params(flat_inputs)  # type: ignore[misc]
+        self._captured.update(params)
+        return params
+
+    def forward(self, inputs: Tensor, labels: Tensor | SaflexTarget) -> tuple[Tensor, SaflexTarget]:
+        return self._tagged(super().forward, inputs, labels)  # type: ignore[misc]
+
+    def forward_tagged(self, inputs: Tensor, target: SaflexTarget) -> tuple[Tensor, SaflexTarget]:
+        return self.forward(inputs, target)
 
     def _tagged(
         self, parent_forward: Callable[..., Any], inputs: Tensor, labels: Tensor | SaflexTarget
@@ -245,22 +263,7 @@ class TaggedMixUp(_TaggedMixMixin, v2.MixUp):
         (torch.Size([4, 3]), ('mixup',), torch.Size([4]))
     """
 
-    def __init__(self, *, op_name: str = "mixup", **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.op_name = op_name
-        self.op_names = (op_name,)
-        self.last_params = None
-
-    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
-        params = super().make_params(flat_inputs)
-        self._captured.update(params)
-        return params
-
-    def forward(self, inputs: Tensor, labels: Tensor | SaflexTarget) -> tuple[Tensor, SaflexTarget]:  # type: ignore[override]
-        return self._tagged(super().forward, inputs, labels)
-
-    def forward_tagged(self, inputs: Tensor, target: SaflexTarget) -> tuple[Tensor, SaflexTarget]:
-        return self.forward(inputs, target)
+    _default_op_name = "mixup"
 
 
 class TaggedCutMix(_TaggedMixMixin, v2.CutMix):
@@ -275,22 +278,7 @@ class TaggedCutMix(_TaggedMixMixin, v2.CutMix):
         torch.Size([4, 3])
     """
 
-    def __init__(self, *, op_name: str = "cutmix", **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.op_name = op_name
-        self.op_names = (op_name,)
-        self.last_params = None
-
-    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
-        params = super().make_params(flat_inputs)
-        self._captured.update(params)
-        return params
-
-    def forward(self, inputs: Tensor, labels: Tensor | SaflexTarget) -> tuple[Tensor, SaflexTarget]:  # type: ignore[override]
-        return self._tagged(super().forward, inputs, labels)
-
-    def forward_tagged(self, inputs: Tensor, target: SaflexTarget) -> tuple[Tensor, SaflexTarget]:
-        return self.forward(inputs, target)
+    _default_op_name = "cutmix"
 
 
 def _describe(value: object) -> str:
