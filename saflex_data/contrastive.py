@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Literal
 
@@ -43,7 +42,7 @@ from .functional import (
     validation_gradient,
 )
 from ._validation import ValidationStream
-from .loss import _adam_preconditioner, unwrap_model
+from .loss import _adam_preconditioner, _StepReport, unwrap_model
 
 __all__ = ["SaflexContrastiveLoss", "clip_logits", "clip_loss", "ContrastiveMethod"]
 
@@ -191,7 +190,7 @@ def _tangent_friendly() -> Iterator[None]:
 # ---------------------------------------------------------------------------------------------------------------
 # The loss
 # ---------------------------------------------------------------------------------------------------------------
-class SaflexContrastiveLoss(nn.Module):
+class SaflexContrastiveLoss(_StepReport, nn.Module):
     """Symmetric CLIP loss (FLYP) with SAFLEX weights and soft labels for the augmented images.
 
     The loss runs the towers itself, because it needs the JVP of the whole logit matrix: call it as
@@ -309,6 +308,7 @@ class SaflexContrastiveLoss(nn.Module):
         self.val_grad: dict[str, Tensor] | None = None
         self.nonfinite_steps = 0
         self._warned_nonfinite = False
+        self._fallback_keeps = "the own captions"
         self._last: dict[str, Tensor] = {}
         self.last_step: dict[str, Tensor] = {}
 
@@ -443,26 +443,6 @@ class SaflexContrastiveLoss(nn.Module):
             "weight_mean": (weights * is_augmented).sum() / denom,
         }
         self.last_step = {"is_augmented": is_augmented, "weights": weights, "targets": targets}
-
-    @property
-    def stats(self) -> dict[str, float]:
-        """Statistics of the last SAFLEX step (fractions of its augmented images; ``relabeled``: the chosen text
-        differs from the image's own text) plus the non-finite fallback count and the step."""
-        out = {k: float(v) for k, v in self._last.items()}
-        out["nonfinite_steps"] = float(self.nonfinite_steps)
-        out["step"] = float(self.step)
-        return out
-
-    def _nonfinite_fallback(self) -> None:
-        self.nonfinite_steps += 1
-        if not self._warned_nonfinite:
-            self._warned_nonfinite = True
-            warnings.warn(
-                "SaflexContrastiveLoss: non-finite inner products (NaN/inf in the validation gradient, the logits or "
-                "their tangent); this step keeps the own captions with weight 1. Counted in stats['nonfinite_steps'].",
-                RuntimeWarning,
-                stacklevel=3,
-            )
 
     def get_extra_state(self) -> dict[str, Any]:
         return {

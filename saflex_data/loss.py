@@ -43,7 +43,41 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
-class SaflexLoss(nn.Module):
+class _StepReport:
+    """What both SAFLEX losses share: the per-step ``stats`` and the warn-once non-finite fallback counter.
+
+    The host sets ``_last`` (tensors of the last step), ``step``, ``nonfinite_steps``, ``_warned_nonfinite`` and
+    ``_fallback_keeps`` (what a fallback step keeps, for the warning).
+    """
+
+    _last: dict[str, Tensor]
+    step: int
+    nonfinite_steps: int
+    _warned_nonfinite: bool
+    _fallback_keeps: str
+
+    @property
+    def stats(self) -> dict[str, float]:
+        """Statistics of the last step (fractions of its augmented samples) plus the non-finite fallback count."""
+        out = {k: float(v) for k, v in self._last.items()}
+        out["nonfinite_steps"] = float(self.nonfinite_steps)
+        out["step"] = float(self.step)
+        return out
+
+    def _nonfinite_fallback(self) -> None:
+        self.nonfinite_steps += 1
+        if not self._warned_nonfinite:
+            self._warned_nonfinite = True
+            warnings.warn(
+                f"{type(self).__name__}: non-finite inner products (NaN/inf in the validation gradient, the logits or "
+                f"their tangent); this step keeps {self._fallback_keeps} with weight 1. Counted in "
+                "stats['nonfinite_steps'].",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+
+class SaflexLoss(_StepReport, nn.Module):
     """Cross-entropy with SAFLEX weights and soft labels for the augmented samples of each batch.
 
     Args:
@@ -177,6 +211,7 @@ class SaflexLoss(nn.Module):
         self._val_capture: tuple[Tensor, Tensor] | None = None
         self._classifier_checked = False
         self._warned_nonfinite = False
+        self._fallback_keeps = "the upstream labels"
         self.last_step: dict[str, Tensor] = {}
         self.reset_stats()
 
@@ -515,14 +550,6 @@ class SaflexLoss(nn.Module):
                     old[:size] += counts
                     self._totals[name] = old
 
-    @property
-    def stats(self) -> dict[str, float]:
-        """Statistics of the last step (fractions of its augmented samples) plus the non-finite fallback count."""
-        out = {k: float(v) for k, v in self._last.items()}
-        out["nonfinite_steps"] = float(self.nonfinite_steps)
-        out["step"] = float(self.step)
-        return out
-
     def op_stats(self) -> dict[str, dict[str, float]]:
         """Cumulative keep/relabel rates per upstream op since the last ``reset_stats()``."""
         if "count" not in self._totals:
@@ -539,17 +566,6 @@ class SaflexLoss(nn.Module):
                 "relabeled": self._totals["relabeled"][i].item() / count,
             }
         return out
-
-    def _nonfinite_fallback(self) -> None:
-        self.nonfinite_steps += 1
-        if not self._warned_nonfinite:
-            self._warned_nonfinite = True
-            warnings.warn(
-                "SaflexLoss: non-finite inner products (NaN/inf in the validation gradient, the logits or their "
-                "tangent); this step keeps the upstream labels with weight 1. Counted in stats['nonfinite_steps'].",
-                RuntimeWarning,
-                stacklevel=3,
-            )
 
     def get_extra_state(self) -> dict[str, Any]:
         return {
