@@ -15,24 +15,9 @@ pytest.importorskip("timm")
 pytest.importorskip("PIL")
 
 from saflex_data.adapters.timm import has_task_api  # noqa: E402
+from tests.test_adapters_timm import write_image_folder  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-
-
-def write_image_folder(root: Path, n_per_class: int, num_classes: int = 2, size: int = 32, seed: int = 0) -> None:
-    """Tiny ImageFolder of PNGs: class c is a noisy image dominated by colour channel c."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    for c in range(num_classes):
-        folder = root / f"class{c}"
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in range(n_per_class):
-            base = np.zeros((size, size, 3), np.float32)
-            base[..., c % 3] = 180
-            img = np.clip(base + rng.normal(0, 40, base.shape), 0, 255).astype(np.uint8)
-            Image.fromarray(img).save(folder / f"{i}.png")
 
 
 def load_example(name: str) -> ModuleType:

@@ -37,14 +37,7 @@ METHODS = ["jvp", "last_layer", "single_pass"]
 RULES = ["paper", "centered", "margin", "margin_relabel"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: these tiny models gain nothing from more, and on a shared CPU OpenMP spinning costs
-    up to 40x (measured: 385 ms vs 8.5 ms per jvp step with 2 threads on 2 busy cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------------------------

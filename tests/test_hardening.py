@@ -30,14 +30,7 @@ K = 4
 METHODS = ["jvp", "last_layer", "single_pass"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: these tiny models gain nothing from more, and on a shared CPU OpenMP spinning costs
-    up to 40x (measured: 385 ms vs 8.5 ms per jvp step with 2 threads on 2 busy cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _val(batches: int = 3, size: int = 16, seed: int = 0, dtype: torch.dtype = torch.float32):
