@@ -148,12 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
             "seeds": args.seeds, "threads": args.threads, "quick": args.quick,
             "wall_seconds": round(time.perf_counter() - t_start, 1),
         },
-        "rows": [C.row(r["name"], r["upstream"], r["saflex"], scores[r["name"]], r["train_on_val"],
-                       train_seconds=[round(e["train_seconds"], 1) for e in extras[r["name"]]],
-                       **({"kept_fraction": [round(e["kept_fraction"], 3) for e in extras[r["name"]]],
-                           "relabeled_fraction": [round(e["relabeled_fraction"], 3) for e in extras[r["name"]]]}
-                          if r["saflex"] else {}))
-                 for r in rows],
+        "rows": C.result_rows(rows, scores, extras, seconds_digits=1),
     }  # fmt: skip
     if args.reuse_baselines:
         payload = C.merge_baselines(payload, args.reuse_baselines)

@@ -121,12 +121,7 @@ def run_table(name: str, args: argparse.Namespace, saflex_kwargs: dict) -> dict:
             "seeds": args.seeds, "threads": args.threads, "quick": args.quick,
             "wall_seconds": round(time.perf_counter() - t_start, 1),
         },
-        "rows": [C.row(r["name"], r["upstream"], r["saflex"], scores[r["name"]], r["train_on_val"],
-                       train_seconds=[round(e["train_seconds"], 2) for e in extras[r["name"]]],
-                       **({"kept_fraction": [round(e["kept_fraction"], 3) for e in extras[r["name"]]],
-                           "relabeled_fraction": [round(e["relabeled_fraction"], 3) for e in extras[r["name"]]]}
-                          if r["saflex"] else {}))
-                 for r in rows],
+        "rows": C.result_rows(rows, scores, extras, seconds_digits=2),
     }  # fmt: skip
 
 

@@ -363,6 +363,20 @@ def row(name: str, upstream: str | None, saflex: str | None, scores: list[float]
             "train_on_val": train_on_val, **extra}  # fmt: skip
 
 
+def result_rows(rows: Sequence[dict[str, Any]], scores: dict[str, list[float]],
+                extras: dict[str, list[dict[str, float]]], *, seconds_digits: int) -> list[dict[str, Any]]:
+    """The JSON ``rows`` of an accuracy table: scores per seed, training time, and SAFLEX's keep/relabel rates."""
+    out = []
+    for r in rows:
+        runs = extras[r["name"]]
+        rates = {}
+        if r["saflex"]:
+            rates = {key: [round(e[key], 3) for e in runs] for key in ("kept_fraction", "relabeled_fraction")}
+        out.append(row(r["name"], r["upstream"], r["saflex"], scores[r["name"]], r["train_on_val"],
+                       train_seconds=[round(e["train_seconds"], seconds_digits) for e in runs], **rates))
+    return out
+
+
 def mean_std(scores: Sequence[float]) -> str:
     a = np.asarray(scores, dtype=float)
     return f"{a.mean():.2f} ± {a.std(ddof=1) if len(a) > 1 else 0.0:.2f}"
