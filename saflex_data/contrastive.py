@@ -35,6 +35,7 @@ from .functional import (
     Rule,
     _math_attention,
     check_logits,
+    check_temperature,
     forward_with_tangent,
     grad_inner_products,
     inner_products_from_tangent,
@@ -227,6 +228,9 @@ class SaflexContrastiveLoss(_StepReport, nn.Module):
         val_every: Recompute ``g`` every ``val_every`` steps (reuse it in between).
         val_mode: ``"eval"`` (default) or ``"train"``: the model's mode for the validation pass. Running statistics are
             never changed by it.
+        val_temperature: ``T`` of the tempered zero-shot validation loss ``T · CE(L / T, y)`` (see
+            ``SaflexLoss``; not in the paper). The default 1 is the paper's loss: unlike for ``SaflexLoss``, a larger
+            ``T`` was not measured for the contrastive loss.
         enabled: ``False`` gives the plain symmetric CLIP loss exactly (a switch for the train loop).
         prepare: Optional callable applied to validation images after the device move (normalisation, dtype).
         precondition: Optional Adam/AdamW optimizer of the model: the tangent becomes ``-P g`` with
@@ -259,6 +263,7 @@ class SaflexContrastiveLoss(_StepReport, nn.Module):
         rule: Rule = "paper",
         val_every: int = 1,
         val_mode: Literal["eval", "train"] = "eval",
+        val_temperature: float = 1.0,
         enabled: bool = True,
         prepare: Callable[[Tensor], Tensor] | None = None,
         precondition: torch.optim.Optimizer | None = None,
@@ -276,6 +281,7 @@ class SaflexContrastiveLoss(_StepReport, nn.Module):
             raise ValueError(f"val_every must be an int >= 1, but got {val_every!r}.")
         if val_mode not in ("eval", "train"):
             raise ValueError(f"val_mode must be 'eval' or 'train', but got {val_mode!r}.")
+        check_temperature(val_temperature, "val_temperature")
         if prepare is not None and not callable(prepare):
             raise TypeError(f"prepare must be a callable or None, but got {type(prepare).__name__}.")
         if not isinstance(class_prompts, Tensor) or class_prompts.dim() < 1 or class_prompts.shape[0] < 2:
@@ -297,6 +303,7 @@ class SaflexContrastiveLoss(_StepReport, nn.Module):
         self.method = method
         self.beta, self.tau, self.normalize, self.rule = beta, tau, normalize, rule
         self.val_every, self.val_mode = val_every, val_mode
+        self.val_temperature = float(val_temperature)
         self.enabled = enabled
         self.prepare = prepare
         self.precondition = precondition
@@ -338,7 +345,7 @@ class SaflexContrastiveLoss(_StepReport, nn.Module):
         towers.train(self.val_mode == "train")
         try:
             with torch.autocast(device_type=images.device.type, enabled=False):
-                self.val_grad = validation_gradient(towers, images, labels)
+                self.val_grad = validation_gradient(towers, images, labels, temperature=self.val_temperature)
         finally:
             for module, training in modes:
                 module.training = training
@@ -463,7 +470,8 @@ class SaflexContrastiveLoss(_StepReport, nn.Module):
     def extra_repr(self) -> str:
         return (
             f"method={self.method!r}, beta={self.beta}, tau={self.tau}, normalize={self.normalize!r}, "
-            f"rule={self.rule!r}, val_every={self.val_every}, val_mode={self.val_mode!r}, enabled={self.enabled}, "
+            f"rule={self.rule!r}, val_every={self.val_every}, val_mode={self.val_mode!r}, "
+            f"val_temperature={self.val_temperature}, enabled={self.enabled}, "
             f"num_classes={self.towers.class_prompts.shape[0]}"
         )
 

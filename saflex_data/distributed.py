@@ -156,6 +156,7 @@ def loss_settings(loss: Any) -> dict[str, Any]:
         "val_batches": loss.val_batches,
         "val_ema": loss.val_ema,
         "val_mode": loss.val_mode,
+        "val_temperature": loss.val_temperature,
         "enabled": bool(loss.enabled),
         "num_splits": loss.num_splits,
         "label_smoothing": float(loss.label_smoothing),

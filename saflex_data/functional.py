@@ -16,6 +16,10 @@ column of ``Π`` over the batch (removing the batch-global class direction of ``
 upstream label trails the best class by more than ``β`` batch standard deviations, without relabelling; it is the
 best rule measured in ``benchmarks/decision_quality.py`` (the paper's rule relabels most samples near-randomly).
 
+``g`` may be the gradient of a tempered validation loss ``T · CE(z / T, y)`` (:func:`validation_residual`, not in
+the paper): with ``T = 1`` the validation residuals ``softmax(z) - y`` fade once the model fits the validation
+samples, and ``Π`` with them; ``SaflexLoss`` uses ``T = 4`` by default.
+
 Everything here is a pure function: no module state, no global RNG, outputs on the input's device.
 """
 
@@ -35,6 +39,7 @@ from torch.func import functional_call
 
 __all__ = [
     "validation_gradient",
+    "validation_residual",
     "last_layer_validation_gradient",
     "grad_inner_products",
     "inner_products_from_tangent",
@@ -51,11 +56,11 @@ __all__ = [
 ]
 
 Method = Literal["jvp", "last_layer", "autograd"]
-Rule = Literal["paper", "centered", "margin", "margin_relabel"]
+Rule = Literal["paper", "centered", "margin", "margin_relabel", "margin_fix"]
 Normalize = Literal["batch_max", "row_max", "none"]
 
-_RULES = ("paper", "centered", "margin", "margin_relabel")
-_MARGIN_RULES = ("margin", "margin_relabel")
+_RULES = ("paper", "centered", "margin", "margin_relabel", "margin_fix")
+_MARGIN_RULES = ("margin", "margin_relabel", "margin_fix")
 _NORMALIZE = ("batch_max", "row_max", "none")
 _CLASSIFIER_ATTRS = ("fc", "classifier", "head", "last_linear", "linear", "out", "output")
 
@@ -99,6 +104,11 @@ def check_targets(targets: Tensor, batch_size: int, num_classes: int, name: str 
         f"({batch_size}, {num_classes}) (float), but got a tensor of shape {tuple(targets.shape)} and dtype "
         f"{targets.dtype}."
     )
+
+
+def check_temperature(temperature: float, name: str = "temperature") -> None:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ValueError(f"{name} must be a float > 0 (math.inf allowed), but got {temperature!r}.")
 
 
 def check_logits(logits: Tensor, name: str = "logits") -> None:
@@ -226,7 +236,35 @@ def _forward_features(model: nn.Module, classifier: nn.Module, inputs: Tensor) -
 # ---------------------------------------------------------------------------------------------------------------
 # Validation gradient
 # ---------------------------------------------------------------------------------------------------------------
-def validation_gradient(model: nn.Module, inputs: Tensor, targets: Tensor) -> dict[str, Tensor]:
+def validation_residual(logits: Tensor, targets: Tensor, temperature: float = 1.0) -> Tensor:
+    """``softmax(z / T) - y``: what the validation loss pushes on each logit (``T = inf``: ``1/K - y``).
+
+    ``T = 1`` is the cross-entropy gradient w.r.t. the logits. For ``T > 1`` it is the gradient of the tempered
+    loss ``T · CE(z / T, y)`` (not in the paper): once the model fits the validation samples, ``softmax(z) - y``
+    fades to zero and with it every inner product ``Π``, except for the few misclassified validation samples;
+    a tempered residual stays of order one, so each validation sample keeps voting for its class. ``T = inf`` is
+    the limit ``1/K - y`` (the gradient of the linear loss ``-(z_y - mean_k z_k)``).
+
+    Args:
+        logits: Logits `(V, K)`.
+        targets: Class indices `(V,)` or probabilities `(V, K)`.
+        temperature: ``T > 0``; ``math.inf`` allowed.
+
+    Returns:
+        The residual `(V, K)`, float32 or wider.
+    """
+    check_temperature(temperature)
+    dtype = torch.promote_types(logits.dtype, torch.float32)  # never below float32, keep float64
+    y = _as_probabilities(targets, logits.shape[1], dtype)
+    if math.isinf(temperature):
+        return torch.full_like(y, 1.0 / logits.shape[1]) - y
+    z = logits.detach().to(dtype)
+    return torch.softmax(z if temperature == 1.0 else z / temperature, -1) - y
+
+
+def validation_gradient(
+    model: nn.Module, inputs: Tensor, targets: Tensor, *, temperature: float = 1.0
+) -> dict[str, Tensor]:
     """Gradient of the mean cross-entropy of ``model(inputs)`` against ``targets``.
 
     The model runs in its current mode (use ``model.eval()`` first for running-statistics BatchNorm and no dropout).
@@ -236,6 +274,8 @@ def validation_gradient(model: nn.Module, inputs: Tensor, targets: Tensor) -> di
         model: Any classifier returning logits of shape `(V, K)`.
         inputs: Validation inputs of batch size `V`.
         targets: Class indices `(V,)` or probabilities `(V, K)`.
+        temperature: ``T``: the gradient of the tempered loss ``T · CE(z / T, y)`` instead (see
+            :func:`validation_residual`); ``1`` is the plain cross-entropy.
 
     Returns:
         ``{name: grad}`` for every parameter with ``requires_grad``, keyed as in ``named_parameters()``
@@ -247,6 +287,7 @@ def validation_gradient(model: nn.Module, inputs: Tensor, targets: Tensor) -> di
         >>> sorted(g), tuple(g["weight"].shape)
         (['bias', 'weight'], (2, 3))
     """
+    check_temperature(temperature)
     params = _trainable_parameters(model)
     if not params:
         raise ValueError("model has no parameter with requires_grad=True; there is nothing to compute a gradient of.")
@@ -255,32 +296,40 @@ def validation_gradient(model: nn.Module, inputs: Tensor, targets: Tensor) -> di
         check_logits(logits, "model(inputs)")
         check_targets(targets, logits.shape[0], logits.shape[1], "targets")
         dtype = torch.promote_types(logits.dtype, torch.float32)  # never below float32, keep float64
-        loss = F.cross_entropy(logits.to(dtype), targets.to(dtype) if targets.dim() == 2 else targets.long())
+        if temperature == 1.0:
+            loss = F.cross_entropy(logits.to(dtype), targets.to(dtype) if targets.dim() == 2 else targets.long())
+        else:
+            # d/dz of T·CE(z/T, y) is the (constant) residual: backpropagate it through the logits.
+            residual = validation_residual(logits, targets, temperature)
+            loss = (residual * logits.to(dtype)).sum() / logits.shape[0]
         grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
     return {
         name: (torch.zeros_like(p) if g is None else g.to(p.dtype)) for (name, p), g in zip(params.items(), grads)
     }
 
 
-def last_layer_validation_gradient(features: Tensor, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+def last_layer_validation_gradient(
+    features: Tensor, logits: Tensor, targets: Tensor, *, temperature: float = 1.0
+) -> tuple[Tensor, Tensor]:
     """Closed-form gradient of the mean CE w.r.t. the last linear layer ``z = W h + b``.
 
-    ``G_W = (p - y)ᵀ h / V`` and ``G_b = mean(p - y)``; no backward pass is needed.
+    ``G_W = (p - y)ᵀ h / V`` and ``G_b = mean(p - y)``; no backward pass is needed. With ``temperature`` ``T``,
+    ``p - y`` is the tempered residual of :func:`validation_residual`.
 
     Args:
         features: Penultimate features `(V, D)`.
         logits: Logits `(V, K)`.
         targets: Class indices `(V,)` or probabilities `(V, K)`.
+        temperature: ``T > 0`` (``math.inf`` allowed); ``1`` is the plain cross-entropy.
 
     Returns:
         ``(grad_weight (K, D), grad_bias (K,))``.
     """
     check_logits(logits)
     check_targets(targets, logits.shape[0], logits.shape[1], "targets")
-    dtype = torch.promote_types(logits.dtype, torch.float32)
+    residual = validation_residual(logits, targets, temperature)
     # v = validation batch, k = classes, d = feature dim
-    residual = torch.softmax(logits.to(dtype), -1) - _as_probabilities(targets, logits.shape[1], dtype)
-    grad_weight = torch.einsum("vk,vd->kd", residual, features.to(dtype)) / logits.shape[0]
+    grad_weight = torch.einsum("vk,vd->kd", residual, features.to(residual.dtype)) / logits.shape[0]
     return grad_weight, residual.mean(0)
 
 
@@ -512,9 +561,9 @@ def weight_scores(pi: Tensor, targets: Tensor, *, rule: Rule = "margin") -> Tens
     """The continuous score behind each sample's keep/drop weight; higher = keep (for AUROC and diagnostics).
 
     ``paper``/``centered``: the gain of the upstream label ``y_iᵀΠ_i`` (Ren et al.'s meta-gradient; the weight is
-    ``1[score ≥ 0]`` when the upstream label is kept). ``margin``/``margin_relabel``: the standardised margin
-    ``m_i = y_iᵀZ_i - max_k Z_ik ≤ 0`` with ``Z`` from :func:`standardize_inner_products` (the weight is
-    ``1[m_i ≥ -beta]``).
+    ``1[score ≥ 0]`` when the upstream label is kept). ``margin``/``margin_relabel``/``margin_fix``: the margin
+    ``m_i = y_iᵀZ_i - max_k Z_ik ≤ 0`` with ``Z`` from :func:`standardize_inner_products` (``margin``: the
+    weight is ``1[m_i ≥ -beta]``).
 
     Args:
         pi: Inner products `(B, K)`.
@@ -538,7 +587,7 @@ def weight_scores(pi: Tensor, targets: Tensor, *, rule: Rule = "margin") -> Tens
 
 
 # margin: 1.5 was the best of {1, 1.5} on both benchmark streams (and 0.5 dropped too many good samples).
-_DEFAULT_BETA = {"paper": 0.5, "centered": 0.5, "margin": 1.5, "margin_relabel": 1.0}
+_DEFAULT_BETA = {"paper": 0.5, "centered": 0.5, "margin": 1.5, "margin_relabel": 1.0, "margin_fix": 1.5}
 
 
 def default_beta(rule: Rule) -> float:
@@ -560,9 +609,8 @@ def saflex_targets(
 ) -> tuple[Tensor, Tensor]:
     """Sample weights and soft labels of augmented samples from their inner products (SPEC §2).
 
-    Recommended: ``rule="margin"`` (drop, never relabel), the best rule measured by
-    ``benchmarks/decision_quality.py``; ``rule="paper"`` is the paper's exact rule, for comparisons with the paper.
-    (The default stays ``"paper"`` until the callers' tests are switched in one coordinated commit.)
+    Default: ``rule="margin"`` (drop, never relabel), the best rule measured by ``benchmarks/decision_quality.py``;
+    ``rule="paper"`` is the paper's exact rule, for comparisons with the paper.
 
     Rules:
 
@@ -578,6 +626,9 @@ def saflex_targets(
       ``y_i = softmax((Z_i + β y_i^aug + G_i) / τ)`` (argmax for ``tau=None``), which changes the label exactly
       when another class beats the upstream one by more than ``β`` batch standard deviations; all weights are 1.
       ``normalize`` is not used.
+    - ``"margin_fix"``: the samples ``"margin"`` drops (``m_i < -β``) are relabelled to their best class instead
+      when it also leads the runner-up class by at least ``β / 2`` (a clear winner), and dropped otherwise. Fewer
+      relabels than ``"margin_relabel"``, but more of them right. ``tau`` and ``normalize`` are not used.
 
     Decision-quality measurements behind the margin rules: ``benchmarks/decision_quality.py``.
 
@@ -586,10 +637,10 @@ def saflex_targets(
         targets: Upstream labels, class indices `(B,)` or probabilities `(B, K)` (Mixup/CutMix).
         beta: Bonus on (``paper``/``centered``: in units of the normalised ``Π``) or margin for (margin rules: in
             batch standard deviations) the upstream label. ``None``: 0.5 for ``paper``/``centered``, 1.5 for
-            ``margin``, 1.0 for ``margin_relabel``.
+            ``margin`` and ``margin_fix``, 1.0 for ``margin_relabel``.
         tau: Gumbel-softmax temperature; ``None`` means a deterministic argmax.
         normalize: How ``Π`` is scaled before the bonus and the noise (``paper``/``centered``).
-        rule: ``"paper"`` (default), ``"margin"`` (recommended), ``"centered"`` or ``"margin_relabel"``.
+        rule: ``"margin"`` (default), ``"paper"``, ``"centered"``, ``"margin_relabel"`` or ``"margin_fix"``.
         generator: Random generator for the Gumbel noise (drawn on the generator's device).
 
     Returns:
@@ -620,10 +671,17 @@ def saflex_targets(
     dtype = torch.promote_types(pi.dtype, torch.float32)
     raw = pi.to(dtype)
     upstream = _as_probabilities(targets, pi.shape[1], dtype)
-    if rule == "margin":
+    if rule in ("margin", "margin_fix"):
         z = standardize_inner_products(raw)
         margin = (upstream * z).sum(-1) - z.amax(-1)
-        return (margin >= -beta).to(dtype), upstream
+        keep = margin >= -beta
+        if rule == "margin":
+            return keep.to(dtype), upstream
+        top2 = z.topk(min(2, z.shape[1]), -1).values
+        lead = top2[:, 0] - top2[:, -1] if z.shape[1] > 1 else torch.full_like(margin, math.inf)
+        relabel = ~keep & (lead >= beta / 2)
+        labels = torch.where(relabel[:, None], F.one_hot(z.argmax(-1), pi.shape[1]).to(dtype), upstream)
+        return (keep | relabel).to(dtype), labels
     if rule == "margin_relabel":
         score = standardize_inner_products(raw) + beta * upstream
     else:

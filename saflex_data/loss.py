@@ -30,6 +30,8 @@ __all__ = ["SaflexLoss"]
 
 LossMethod = Literal["jvp", "last_layer", "single_pass"]
 _METHODS = ("jvp", "last_layer", "single_pass")
+# The tempered validation loss: weight AUROC 0.74 -> 0.90 for wrong upstream labels (benchmarks/decision_quality.py).
+VAL_TEMPERATURE = 4.0
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -102,6 +104,10 @@ class SaflexLoss(_StepReport, nn.Module):
         val_ema: If set, keep an exponential moving average of the validation gradient with this decay.
         val_mode: ``"eval"`` (default: BatchNorm running statistics, no dropout; the objective a test-time model
             is judged by) or ``"train"`` for the validation pass. Running statistics are never changed.
+        val_temperature: ``T`` of the tempered validation loss ``T · CE(z / T, y)`` whose gradient is the
+            validation signal (``SF.validation_residual``; not in the paper; ``math.inf`` allowed). With ``T = 1``
+            (the paper) the signal fades as the model fits the validation samples; a larger ``T`` keeps every
+            validation sample voting for its class.
         enabled: ``False`` makes the loss exactly plain (soft-label) cross-entropy; a switch for the train loop.
         prepare: Optional callable applied to validation inputs after the device move (normalisation,
             ``channels_last``, dtype), so that they look like the training inputs.
@@ -146,6 +152,7 @@ class SaflexLoss(_StepReport, nn.Module):
         val_batches: int = 1,
         val_ema: float | None = None,
         val_mode: Literal["eval", "train"] = "eval",
+        val_temperature: float = VAL_TEMPERATURE,
         enabled: bool = True,
         prepare: Callable[[Tensor], Tensor] | None = None,
         classifier: nn.Module | str | None = None,
@@ -171,6 +178,7 @@ class SaflexLoss(_StepReport, nn.Module):
             raise ValueError(f"val_ema must be None or a decay in [0, 1), but got {val_ema!r}.")
         if val_mode not in ("eval", "train"):
             raise ValueError(f"val_mode must be 'eval' or 'train', but got {val_mode!r}.")
+        SF.check_temperature(val_temperature, "val_temperature")
         if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 2):
             raise ValueError(f"num_splits must be None or an int >= 2 ([clean; augmented...]), but got {num_splits!r}.")
         if prepare is not None and not callable(prepare):
@@ -190,6 +198,7 @@ class SaflexLoss(_StepReport, nn.Module):
         self.beta = SF.default_beta(rule) if beta is None else beta  # a number from here on (state, DDP checks)
         self.tau, self.normalize, self.rule = tau, normalize, rule
         self.val_every, self.val_batches, self.val_ema, self.val_mode = val_every, val_batches, val_ema, val_mode
+        self.val_temperature = float(val_temperature)
         self.enabled = enabled
         self.prepare = prepare
         self.num_splits = num_splits
@@ -451,7 +460,9 @@ class SaflexLoss(_StepReport, nn.Module):
                         logits = model(inputs)
                     SF.check_logits(logits, "model(validation inputs)")
                     features = self._val_capture[0].flatten(1)
-                    grad_weight, grad_bias = SF.last_layer_validation_gradient(features, logits, targets)
+                    grad_weight, grad_bias = SF.last_layer_validation_gradient(
+                        features, logits, targets, temperature=self.val_temperature
+                    )
                     linear = self._classifier
                     if not linear.weight.requires_grad:
                         raise ValueError(
@@ -462,7 +473,7 @@ class SaflexLoss(_StepReport, nn.Module):
                     if linear.bias is None or not linear.bias.requires_grad:
                         grad_bias = None  # only trainable parameters count
                     return grad_weight, grad_bias
-                return SF.validation_gradient(model, inputs, targets)
+                return SF.validation_gradient(model, inputs, targets, temperature=self.val_temperature)
         finally:
             for module, training in modes:
                 module.training = training
@@ -586,7 +597,8 @@ class SaflexLoss(_StepReport, nn.Module):
     def extra_repr(self) -> str:
         return (
             f"method={self.method!r}, beta={self.beta}, tau={self.tau}, normalize={self.normalize!r}, "
-            f"rule={self.rule!r}, val_every={self.val_every}, val_mode={self.val_mode!r}, enabled={self.enabled}"
+            f"rule={self.rule!r}, val_every={self.val_every}, val_mode={self.val_mode!r}, "
+            f"val_temperature={self.val_temperature}, enabled={self.enabled}"
         )
 
 

@@ -9,12 +9,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def reference_validation_gradient(model: nn.Module, inputs: Tensor, targets: Tensor) -> dict[str, Tensor]:
-    """``∇θ mean CE`` by a plain ``backward()`` on a deep copy (so nothing of the original is touched)."""
+def reference_validation_gradient(
+    model: nn.Module, inputs: Tensor, targets: Tensor, temperature: float = 1.0
+) -> dict[str, Tensor]:
+    """``∇θ mean T·CE(z/T)`` by a plain ``backward()`` on a deep copy (so nothing of the original is touched).
+
+    ``temperature=inf``: the limit loss ``-(z_y - mean_k z_k)``, written out.
+    """
     clone = copy.deepcopy(model)
     clone.zero_grad(set_to_none=True)
     logits = clone(inputs)
-    loss = F.cross_entropy(logits, targets)
+    if temperature == float("inf"):
+        loss = -(logits.gather(1, targets[:, None]).squeeze(1) - logits.mean(-1)).mean()
+    else:
+        loss = temperature * F.cross_entropy(logits / temperature, targets)
     loss.backward()
     return {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p))
             for n, p in clone.named_parameters() if p.requires_grad}

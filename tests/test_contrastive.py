@@ -121,9 +121,9 @@ def _reference_logits(image_tower, text_tower, log_scale: Tensor, images: Tensor
     return log_scale.exp() * a @ b.T
 
 
-def _reference_val_grad(image_tower, text_tower, log_scale, val_images, val_labels, params):
+def _reference_val_grad(image_tower, text_tower, log_scale, val_images, val_labels, params, temperature=1.0):
     logits = _reference_logits(image_tower, text_tower, log_scale, val_images, PROMPTS)
-    return torch.autograd.grad(F.cross_entropy(logits, val_labels), params)
+    return torch.autograd.grad(temperature * F.cross_entropy(logits / temperature, val_labels), params)
 
 
 def _reference_pi(image_tower, text_tower, log_scale, images, texts, val_grad, params) -> Tensor:
@@ -203,15 +203,18 @@ class TestInnerProducts:
         p = torch.softmax(_reference_logits(image_tower, text_tower, log_scale, images, texts), 1).detach()
         torch.testing.assert_close((p * pi).sum(1), torch.zeros(6, dtype=torch.float64), atol=1e-12, rtol=0)
 
-    def test_validation_gradient_matches_reference_and_leaves_grad_alone(self):
+    @pytest.mark.parametrize("temperature", [1.0, 3.0])
+    def test_validation_gradient_matches_reference_and_leaves_grad_alone(self, temperature):
         (image_tower, text_tower), _, _, _, val = _problem(seed=1)
         image_tower.head.weight.requires_grad_(False)  # frozen parameters are left out
-        criterion = SaflexContrastiveLoss((image_tower, text_tower), [val], PROMPTS.clone())
+        criterion = SaflexContrastiveLoss(
+            (image_tower, text_tower), [val], PROMPTS.clone(), val_temperature=temperature
+        )
         g = criterion.refresh_validation_gradient()
         named = dict(criterion.towers.named_parameters())
         assert "image_encoder.head.weight" not in g and "logit_scale" in g
         expected = _reference_val_grad(
-            image_tower, text_tower, criterion.logit_scale, *val, [named[n] for n in g]
+            image_tower, text_tower, criterion.logit_scale, *val, [named[n] for n in g], temperature
         )
         for (name, actual), ref in zip(g.items(), expected):
             torch.testing.assert_close(actual, ref, rtol=1e-12, atol=1e-14, msg=name)
@@ -389,6 +392,7 @@ class TestErrors:
             ({"method": "last_layer"}, ValueError, r"method must be one of \('jvp', 'single_pass'\), but got 'last_"),
             ({"val_every": 0}, ValueError, r"val_every must be an int >= 1, but got 0"),
             ({"val_mode": "test"}, ValueError, r"val_mode must be 'eval' or 'train', but got 'test'"),
+            ({"val_temperature": -1}, ValueError, r"val_temperature must be a float > 0 \(math.inf allowed\), but"),
             ({"tau": 0.0}, ValueError, r"tau must be a positive float or None"),
             ({"beta": math.inf}, ValueError, r"beta must be a finite float"),
             ({"prepare": 3}, TypeError, r"prepare must be a callable or None, but got int"),

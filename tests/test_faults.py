@@ -318,7 +318,7 @@ class TestValidationLoader:
         x_val, y_val = _val(batches=1, size=5)[0]
         loader = DataLoader(TensorDataset(x_val, y_val), batch_size=8)  # one short batch of 5
         criterion = SaflexLoss(model, loader, method="jvp", tau=None)
-        reference = SF.validation_gradient(model.eval(), x_val, y_val)
+        reference = SF.validation_gradient(model.eval(), x_val, y_val, temperature=criterion.val_temperature)
         model.train()
         for step in range(3):
             x, target = _batch(seed=step)

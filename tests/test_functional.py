@@ -72,6 +72,40 @@ class TestValidationGradient:
         SF.validation_gradient(model, xv, yv)
         _assert_untouched(model, snap)
 
+    @pytest.mark.parametrize("kind", KINDS)
+    @pytest.mark.parametrize("temperature", [0.5, 4.0, float("inf")])
+    def test_tempered_matches_backward(self, kind, temperature):
+        model, _, xv, yv = _problem(kind, train=False)
+        ref = reference_validation_gradient(model, xv, yv, temperature)
+        got = SF.validation_gradient(model, xv, yv, temperature=temperature)
+        for name in ref:
+            torch.testing.assert_close(got[name], ref[name], rtol=1e-12, atol=1e-14)
+
+    def test_tempered_large_t_approaches_the_limit(self):
+        model, _, xv, yv = _problem("mlp")
+        limit = SF.validation_gradient(model, xv, yv, temperature=float("inf"))
+        near = SF.validation_gradient(model, xv, yv, temperature=1e8)
+        for name in limit:
+            torch.testing.assert_close(near[name], limit[name], rtol=1e-6, atol=1e-9)
+
+    @pytest.mark.parametrize("temperature", [1.0, 3.0, float("inf")])
+    def test_last_layer_closed_form_matches_autograd(self, temperature):
+        model, _, xv, yv = _problem("mlp", train=False)
+        full = SF.validation_gradient(model, xv, yv, temperature=temperature)
+        with torch.no_grad():
+            h = model[:-1](xv)
+        gw, gb = SF.last_layer_validation_gradient(h, model[-1](h), yv, temperature=temperature)
+        torch.testing.assert_close(gw, full["4.weight"], rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(gb, full["4.bias"], rtol=1e-12, atol=1e-14)
+
+    @pytest.mark.parametrize("bad", [0, -1.0, float("nan"), True, "4"])
+    def test_bad_temperature(self, bad):
+        model, _, xv, yv = _problem("mlp")
+        with pytest.raises(ValueError, match=r"temperature must be a float > 0 \(math.inf allowed\), but got"):
+            SF.validation_gradient(model, xv, yv, temperature=bad)
+        with pytest.raises(ValueError, match="temperature must be a float > 0"):
+            SF.validation_residual(torch.zeros(2, 3), torch.tensor([0, 1]), bad)
+
     def test_only_trainable_parameters(self):
         model, _, xv, yv = _problem("mlp")
         model[0].weight.requires_grad_(False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import io
 import warnings
 
@@ -67,16 +68,18 @@ class TestSaflexLoss:
         assert criterion.step == 0
 
     @pytest.mark.parametrize("method", METHODS)
-    def test_loss_is_the_weighted_soft_label_cross_entropy(self, method):
+    @pytest.mark.parametrize("temperature", [1.0, 4.0, math.inf])
+    def test_loss_is_the_weighted_soft_label_cross_entropy(self, method, temperature):
         model = _model(dtype=torch.float64, batchnorm=False)
-        criterion = SaflexLoss(model, _val(dtype=torch.float64), method=method, tau=None, beta=0.2, rule="paper")
+        criterion = SaflexLoss(model, _val(dtype=torch.float64), method=method, tau=None, beta=0.2, rule="paper",
+                               val_temperature=temperature)
         x, target = _batch(dtype=torch.float64)
         logits = _forward(criterion, model, x)
         loss = criterion(logits, target)
         # The same decisions from the pure functions.
         model.eval()
         val_x, val_y = _val(dtype=torch.float64)[0]
-        val_grad = SF.validation_gradient(model, val_x, val_y)
+        val_grad = SF.validation_gradient(model, val_x, val_y, temperature=temperature)
         model.train()
         pi = SF.grad_inner_products(model, x[5:], val_grad, method="last_layer" if method == "last_layer" else "jvp")
         w, soft = SF.saflex_targets(pi, target.labels[5:], beta=0.2, tau=None, rule="paper")
@@ -375,6 +378,7 @@ class TestErrors:
             ({"val_batches": 0}, "val_batches must be an int >= 1"),
             ({"val_ema": 1.0}, r"val_ema must be None or a decay in \[0, 1\)"),
             ({"val_mode": "test"}, "val_mode must be 'eval' or 'train'"),
+            ({"val_temperature": 0.0}, r"val_temperature must be a float > 0 \(math.inf allowed\), but got 0.0"),
             ({"num_splits": 1}, "num_splits must be None or an int >= 2"),
             ({"tau": -1.0}, "tau must be a positive float or None"),
             ({"rule": "x"}, "rule must be one of"),

@@ -1,4 +1,4 @@
-"""Weight/label rules of ``functional.saflex_targets`` beyond the paper's: ``margin`` and ``margin_relabel``.
+"""Rules of ``functional.saflex_targets`` beyond the paper's: ``margin``, ``margin_relabel``, ``margin_fix``.
 
 The paper rule's own behaviour is pinned in ``test_functional.py``; here it is checked only to stay exactly the
 SPEC §2 rule when the new ``beta=None`` default is used.
@@ -145,6 +145,38 @@ class TestMarginRelabelRule:
         torch.testing.assert_close(a, b)
 
 
+class TestMarginFixRule:
+    def test_is_margin_plus_relabelling_of_clear_winners(self):
+        pi, up, _ = _planted(seed=9)
+        beta = 1.0
+        z = SF.standardize_inner_products(pi)
+        rows = torch.arange(len(up))
+        flagged = z[rows, up] - z.amax(-1) < -beta
+        top2 = z.topk(2, -1).values
+        clear = top2[:, 0] - top2[:, 1] >= beta / 2
+        w, y = SF.saflex_targets(pi, up, rule="margin_fix", beta=beta)
+        w_margin, _ = SF.saflex_targets(pi, up, rule="margin", beta=beta)
+        assert torch.equal(w_margin, (~flagged).double())
+        assert torch.equal(w, (~flagged | clear).double())
+        expected = torch.where(flagged & clear, z.argmax(-1), up)
+        assert torch.equal(y, F.one_hot(expected, pi.shape[1]).double())
+
+    def test_relabels_planted_wrong_labels_to_the_true_class(self):
+        pi, up, true = _planted()
+        w, y = SF.saflex_targets(pi, up, rule="margin_fix")
+        relabeled = (y.argmax(-1) != up) & (w == 1)
+        assert relabeled[:8].sum() >= 4 and not relabeled[8:].any()
+        assert torch.equal(y.argmax(-1)[relabeled], true[relabeled])
+        assert SF.default_beta("margin_fix") == 1.5
+
+    def test_soft_upstream_labels_are_kept_or_replaced_whole(self):
+        pi, up, _ = _planted(seed=10)
+        soft = F.one_hot(up, pi.shape[1]).double() * 0.8 + 0.2 / pi.shape[1]
+        w, y = SF.saflex_targets(pi, soft, rule="margin_fix", beta=0.5)
+        kept = (y == soft).all(-1)
+        assert bool((kept | (y.max(-1).values == 1)).all()) and w.shape == (len(up),)
+
+
 class TestPaperRuleUnchanged:
     @pytest.mark.parametrize("tau", [None, 0.01])
     def test_default_beta_is_the_paper_rule(self, tau):
@@ -162,7 +194,8 @@ class TestPaperRuleUnchanged:
 
 class TestErrors:
     def test_rule_message_lists_all_rules(self):
-        with pytest.raises(ValueError, match=r"rule must be one of \('paper', 'centered', 'margin', 'margin_relabel'\)"):
+        rules = r"\('paper', 'centered', 'margin', 'margin_relabel', 'margin_fix'\)"
+        with pytest.raises(ValueError, match=f"rule must be one of {rules}"):
             SF.saflex_targets(torch.zeros(2, 3), torch.tensor([0, 1]), rule="margins")
 
     def test_beta_must_be_finite_or_none(self):
