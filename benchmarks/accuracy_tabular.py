@@ -94,7 +94,8 @@ def run_table(name: str, args: argparse.Namespace, saflex_kwargs: dict) -> dict:
                   + (f", kept {info['kept_fraction']:.2f}, relabeled {info['relabeled_fraction']:.2f}"
                      if "kept_fraction" in info else "") + ")", flush=True)  # fmt: skip
     defaults = {k: v.default for k, v in inspect.signature(SaflexLoss).parameters.items()
-                if k in ("method", "beta", "tau", "normalize", "rule", "val_every", "val_mode")}  # fmt: skip
+                if k in ("method", "beta", "tau", "normalize", "rule", "val_every", "val_batches", "val_ema",
+                         "val_mode", "val_temperature")}  # fmt: skip
     spec = TABULAR_SETS[name]
     return {
         "dataset": name,
@@ -144,6 +145,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--tau", default=None, help="SaflexLoss tau ('none': argmax; default: the library default)")
     parser.add_argument("--normalize", default=None)
     parser.add_argument("--rule", default=None)
+    parser.add_argument("--val-temperature", type=float, default=None,
+                        help="SaflexLoss val_temperature ('inf' allowed; default: the library default)")
     parser.add_argument("--rows", default=None, help="comma-separated row names to run (default: all)")
     parser.add_argument("--reuse-baselines", default=None,
                         help="JSON (or folder of them) of an earlier run with the same settings: its rows without SAFLEX "
@@ -157,7 +160,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if args.datasets == DEFAULT_SETS:
             args.datasets = "breast_cancer,wine"
     C.set_threads(args.threads)
-    saflex_kwargs = {k: v for k, v in (("beta", args.beta), ("normalize", args.normalize), ("rule", args.rule))
+    saflex_kwargs = {k: v for k, v in (("beta", args.beta), ("normalize", args.normalize), ("rule", args.rule),
+                                           ("val_temperature", args.val_temperature))
                      if v is not None}  # fmt: skip
     if args.tau is not None:
         saflex_kwargs["tau"] = None if args.tau.lower() == "none" else float(args.tau)
