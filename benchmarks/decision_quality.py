@@ -708,6 +708,7 @@ def summarise(
     for (ds, name), rs in by.items():
         if any(r.get("probe_only") for r in rs):
             continue
+        rs = sorted(rs, key=lambda r: r["seed"])  # workers finish out of order; pair runs by seed
         accs = [r["test_acc"] for r in rs]
 
         def ref(n: str) -> float | None:
@@ -718,6 +719,9 @@ def summarise(
 
         acc = float(np.mean(accs))
         noisy, clean, tv = ref("noisy upstream"), ref("clean upstream"), ref("noisy upstream, train ∪ val")
+        # Paired by seed (same data split, initialisation and stream): far less noisy than a difference of means.
+        noisy_by_seed = {r["seed"]: r["test_acc"] for r in by.get((ds, "noisy upstream"), [])}
+        diffs = [100 * (r["test_acc"] - noisy_by_seed[r["seed"]]) for r in rs if r["seed"] in noisy_by_seed]
         stages = [r["decisions"] for r in rs if "decisions" in r]
         stage_mean = {}
         if stages:
@@ -734,10 +738,13 @@ def summarise(
             "gain_vs_train_on_val": 100 * (acc - tv) if tv is not None else None,
             # The denominator of recovered_fraction: read the fraction as noise when this is within seed noise.
             "noise_damage_points": 100 * (clean - noisy) if None not in (noisy, clean) else None,
+            "gain_vs_noisy_paired": float(np.mean(diffs)) if len(diffs) == len(rs) else None,
+            "gain_vs_noisy_paired_se": float(np.std(diffs, ddof=1) / np.sqrt(len(diffs)))
+            if len(diffs) == len(rs) and len(diffs) > 1 else None,
             "seeds": len(rs),
             "test_acc": acc,
             "test_acc_std": float(np.std(accs)),
-            "test_accs": accs,
+            "test_accs": accs,  # in seed order
             "config": {
                 k: v for k, v in m.__dict__.items() if k not in ("name", "is_default", "extra")
             },
@@ -959,7 +966,8 @@ def main(argv: list[str] | None = None) -> None:
         f = lambda v, d=3: "  -  " if v is None else f"{v:.{d}f}"  # noqa: E731
         print(f"{e['dataset']:18s} {e['variant'][:62]:62s} acc={e['test_acc']:.4f}±{e['test_acc_std']:.4f} "
               f"auroc={f(e['weight_auroc'])} relab={f(e['relabel_accuracy'])} rec={f(e['recovered_fraction'], 2)} "
-              f"vsTV={f(e['gain_vs_train_on_val'], 2)}")
+              f"vsTV={f(e['gain_vs_train_on_val'], 2)} paired={f(e['gain_vs_noisy_paired'], 2)}"
+              f"±{f(e['gain_vs_noisy_paired_se'], 2)}")
 
 
 if __name__ == "__main__":
