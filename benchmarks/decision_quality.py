@@ -353,6 +353,7 @@ class Method:
     is_default: bool = False
     extra_vb: int | None = None  # validation minibatch size override
     extra: dict = field(default_factory=dict)
+    oracle_fraction: float = 1.0  # oracle: drop only this random share of the bad pool samples (fixed per seed)
 
 
 def evaluate(model: nn.Module, x: Tensor, y: Tensor) -> float:
@@ -453,7 +454,8 @@ def train_run(
             elif m.kind == "conf":
                 w, lab, score = decide(m, None, ya, la.detach(), gen)
             elif m.kind == "oracle":
-                w = (~s.bad[ia]).float()
+                u = torch.rand(n_pool, generator=torch.Generator().manual_seed(seed + 2))
+                w = (~(s.bad & (u < m.oracle_fraction))[ia]).float()
                 lab, score = F.one_hot(ya, s.num_classes).float(), w
             else:
                 w, lab, score = torch.ones(len(ya)), F.one_hot(ya, s.num_classes).float(), torch.zeros(len(ya))
@@ -612,6 +614,8 @@ def references() -> list[Method]:
         Method("noisy upstream", kind="plain"),
         Method("noisy upstream, train ∪ val", kind="plain", train_on_val=True),
         Method("oracle drop", kind="oracle"),
+        # Is the gain of dropping proportional to the recall? (a random third ~ the default's recall)
+        Method("oracle drop, a random third of the bad samples", kind="oracle", oracle_fraction=1 / 3),
         Method("small-loss agreement filter (p-argmax = y_aug)", kind="conf"),
     ]
 

@@ -254,6 +254,8 @@ def validation_residual(logits: Tensor, targets: Tensor, temperature: float = 1.
         The residual `(V, K)`, float32 or wider.
     """
     check_temperature(temperature)
+    check_logits(logits)
+    check_targets(targets, logits.shape[0], logits.shape[1], "targets")
     dtype = torch.promote_types(logits.dtype, torch.float32)  # never below float32, keep float64
     y = _as_probabilities(targets, logits.shape[1], dtype)
     if math.isinf(temperature):

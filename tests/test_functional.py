@@ -98,6 +98,16 @@ class TestValidationGradient:
         torch.testing.assert_close(gw, full["4.weight"], rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(gb, full["4.bias"], rtol=1e-12, atol=1e-14)
 
+    def test_validation_residual(self):
+        z = torch.randn(5, 3, dtype=torch.float64)
+        y = torch.tensor([0, 2, 1, 1, 0])
+        e = F.one_hot(y, 3).double()
+        torch.testing.assert_close(SF.validation_residual(z, y), z.softmax(-1) - e)
+        torch.testing.assert_close(SF.validation_residual(z, e, 2.0), (z / 2).softmax(-1) - e)
+        torch.testing.assert_close(SF.validation_residual(z, y, float("inf")), torch.full_like(e, 1 / 3) - e)
+        with pytest.raises(ValueError, match=r"targets must have shape \(5,\) to match logits of shape \(5, 3\)"):
+            SF.validation_residual(z, y[:4])
+
     @pytest.mark.parametrize("bad", [0, -1.0, float("nan"), True, "4"])
     def test_bad_temperature(self, bad):
         model, _, xv, yv = _problem("mlp")
