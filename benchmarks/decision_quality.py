@@ -353,7 +353,8 @@ class Method:
     is_default: bool = False
     extra_vb: int | None = None  # validation minibatch size override
     extra: dict = field(default_factory=dict)
-    oracle_fraction: float = 1.0  # oracle: drop only this random share of the bad pool samples (fixed per seed)
+    oracle_fraction: float = 1.0
+    history: bool = False  # margin rule on the running mean of each source sample's scores over its appearances  # oracle: drop only this random share of the bad pool samples (fixed per seed)
 
 
 def evaluate(model: nn.Module, x: Tensor, y: Tensor) -> float:
@@ -403,6 +404,7 @@ def train_run(
     n_pool = s.x_pool.shape[0]
     y_pool = s.y_pool_true if m.stream == "clean" else s.y_pool_up
     ema: dict[str, Tensor] | None = None
+    hist_sum, hist_cnt = torch.zeros(s.x_pool.shape[0]), torch.zeros(s.x_pool.shape[0])
     log = {"w": [], "bad": [], "score": [], "lab": [], "true": [], "up": [], "step": []}
     probes = []
     probe_steps = {max(1, int(f * steps)) - 1: f for f in probe_at}
@@ -451,6 +453,11 @@ def train_run(
                 t_saflex += time.perf_counter() - t0
             if m.kind == "saflex":
                 w, lab, score = decide(m, pi, ya, la.detach(), gen)
+                if m.history:
+                    hist_sum.index_add_(0, ia, score.float())
+                    hist_cnt.index_add_(0, ia, torch.ones(len(ia)))
+                    score = hist_sum[ia] / hist_cnt[ia]
+                    w = (score >= -m.beta).float()
             elif m.kind == "conf":
                 w, lab, score = decide(m, None, ya, la.detach(), gen)
             elif m.kind == "oracle":
@@ -667,6 +674,13 @@ def saflex_methods(core_only: bool = False) -> list[Method]:
         Method("margin_relabel β=1, last_layer, fresh val 128, val T=4", rule="margin_relabel", beta=1.0, tau=None,
                **T4),
         Method("margin_fix β=1, last_layer, fresh val 128, val T=4", rule="margin_fix", beta=1.0, **T4),
+        # Evidence accumulated per source sample (SaflexTarget.index) over its appearances.
+        Method("margin β=1.5, last_layer, fresh val 128, val T=4, per-sample history", rule="margin", beta=1.5,
+               history=True, **T4),
+        Method("margin β=1, last_layer, fresh val 128, val T=4, per-sample history", rule="margin", beta=1.0,
+               history=True, **T4),
+        Method("margin β=0.5, last_layer, fresh val 128, val T=4, per-sample history", rule="margin", beta=0.5,
+               history=True, **T4),
     ]
 
 
