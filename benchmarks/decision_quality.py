@@ -23,8 +23,11 @@ Two kinds of measurements:
 
 Usage::
 
-    .venv/bin/python benchmarks/decision_quality.py --timing   # full: 3 datasets, 3 seeds (~25-30 min, 2 workers)
-    .venv/bin/python benchmarks/decision_quality.py --quick    # 1 seed, core variants (~4 min)
+    .venv/bin/python benchmarks/decision_quality.py --seeds 6 --timing   # the committed results (15.5 min, 2 workers)
+    .venv/bin/python benchmarks/decision_quality.py --quick    # 1 seed, core variants (48 s)
+    # variants added after a full run are merged in (the committed JSON: "a random third", "per-sample history"):
+    .venv/bin/python benchmarks/decision_quality.py --seeds 6 --datasets fmnist-noisy --merge \
+        --variants "noisy upstream|history"
     .venv/bin/python benchmarks/decision_quality.py --datasets fmnist-destructive --merge   # rerun one dataset
     .venv/bin/python benchmarks/decision_quality.py --replot   # redraw the figure from the JSON
 
@@ -353,8 +356,8 @@ class Method:
     is_default: bool = False
     extra_vb: int | None = None  # validation minibatch size override
     extra: dict = field(default_factory=dict)
-    oracle_fraction: float = 1.0
-    history: bool = False  # margin rule on the running mean of each source sample's scores over its appearances  # oracle: drop only this random share of the bad pool samples (fixed per seed)
+    oracle_fraction: float = 1.0  # oracle: drop only this random share of the bad pool samples (fixed per seed)
+    history: bool = False  # margin rule on the running mean of each source sample's scores over its appearances
 
 
 def evaluate(model: nn.Module, x: Tensor, y: Tensor) -> float:

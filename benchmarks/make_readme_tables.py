@@ -6,8 +6,9 @@ Usage::
 
 For each ``accuracy_<dataset>.json``: one table with mean ± std over seeds, and for every SAFLEX row its gain
 over the same upstream alone (trained on train only) and over that upstream trained on train ∪ validation (what a
-user could do with the labels SAFLEX spends on validation). Then a summary of all SAFLEX rows per method, and the
-overhead table from ``overhead.json``.
+user could do with the labels SAFLEX spends on validation). Then a summary of all SAFLEX rows per method, the
+decision-quality table from ``decision_quality.json`` (selected variants; ``--all-decisions``: every variant) and
+the overhead table from ``overhead.json``.
 """
 
 from __future__ import annotations
@@ -86,6 +87,61 @@ def summary(gains: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# The decision-quality rows the README shows (``--all-decisions``: all of them).
+DECISION_ROWS = (
+    "noisy upstream",
+    "clean upstream",
+    "noisy upstream, train ∪ val",
+    "oracle drop",
+    "oracle drop, a random third of the bad samples",
+    "paper jvp (β=0.5, τ=0.01, batch_max, fresh val 128)",
+    "margin β=1.5, last_layer, fresh val 128, val T=1 (previous default)",
+    "margin β=1.5, last_layer, fresh val 128, val T=4 (library default)",
+    "margin β=1.5, last_layer, val EMA(32, 0.9), val T=4",
+    "margin β=1.5, jvp, fresh val 128, val T=4",
+    "margin_fix β=1.5, last_layer, fresh val 128, val T=4",
+    "margin_relabel β=1, last_layer, fresh val 128, val T=4",
+)
+
+
+def decision_table(path: Path, all_rows: bool = False) -> str:
+    if not path.is_file():
+        return ""
+    doc = json.loads(path.read_text())
+    lines = []
+
+    def f(value: float | None, digits: int = 2, signed: bool = False) -> str:
+        return "" if value is None else (f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}")
+
+    for ds in ("fmnist-noisy", "hpc-noisy", "fmnist-destructive"):
+        entries = [e for e in doc["entries"] if e["dataset"] == ds and (all_rows or e["variant"] in DECISION_ROWS)]
+        if not entries:
+            continue
+        if not all_rows:
+            entries.sort(key=lambda e: DECISION_ROWS.index(e["variant"]))
+        bad = "occluded" if "destructive" in ds else "wrong label"
+        lines += [f"#### {ds} ({entries[0]['seeds']} seeds; bad = {bad})\n",
+                  "| variant | test acc % | Δ vs noisy upstream (paired) | weight AUROC | drop precision / recall | "
+                  "relabel accuracy | damage recovered | Δ vs train ∪ val |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+        for e in entries:
+            st = e.get("decision_stats") or {}
+            pr = f"{st['drop_precision']:.2f} / {st['drop_recall']:.2f}" if st.get("dropped_fraction") else ""
+            paired = e.get("gain_vs_noisy_paired")
+            paired_s = "" if paired is None else f"{paired:+.2f} ± {e['gain_vs_noisy_paired_se']:.2f}"
+            name = f"**{e['variant']}**" if e["is_default"] else e["variant"]
+            lines.append(
+                f"| {name} | {_ms([100 * a for a in e['test_accs']])} | {paired_s} | "
+                f"{f(e['weight_auroc'])} | {pr} | {f(e['relabel_accuracy'])} | "
+                f"{f(e['recovered_fraction'], signed=True)} | {f(e['gain_vs_train_on_val'], signed=True)} |"
+            )
+        lines.append("")
+    meta = doc["meta"]
+    lines.append(f"<sub>commit {meta['commit'][:7]}; torch {meta['torch']}; {meta['machine']}; "
+                 f"steps {meta['steps']}</sub>\n")  # fmt: skip
+    return "\n".join(lines)
+
+
 def overhead_table(path: Path) -> str:
     if not path.is_file():
         return ""
@@ -114,8 +170,13 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--results", default=str(RESULTS))
     parser.add_argument("--only", default="accuracy_*.json",
                         help="glob of the accuracy files to include, e.g. 'accuracy_*__margin_beta1.5.json'")
+    parser.add_argument("--all-decisions", action="store_true", help="print every decision-quality variant only")
     args = parser.parse_args(argv)
     root = Path(args.results)
+    if args.all_decisions:
+        text = decision_table(root / "decision_quality.json", all_rows=True)
+        print(text)
+        return text
     payloads = [json.loads(f.read_text()) for f in sorted(root.glob(args.only))]
     # images first, then tables
     payloads.sort(key=lambda p: ("mnist" not in p["dataset"], "__" in p["dataset"], p["dataset"]))
@@ -123,6 +184,9 @@ def main(argv: list[str] | None = None) -> str:
     parts = ["### Accuracy\n", tables]
     if gains:
         parts += ["### SAFLEX vs its upstream, all tables\n", summary(gains), ""]
+    decisions = decision_table(root / "decision_quality.json")
+    if decisions:
+        parts += ["### Decision quality: 30% of the augmented samples bad (`decision_quality.py`)\n", decisions]
     over = overhead_table(root / "overhead.json")
     if over:
         parts += ["### Overhead per training step\n", over, ""]
