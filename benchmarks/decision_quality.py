@@ -408,7 +408,7 @@ def train_run(
     y_pool = s.y_pool_true if m.stream == "clean" else s.y_pool_up
     ema: dict[str, Tensor] | None = None
     hist_sum, hist_cnt = torch.zeros(s.x_pool.shape[0]), torch.zeros(s.x_pool.shape[0])
-    log = {"w": [], "bad": [], "score": [], "lab": [], "true": [], "up": [], "step": []}
+    log = {"w": [], "bad": [], "score": [], "lab": [], "true": [], "up": [], "step": [], "pred": []}
     probes = []
     probe_steps = {max(1, int(f * steps)) - 1: f for f in probe_at}
     probe_idx = torch.randperm(n_pool, generator=torch.Generator().manual_seed(seed + 1))[:probe_n]
@@ -479,6 +479,7 @@ def train_run(
                 log["true"].append(s.y_pool_true[ia])
                 log["up"].append(ya)
                 log["step"].append(torch.full((len(ya),), step))
+                log["pred"].append(la.detach().argmax(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -500,13 +501,18 @@ def decision_metrics(d: dict[str, Tensor], steps: int) -> dict:
         if not sel.any():
             continue
         w, bad, score = d["w"][sel], d["bad"][sel].numpy(), d["score"][sel].numpy()
-        lab, true, up = d["lab"][sel], d["true"][sel], d["up"][sel]
+        lab, true, up, pred = d["lab"][sel], d["true"][sel], d["up"][sel], d["pred"][sel]
         dropped = w < 0.5
         relabeled = lab != up
         tp = int((dropped & torch.from_numpy(bad)).sum())
         changed_or_dropped = relabeled | dropped
         stages[f"q{q + 1}"] = {
             "weight_auroc": _auroc(-score, bad),
+            # Within each upstream class (mean over classes): what is left once the class prior is known. With
+            # uniform label flips on an imbalanced table the rare classes' labels are mostly wrong.
+            "weight_auroc_within_class": _nanmean(
+                [_auroc(-score[m], bad[m]) for c in up.unique() for m in [(up == c).numpy()]]
+            ),
             "drop_precision": tp / max(1, int(dropped.sum())),
             "drop_recall": tp / max(1, int(bad.sum())),
             "dropped_fraction": float(dropped.float().mean()),
@@ -520,6 +526,13 @@ def decision_metrics(d: dict[str, Tensor], steps: int) -> dict:
             "good_kept_intact": float(((lab == true) & ~dropped)[~torch.from_numpy(bad)].float().mean()),
             "bad_neutralised": float(((lab == true) | dropped)[torch.from_numpy(bad)].float().mean()) if bad.any() else float("nan"),
             "touched_fraction": float(changed_or_dropped.float().mean()),
+            # Does a relabel just copy the model's own prediction (pseudo-labelling)? Split by right / wrong.
+            "relabel_equals_model_argmax": float((lab == pred)[relabeled & ~dropped].float().mean())
+            if (relabeled & ~dropped).any()
+            else float("nan"),
+            "wrong_relabel_equals_model_argmax": float((lab == pred)[relabeled & ~dropped & (lab != true)].float().mean())
+            if (relabeled & ~dropped & (lab != true)).any()
+            else float("nan"),
             "top_class_share": float(torch.bincount(lab, minlength=int(lab.max()) + 1).max() / len(lab)),
         }
     return stages
@@ -607,6 +620,9 @@ def run_probe(
         wrong = bad_all & (ya_all != true_all)
         results[key] = {
             "auroc": _auroc(-score.numpy(), bad),
+            "auroc_within_class": _nanmean(
+                [_auroc(-score.numpy()[m], bad[m]) for c in ya_all.unique() for m in [(ya_all == c).numpy()]]
+            ),
             "relabel_acc_on_wrong": float((lab == true_all)[wrong].float().mean()) if wrong.any() else float("nan"),
             "argmax_acc_all": float((lab == true_all).float().mean()),
             "top_class_share": float(torch.bincount(lab).max() / len(lab)),
@@ -808,6 +824,8 @@ def plot(entries: list[dict], probes: list[dict], path: Path) -> None:
     ax = axes[1]
     keys = {}
     for pr in probes:
+        if pr.get("dataset", ds) != ds:
+            continue
         for k, v in pr["variants"].items():
             keys.setdefault(k, []).append((pr["frac"], v["auroc"]))
     best = sorted(keys, key=lambda k: -np.mean([a for _, a in keys[k]]))
@@ -913,9 +931,9 @@ def main(argv: list[str] | None = None) -> None:
                 plan.append((ds, m, seed, args.quick, args.fmnist_dir, steps[ds], ()))
     # Probe run: scoring variants on a fixed probe set along a plain noisy-upstream trajectory.
     probe_m = Method("probe trajectory (noisy upstream)", kind="plain")
-    if "fmnist-noisy" in args.datasets.split(",") and not args.variants:
-        plan.insert(0, ("fmnist-noisy", probe_m, 100, args.quick, args.fmnist_dir, steps["fmnist-noisy"],
-                        (0.1, 0.3, 0.6, 1.0)))
+    for ds in ("fmnist-noisy", "hpc-noisy"):
+        if ds in args.datasets.split(",") and not args.variants:
+            plan.insert(0, (ds, probe_m, 100, args.quick, args.fmnist_dir, steps[ds], (0.1, 0.3, 0.6, 1.0)))
     # Longest jobs first for a better packing.
     plan.sort(key=lambda j: -(3 if j[1].pi_method == "jvp" or j[6] else 1))
     t0 = time.time()
@@ -943,7 +961,7 @@ def main(argv: list[str] | None = None) -> None:
     entries = summarise([r for r in runs if r["method"] != probe_m.name], methods, seeds, old_refs)
     order = {m.name: i for i, m in enumerate(full)}
     entries.sort(key=lambda e: (e["dataset"], order.get(e["variant"], 99)))
-    probes = probe_runs[0]["probes"] if probe_runs else []
+    probes = [dict(p, dataset=r["dataset"]) for r in sorted(probe_runs, key=lambda r: r["dataset"]) for p in r["probes"]]
     timing = step_timing(args.fmnist_dir) if args.timing else None
     if old is not None:
         new_keys = {(e["dataset"], e["variant"]) for e in entries}

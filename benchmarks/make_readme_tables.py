@@ -104,6 +104,14 @@ DECISION_ROWS = (
 )
 
 
+def _auroc_cell(entry: dict) -> str:
+    auroc = entry.get("weight_auroc")
+    if auroc is None:
+        return ""
+    within = (entry.get("decision_stats") or {}).get("weight_auroc_within_class")
+    return f"{auroc:.2f}" + ("" if within is None else f" ({within:.2f})")
+
+
 def decision_table(path: Path, all_rows: bool = False) -> str:
     if not path.is_file():
         return ""
@@ -121,18 +129,19 @@ def decision_table(path: Path, all_rows: bool = False) -> str:
             entries.sort(key=lambda e: DECISION_ROWS.index(e["variant"]))
         bad = "occluded" if "destructive" in ds else "wrong label"
         lines += [f"#### {ds} ({entries[0]['seeds']} seeds; bad = {bad})\n",
-                  "| variant | test acc % | Δ vs noisy upstream (paired) | weight AUROC | drop precision / recall | "
-                  "relabel accuracy | damage recovered | Δ vs train ∪ val |",
+                  "| variant | test acc % | Δ vs noisy upstream (paired) | weight AUROC (within upstream class) | "
+                  "drop precision / recall | relabel accuracy | damage recovered | Δ vs train ∪ val |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
         for e in entries:
             st = e.get("decision_stats") or {}
             pr = f"{st['drop_precision']:.2f} / {st['drop_recall']:.2f}" if st.get("dropped_fraction") else ""
             paired = e.get("gain_vs_noisy_paired")
-            paired_s = "" if paired is None else f"{paired:+.2f} ± {e['gain_vs_noisy_paired_se']:.2f}"
+            se = e.get("gain_vs_noisy_paired_se")
+            paired_s = "" if paired is None else f"{paired:+.2f}" + ("" if se is None else f" ± {se:.2f}")
             name = f"**{e['variant']}**" if e["is_default"] else e["variant"]
             lines.append(
                 f"| {name} | {_ms([100 * a for a in e['test_accs']])} | {paired_s} | "
-                f"{f(e['weight_auroc'])} | {pr} | {f(e['relabel_accuracy'])} | "
+                f"{_auroc_cell(e)} | {pr} | {f(e['relabel_accuracy'])} | "
                 f"{f(e['recovered_fraction'], signed=True)} | {f(e['gain_vs_train_on_val'], signed=True)} |"
             )
         lines.append("")
