@@ -69,9 +69,10 @@ class TestSaflexLoss:
 
     @pytest.mark.parametrize("method", METHODS)
     @pytest.mark.parametrize("temperature", [1.0, 4.0, math.inf])
-    def test_loss_is_the_weighted_soft_label_cross_entropy(self, method, temperature):
+    @pytest.mark.parametrize("rule", ["paper", "margin", "margin_fix"])
+    def test_loss_is_the_weighted_soft_label_cross_entropy(self, method, temperature, rule):
         model = _model(dtype=torch.float64, batchnorm=False)
-        criterion = SaflexLoss(model, _val(dtype=torch.float64), method=method, tau=None, beta=0.2, rule="paper",
+        criterion = SaflexLoss(model, _val(dtype=torch.float64), method=method, tau=None, beta=0.2, rule=rule,
                                val_temperature=temperature)
         x, target = _batch(dtype=torch.float64)
         logits = _forward(criterion, model, x)
@@ -82,7 +83,7 @@ class TestSaflexLoss:
         val_grad = SF.validation_gradient(model, val_x, val_y, temperature=temperature)
         model.train()
         pi = SF.grad_inner_products(model, x[5:], val_grad, method="last_layer" if method == "last_layer" else "jvp")
-        w, soft = SF.saflex_targets(pi, target.labels[5:], beta=0.2, tau=None, rule="paper")
+        w, soft = SF.saflex_targets(pi, target.labels[5:], beta=0.2, tau=None, rule=rule)
         weights = torch.cat([torch.ones(5, dtype=torch.float64), w])
         labels = torch.cat([F.one_hot(target.labels[:5], K).double(), soft])
         expected = (weights * F.cross_entropy(logits, labels, reduction="none")).sum() / 10
