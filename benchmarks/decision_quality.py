@@ -25,9 +25,7 @@ Usage::
 
     .venv/bin/python benchmarks/decision_quality.py --seeds 6 --timing   # the committed results (15.5 min, 2 workers)
     .venv/bin/python benchmarks/decision_quality.py --quick    # 1 seed, core variants (48 s)
-    # variants added after a full run are merged in (the committed JSON: "a random third", "per-sample history"):
-    .venv/bin/python benchmarks/decision_quality.py --seeds 6 --datasets fmnist-noisy --merge \
-        --variants "noisy upstream|history"
+    .venv/bin/python benchmarks/decision_quality.py --seeds 6 --datasets fmnist-noisy --merge --variants "noisy upstream|history"  # one family
     .venv/bin/python benchmarks/decision_quality.py --datasets fmnist-destructive --merge   # rerun one dataset
     .venv/bin/python benchmarks/decision_quality.py --replot   # redraw the figure from the JSON
 
@@ -782,8 +780,9 @@ def summarise(
             "test_acc": acc,
             "test_acc_std": float(np.std(accs)),
             "test_accs": accs,  # in seed order
-            "config": {
-                k: v for k, v in m.__dict__.items() if k not in ("name", "is_default", "extra")
+            "config": {  # strict JSON: an infinite temperature is written as the string "inf"
+                k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v)
+                for k, v in m.__dict__.items() if k not in ("name", "is_default", "extra")
             },
             "decision_stats": stage_mean,
             "decisions_by_stage": (stages[0] if len(stages) == 1 else _avg_stages(stages)) if stages else None,
