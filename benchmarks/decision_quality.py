@@ -25,7 +25,9 @@ Usage::
 
     .venv/bin/python benchmarks/decision_quality.py --seeds 6 --timing   # the committed results (15.5 min, 2 workers)
     .venv/bin/python benchmarks/decision_quality.py --quick    # 1 seed, core variants (48 s)
-    .venv/bin/python benchmarks/decision_quality.py --seeds 6 --datasets fmnist-noisy --merge --variants "noisy upstream|history"  # one family
+    # rerun one family of variants (with its paired baseline) into the committed JSON:
+    .venv/bin/python benchmarks/decision_quality.py --seeds 6 --datasets fmnist-noisy --merge \
+        --variants "noisy upstream|history"
     .venv/bin/python benchmarks/decision_quality.py --datasets fmnist-destructive --merge   # rerun one dataset
     .venv/bin/python benchmarks/decision_quality.py --replot   # redraw the figure from the JSON
 
