@@ -376,6 +376,12 @@ def decide(m: Method, pi: Tensor, y_up: Tensor, logits: Tensor, gen: torch.Gener
         w = (p.argmax(-1) == y_up).float()
         return w, F.one_hot(y_up, k).float(), p[torch.arange(len(y_up)), y_up]
     kw = dict(m.extra)
+    if m.rule == "hybrid":  # experimental: z(margin score) + z(model confidence p[y_aug]), drop below -beta
+        margin = SF.weight_scores(pi, y_up, rule="margin")
+        conf = logits.softmax(-1)[torch.arange(len(y_up)), y_up]
+        zs = lambda v: (v - v.mean()) / v.std().clamp_min(1e-12)  # noqa: E731
+        score = zs(margin) + zs(conf)
+        return (score >= -m.beta).float(), F.one_hot(y_up, k).float(), score
     w, lab = SF.saflex_targets(
         pi, y_up, beta=m.beta, tau=m.tau, normalize=m.normalize, rule=m.rule, generator=gen, **kw
     )
@@ -700,6 +706,10 @@ def saflex_methods(core_only: bool = False) -> list[Method]:
                history=True, **T4),
         Method("margin β=0.5, last_layer, fresh val 128, val T=4, per-sample history", rule="margin", beta=0.5,
                history=True, **T4),
+        # Not SAFLEX alone: the validation-gradient margin plus the model's own confidence (both z-scored).
+        Method("hybrid β=1.5, last_layer, fresh val 128, val T=4", rule="hybrid", beta=1.5, **T4),
+        Method("hybrid β=1, last_layer, fresh val 128, val T=4", rule="hybrid", beta=1.0, **T4),
+        Method("hybrid β=0.5, last_layer, fresh val 128, val T=4", rule="hybrid", beta=0.5, **T4),
     ]
 
 
