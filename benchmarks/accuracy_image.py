@@ -60,30 +60,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--magnitude", type=int, default=9, help="RandAugment magnitude (2 ops)")
     parser.add_argument("--upstreams", default="RandAugment,Mixup")
-    parser.add_argument("--methods", default="jvp,last_layer")
-    parser.add_argument("--beta", type=float, default=None, help="SaflexLoss beta (default: the library default)")
-    parser.add_argument("--tau", default=None, help="SaflexLoss tau ('none': argmax; default: the library default)")
-    parser.add_argument("--normalize", default=None)
-    parser.add_argument("--rule", default=None)
-    parser.add_argument("--val-temperature", type=float, default=None,
-                        help="SaflexLoss val_temperature ('inf' allowed; default: the library default)")
-    parser.add_argument("--rows", default=None, help="comma-separated row names to run (default: all)")
-    parser.add_argument("--reuse-baselines", default=None,
-                        help="JSON (or folder of them) of an earlier run with the same settings: its rows without SAFLEX "
-                             "are copied in (and not rerun) so the table compares against them")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=str(C.RESULTS))
+    C.add_run_arguments(parser)
     parser.add_argument("--tag", default="fashion_mnist", help="dataset name in the JSON / file name")
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.n_train, args.n_val, args.n_test, args.epochs = 2, 512, 128, 1000, 8
     C.set_threads(args.threads)
 
-    saflex_kwargs = {k: v for k, v in (("beta", args.beta), ("normalize", args.normalize), ("rule", args.rule),
-                                           ("val_temperature", args.val_temperature))
-                     if v is not None}  # fmt: skip
-    if args.tau is not None:
-        saflex_kwargs["tau"] = None if args.tau.lower() == "none" else float(args.tau)
+    saflex_kwargs = C.saflex_kwargs(args)
     upstreams, methods = args.upstreams.split(","), args.methods.split(",")
     rows = build_rows(upstreams, methods)
     if args.rows:
@@ -123,13 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"seed {seed} {r['name']:<28} acc {acc:6.2f}  ({info['train_seconds']:.0f}s"
                   + (f", kept {info['kept_fraction']:.2f}, relabeled {info['relabeled_fraction']:.2f}"
                      if "kept_fraction" in info else "") + ")", flush=True)  # fmt: skip
-    from saflex_data import SaflexLoss
-
-    import inspect
-
-    defaults = {k: v.default for k, v in inspect.signature(SaflexLoss).parameters.items()
-                if k in ("method", "beta", "tau", "normalize", "rule", "val_every", "val_batches", "val_ema",
-                         "val_mode", "val_temperature")}  # fmt: skip
+    defaults = C.saflex_defaults()
     payload = {
         "dataset": args.tag,
         "metric": "accuracy",

@@ -18,7 +18,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import inspect
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as C  # noqa: E402
 
-from saflex_data import SaflexLoss  # noqa: E402
 from saflex_data.datasets import TABULAR_SETS, TabularData, load_tabular, stratified_split  # noqa: E402
 
 DEFAULT_SETS = "mlc_churn,credit_data,wa_churn,hpc_data"
@@ -93,9 +91,7 @@ def run_table(name: str, args: argparse.Namespace, saflex_kwargs: dict) -> dict:
             print(f"{name} seed {seed} {r['name']:<30} {metric} {s:6.2f} ({info['train_seconds']:.1f}s"
                   + (f", kept {info['kept_fraction']:.2f}, relabeled {info['relabeled_fraction']:.2f}"
                      if "kept_fraction" in info else "") + ")", flush=True)  # fmt: skip
-    defaults = {k: v.default for k, v in inspect.signature(SaflexLoss).parameters.items()
-                if k in ("method", "beta", "tau", "normalize", "rule", "val_every", "val_batches", "val_ema",
-                         "val_mode", "val_temperature")}  # fmt: skip
+    defaults = C.saflex_defaults()
     spec = TABULAR_SETS[name]
     return {
         "dataset": name,
@@ -140,31 +136,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--p", type=float, default=0.3, help="CutMix feature replacement probability")
     parser.add_argument("--max-train", type=int, default=0, help="cap on training rows (0: no cap)")
-    parser.add_argument("--methods", default="jvp,last_layer")
-    parser.add_argument("--beta", type=float, default=None)
-    parser.add_argument("--tau", default=None, help="SaflexLoss tau ('none': argmax; default: the library default)")
-    parser.add_argument("--normalize", default=None)
-    parser.add_argument("--rule", default=None)
-    parser.add_argument("--val-temperature", type=float, default=None,
-                        help="SaflexLoss val_temperature ('inf' allowed; default: the library default)")
-    parser.add_argument("--rows", default=None, help="comma-separated row names to run (default: all)")
-    parser.add_argument("--reuse-baselines", default=None,
-                        help="JSON (or folder of them) of an earlier run with the same settings: its rows without SAFLEX "
-                             "are copied in (and not rerun) so the table compares against them")
+    C.add_run_arguments(parser)
     parser.add_argument("--tag-suffix", default="", help="written as accuracy_<dataset>__<suffix>.json")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=str(C.RESULTS))
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.epochs, args.max_train = 2, 3, 600
         if args.datasets == DEFAULT_SETS:
             args.datasets = "breast_cancer,wine"
     C.set_threads(args.threads)
-    saflex_kwargs = {k: v for k, v in (("beta", args.beta), ("normalize", args.normalize), ("rule", args.rule),
-                                           ("val_temperature", args.val_temperature))
-                     if v is not None}  # fmt: skip
-    if args.tau is not None:
-        saflex_kwargs["tau"] = None if args.tau.lower() == "none" else float(args.tau)
+    saflex_kwargs = C.saflex_kwargs(args)
     out = Path(args.out)
     payloads = []
     for name in args.datasets.split(","):

@@ -76,6 +76,45 @@ def set_threads(n: int) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(n))
 
 
+# The SaflexLoss settings the accuracy scripts take on the command line; None keeps the library default.
+_SAFLEX_DEFAULT_KEYS = ("method", "beta", "tau", "normalize", "rule", "val_every", "val_batches", "val_ema", "val_mode",
+                        "val_temperature")
+
+
+def add_run_arguments(parser: Any) -> None:
+    """The options both accuracy scripts share: SAFLEX methods and settings, row selection, threads, output."""
+    parser.add_argument("--methods", default="jvp,last_layer")
+    parser.add_argument("--beta", type=float, default=None, help="SaflexLoss beta (default: the library default)")
+    parser.add_argument("--tau", default=None, help="SaflexLoss tau ('none': argmax; default: the library default)")
+    parser.add_argument("--normalize", default=None)
+    parser.add_argument("--rule", default=None)
+    parser.add_argument("--val-temperature", type=float, default=None,
+                        help="SaflexLoss val_temperature ('inf' allowed; default: the library default)")
+    parser.add_argument("--rows", default=None, help="comma-separated row names to run (default: all)")
+    parser.add_argument("--reuse-baselines", default=None,
+                        help="JSON (or folder of them) of an earlier run with the same settings: its rows without SAFLEX "
+                             "are copied in (and not rerun) so the table compares against them")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=str(RESULTS))
+
+
+def saflex_kwargs(args: Any) -> dict[str, Any]:
+    """The ``SaflexLoss`` keyword arguments given by :func:`add_run_arguments`' options."""
+    kwargs = {k: v for k, v in (("beta", args.beta), ("normalize", args.normalize), ("rule", args.rule),
+                                ("val_temperature", args.val_temperature)) if v is not None}  # fmt: skip
+    if args.tau is not None:
+        kwargs["tau"] = None if args.tau.lower() == "none" else float(args.tau)
+    return kwargs
+
+
+def saflex_defaults() -> dict[str, Any]:
+    """``SaflexLoss``'s defaults for the settings the JSON files record."""
+    import inspect
+
+    params = inspect.signature(SaflexLoss).parameters
+    return {k: params[k].default for k in _SAFLEX_DEFAULT_KEYS}
+
+
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=1) + "\n")
