@@ -249,6 +249,7 @@ class SaflexContrastiveLoss(_StepReport, nn.Module):
     """
 
     towers: _Towers
+    _state_signal = ("val_grad", "val_grad")  # state_dict key and attribute of the cached validation gradient
 
     def __init__(
         self,
@@ -450,22 +451,6 @@ class SaflexContrastiveLoss(_StepReport, nn.Module):
             "weight_mean": (weights * is_augmented).sum() / denom,
         }
         self.last_step = {"is_augmented": is_augmented, "weights": weights, "targets": targets}
-
-    def get_extra_state(self) -> dict[str, Any]:
-        return {
-            "step": self.step,
-            "generator": self._generator.get_state(),
-            "val_grad": self.val_grad,
-            "nonfinite_steps": self.nonfinite_steps,
-            **self._val.state(),
-        }
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        self.step = int(state["step"])
-        self._generator.set_state(state["generator"])
-        self.val_grad = state.get("val_grad")
-        self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
-        self._val.load_state(state)  # the validation stream resumes where the saved run was
 
     def extra_repr(self) -> str:
         return (

@@ -46,10 +46,12 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 class _StepReport:
-    """What both SAFLEX losses share: the per-step ``stats`` and the warn-once non-finite fallback counter.
+    """What both SAFLEX losses share: the per-step ``stats``, the warn-once non-finite fallback counter and the
+    resumable state (``get_extra_state``/``set_extra_state``).
 
-    The host sets ``_last`` (tensors of the last step), ``step``, ``nonfinite_steps``, ``_warned_nonfinite`` and
-    ``_fallback_keeps`` (what a fallback step keeps, for the warning).
+    The host sets ``_last`` (tensors of the last step), ``step``, ``nonfinite_steps``, ``_warned_nonfinite``,
+    ``_fallback_keeps`` (what a fallback step keeps, for the warning), ``_generator``, ``_val`` (its
+    ``ValidationStream``) and ``_state_signal``: the state key and the attribute of its cached validation signal.
     """
 
     _last: dict[str, Tensor]
@@ -57,6 +59,9 @@ class _StepReport:
     nonfinite_steps: int
     _warned_nonfinite: bool
     _fallback_keeps: str
+    _generator: torch.Generator
+    _val: Any
+    _state_signal: tuple[str, str]
 
     @property
     def stats(self) -> dict[str, float]:
@@ -77,6 +82,24 @@ class _StepReport:
                 RuntimeWarning,
                 stacklevel=3,
             )
+
+    def get_extra_state(self) -> dict[str, Any]:
+        key, attr = self._state_signal
+        return {
+            "step": self.step,
+            "generator": self._generator.get_state(),
+            key: getattr(self, attr),
+            "nonfinite_steps": self.nonfinite_steps,
+            **self._val.state(),
+        }
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        key, attr = self._state_signal
+        self.step = int(state["step"])
+        self._generator.set_state(state["generator"])
+        setattr(self, attr, state.get(key))
+        self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
+        self._val.load_state(state)  # a fresh iterator, fast-forwarded to where the saved run was
 
 
 class SaflexLoss(_StepReport, nn.Module):
@@ -137,6 +160,8 @@ class SaflexLoss(_StepReport, nn.Module):
         >>> loss = criterion(model(x), target)
         >>> loss.backward()
     """
+
+    _state_signal = ("signal", "_signal")  # state_dict key and attribute of the cached validation signal
 
     def __init__(
         self,
@@ -577,22 +602,6 @@ class SaflexLoss(_StepReport, nn.Module):
                 "relabeled": self._totals["relabeled"][i].item() / count,
             }
         return out
-
-    def get_extra_state(self) -> dict[str, Any]:
-        return {
-            "step": self.step,
-            "generator": self._generator.get_state(),
-            **self._val.state(),
-            "signal": self._signal,
-            "nonfinite_steps": self.nonfinite_steps,
-        }
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        self.step = int(state["step"])
-        self._generator.set_state(state["generator"])
-        self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
-        self._signal = state.get("signal")
-        self._val.load_state(state)  # a fresh iterator, fast-forwarded to where the saved run was
 
     def extra_repr(self) -> str:
         return (
