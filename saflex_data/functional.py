@@ -327,9 +327,7 @@ def last_layer_validation_gradient(
     Returns:
         ``(grad_weight (K, D), grad_bias (K,))``.
     """
-    check_logits(logits)
-    check_targets(targets, logits.shape[0], logits.shape[1], "targets")
-    residual = validation_residual(logits, targets, temperature)
+    residual = validation_residual(logits, targets, temperature)  # checks logits and targets
     # v = validation batch, k = classes, d = feature dim
     grad_weight = torch.einsum("vk,vd->kd", residual, features.to(residual.dtype)) / logits.shape[0]
     return grad_weight, residual.mean(0)
