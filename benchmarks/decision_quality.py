@@ -414,6 +414,8 @@ def train_run(
     y_pool = s.y_pool_true if m.stream == "clean" else s.y_pool_up
     ema: dict[str, Tensor] | None = None
     hist_sum, hist_cnt = torch.zeros(s.x_pool.shape[0]), torch.zeros(s.x_pool.shape[0])
+    # the oracle's share of the bad pool samples, fixed per seed
+    oracle_drops = s.bad & (torch.rand(n_pool, generator=torch.Generator().manual_seed(seed + 2)) < m.oracle_fraction)
     log = {"w": [], "bad": [], "score": [], "lab": [], "true": [], "up": [], "step": [], "pred": []}
     probes = []
     probe_steps = {max(1, int(f * steps)) - 1: f for f in probe_at}
@@ -470,8 +472,7 @@ def train_run(
             elif m.kind == "conf":
                 w, lab, score = decide(m, None, ya, la.detach(), gen)
             elif m.kind == "oracle":
-                u = torch.rand(n_pool, generator=torch.Generator().manual_seed(seed + 2))
-                w = (~(s.bad & (u < m.oracle_fraction))[ia]).float()
+                w = (~oracle_drops[ia]).float()
                 lab, score = F.one_hot(ya, s.num_classes).float(), w
             else:
                 w, lab, score = torch.ones(len(ya)), F.one_hot(ya, s.num_classes).float(), torch.zeros(len(ya))
@@ -512,6 +513,8 @@ def decision_metrics(d: dict[str, Tensor], steps: int) -> dict:
         relabeled = lab != up
         tp = int((dropped & torch.from_numpy(bad)).sum())
         changed_or_dropped = relabeled | dropped
+        kept_relabel = relabeled & ~dropped
+        wrong_relabel = kept_relabel & (lab != true)
         stages[f"q{q + 1}"] = {
             "weight_auroc": _auroc(-score, bad),
             # Within each upstream class (mean over classes): what is left once the class prior is known. With
@@ -524,8 +527,8 @@ def decision_metrics(d: dict[str, Tensor], steps: int) -> dict:
             "dropped_fraction": float(dropped.float().mean()),
             "relabeled_fraction": float(relabeled.float().mean()),
             # relabel accuracy: among samples SAFLEX relabelled (and kept), is the new label the true one?
-            "relabel_accuracy": float((lab == true)[relabeled & ~dropped].float().mean())
-            if (relabeled & ~dropped).any()
+            "relabel_accuracy": float((lab == true)[kept_relabel].float().mean())
+            if kept_relabel.any()
             else float("nan"),
             # final label right, over wrongly labelled samples that were kept (fixed / still wrong)
             "wrong_fixed_fraction": float((lab == true)[torch.from_numpy(bad)].float().mean()) if bad.any() else float("nan"),
@@ -533,11 +536,11 @@ def decision_metrics(d: dict[str, Tensor], steps: int) -> dict:
             "bad_neutralised": float(((lab == true) | dropped)[torch.from_numpy(bad)].float().mean()) if bad.any() else float("nan"),
             "touched_fraction": float(changed_or_dropped.float().mean()),
             # Does a relabel just copy the model's own prediction (pseudo-labelling)? Split by right / wrong.
-            "relabel_equals_model_argmax": float((lab == pred)[relabeled & ~dropped].float().mean())
-            if (relabeled & ~dropped).any()
+            "relabel_equals_model_argmax": float((lab == pred)[kept_relabel].float().mean())
+            if kept_relabel.any()
             else float("nan"),
-            "wrong_relabel_equals_model_argmax": float((lab == pred)[relabeled & ~dropped & (lab != true)].float().mean())
-            if (relabeled & ~dropped & (lab != true)).any()
+            "wrong_relabel_equals_model_argmax": float((lab == pred)[wrong_relabel].float().mean())
+            if wrong_relabel.any()
             else float("nan"),
             "top_class_share": float(torch.bincount(lab, minlength=int(lab.max()) + 1).max() / len(lab)),
         }
@@ -972,7 +975,8 @@ def main(argv: list[str] | None = None) -> None:
     entries = summarise([r for r in runs if r["method"] != probe_m.name], methods, seeds, old_refs)
     order = {m.name: i for i, m in enumerate(full)}
     entries.sort(key=lambda e: (e["dataset"], order.get(e["variant"], 99)))
-    probes = [dict(p, dataset=r["dataset"]) for r in sorted(probe_runs, key=lambda r: r["dataset"]) for p in r["probes"]]
+    probe_runs.sort(key=lambda r: r["dataset"])
+    probes = [dict(p, dataset=r["dataset"]) for r in probe_runs for p in r["probes"]]
     timing = step_timing(args.fmnist_dir) if args.timing else None
     if old is not None:
         new_keys = {(e["dataset"], e["variant"]) for e in entries}
