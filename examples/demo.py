@@ -35,6 +35,7 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
 
 from saflex_data import SaflexLoss, SaflexTarget  # noqa: E402
+from saflex_data.functional import Rule  # noqa: E402
 from saflex_data.adapters.torchvision import TaggedRandomChoice  # noqa: E402
 from saflex_data.collate import SaflexCollate  # noqa: E402
 from saflex_data.datasets import load_mnist_5k, stratified_split  # noqa: E402
@@ -106,7 +107,9 @@ def train(
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=total, pct_start=0.2)
     criterion = None
     if mode == "saflex":
-        kwargs = {k: v for k, v in (("method", args.method), ("beta", args.beta), ("rule", args.rule)) if v is not None}
+        kwargs = {} if args.method is None else {"method": args.method}
+        if args.rule is not None or args.beta is not None:
+            kwargs["rule"] = Rule(args.rule or "margin", beta=args.beta)
         criterion = SaflexLoss(model, val_loader, **kwargs)
     kept, relabeled, step = [], [], 0
     t0 = time.perf_counter()
@@ -284,7 +287,7 @@ def main(argv: list[str] | None = None) -> dict:
     x, target = next(iter(loader))
     last = decisions_on(model, criterion, x, target)
     plot_samples(out / "demo_samples.png", x, target, last)
-    plot_op_rates(out / "demo_op_rates.png", op_stats, f"[rule={criterion.rule}, beta={criterion.beta}]")
+    plot_op_rates(out / "demo_op_rates.png", op_stats, f"[rule={criterion.rule.name}, beta={criterion.rule.beta}]")
 
     names = {"noaug": "No augmentation", "upstream": "Strong upstream, plain CE", "saflex": "SAFLEX + strong upstream"}
     print("\n| run | test accuracy (%) | train time (s) |\n|---|---:|---:|")

@@ -33,6 +33,7 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import NativeScaler, accuracy, random_seed
 
 from saflex_data import SaflexLoss
+from saflex_data.functional import Rule
 from saflex_data.adapters.timm import SaflexTask, ValPrepare, create_train_loader, create_val_loader, has_task_api
 
 
@@ -60,8 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--aug-splits", type=int, default=0, help="2: timm's [clean; augmented] batches instead")
     p.add_argument("--no-saflex", dest="saflex", action="store_false", help="plain timm training (cross-entropy)")
     p.add_argument("--method", default="last_layer", choices=("last_layer", "jvp", "single_pass"))
-    p.add_argument("--beta", type=float, default=0.5)
-    p.add_argument("--tau", type=float, default=0.01)
+    p.add_argument("--rule", default="margin", help="SAFLEX decision rule (saflex_data.functional.Rule)")
+    p.add_argument("--beta", type=float, default=None, help="the rule's margin or bonus (default: the rule's own)")
     p.add_argument("--use-task", action="store_true", help="use SaflexTask (timm >= 1.0.23) for task(input, target)")
     p.add_argument("--no-prefetcher", dest="prefetcher", action="store_false")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
         # SAFLEX: the loss swap (prepare: channels_last like the model; warns if normalisation differs)
         criterion = SaflexLoss(
-            model, loader_saflex, method=args.method, beta=args.beta, tau=args.tau,
+            model, loader_saflex, method=args.method, rule=Rule(args.rule, beta=args.beta),
             label_smoothing=args.smoothing, prepare=ValPrepare.from_model(model), seed=args.seed,
         )
     else:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -20,8 +22,9 @@ class ValidationStream:
     to the same batch: exact for a loader whose order is reproducible (no shuffle, or ``generator=``).
     """
 
-    def __init__(self, loader: Iterable[Any], owner: str) -> None:
+    def __init__(self, loader: Iterable[Any], owner: str, keys: tuple[str, str] | None = None) -> None:
         self.loader = loader
+        self.keys = keys
         self.owner = owner
         self.drawn = 0  # batches drawn so far
         self._iter: Iterator[Any] | None = None
@@ -51,6 +54,11 @@ class ValidationStream:
         if prepare is not None:
             inputs = prepare(inputs)
         return inputs, targets
+
+    @contextlib.contextmanager
+    def model_call(self) -> Iterator[None]:
+        """Around the model's validation forward (errors there are explained in terms of the loader)."""
+        yield
 
     def _draw(self) -> Any:
         for _ in range(2):

@@ -26,6 +26,7 @@ Everything here is a pure function: no module state, no global RNG, outputs on t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import warnings
 from collections.abc import Iterator, Mapping
@@ -36,6 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd import forward_ad as fwAD
 from torch.func import functional_call
+
+from ._common import as_probabilities as _as_probabilities
 
 __all__ = [
     "validation_gradient",
@@ -50,17 +53,19 @@ __all__ = [
     "standardize_inner_products",
     "weight_scores",
     "find_classifier",
-    "Method",
     "Rule",
+    "Method",
+    "RuleName",
     "Normalize",
 ]
 
 Method = Literal["jvp", "last_layer", "autograd"]
-Rule = Literal["paper", "centered", "margin", "margin_relabel", "margin_fix"]
+RuleName = Literal["paper", "centered", "margin", "margin_relabel", "margin_fix"]
 Normalize = Literal["batch_max", "row_max", "none"]
 
 _RULES = ("paper", "centered", "margin", "margin_relabel", "margin_fix")
 _MARGIN_RULES = ("margin", "margin_relabel", "margin_fix")
+_RULES_USING_LOGITS: tuple[str, ...] = ()  # rules that read saflex_targets(..., logits=); exchanged under DDP
 _NORMALIZE = ("batch_max", "row_max", "none")
 _CLASSIFIER_ATTRS = ("fc", "classifier", "head", "last_linear", "linear", "out", "output")
 
@@ -115,12 +120,6 @@ def check_logits(logits: Tensor, name: str = "logits") -> None:
     if not isinstance(logits, Tensor) or logits.dim() != 2 or not logits.is_floating_point():
         got = f"shape {tuple(logits.shape)} and dtype {logits.dtype}" if isinstance(logits, Tensor) else type(logits)
         raise ValueError(f"{name} must be a float tensor of shape (B, K), but got {got}.")
-
-
-def _as_probabilities(targets: Tensor, num_classes: int, dtype: torch.dtype) -> Tensor:
-    if targets.dim() == 2:
-        return targets.to(dtype)
-    return F.one_hot(targets.long(), num_classes).to(dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -557,7 +556,7 @@ def standardize_inner_products(pi: Tensor) -> Tensor:
     return centred / scale.clamp_min(eps * (1.0 + pi.abs().amax()))
 
 
-def weight_scores(pi: Tensor, targets: Tensor, *, rule: Rule = "margin") -> Tensor:
+def weight_scores(pi: Tensor, targets: Tensor, *, rule: RuleName = "margin") -> Tensor:
     """The continuous score behind each sample's keep/drop weight; higher = keep (for AUROC and diagnostics).
 
     ``paper``/``centered``: the gain of the upstream label ``y_iᵀΠ_i`` (Ren et al.'s meta-gradient; the weight is
@@ -590,11 +589,26 @@ def weight_scores(pi: Tensor, targets: Tensor, *, rule: Rule = "margin") -> Tens
 _DEFAULT_BETA = {"paper": 0.5, "centered": 0.5, "margin": 1.5, "margin_relabel": 1.0, "margin_fix": 1.5}
 
 
-def default_beta(rule: Rule) -> float:
+def default_beta(rule: RuleName) -> float:
     """The β that ``saflex_targets(..., beta=None)`` uses for ``rule``."""
     if rule not in _RULES:
         raise ValueError(f"rule must be one of {_RULES}, but got {rule!r}.")
     return _DEFAULT_BETA[rule]
+
+
+def _check_rule_settings(rule: str, beta: float | None, tau: float | None, normalize: str) -> float:
+    """Check a rule's settings (the one place that does); returns ``beta`` with ``None`` resolved to the default."""
+    if rule not in _RULES:
+        raise ValueError(f"rule must be one of {_RULES}, but got {rule!r}.")
+    if tau is not None and (isinstance(tau, bool) or not isinstance(tau, (int, float)) or not tau > 0):
+        raise ValueError(f"tau must be a positive float or None (argmax), but got {tau!r}.")
+    if beta is None:
+        beta = _DEFAULT_BETA[rule]
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta):
+        raise ValueError(f"beta must be a finite float or None (the rule's default), but got {beta!r}.")
+    if normalize not in _NORMALIZE:
+        raise ValueError(f"normalize must be one of {_NORMALIZE}, but got {normalize!r}.")
+    return float(beta)
 
 
 def saflex_targets(
@@ -604,8 +618,9 @@ def saflex_targets(
     beta: float | None = None,
     tau: float | None = 0.01,
     normalize: Normalize = "batch_max",
-    rule: Rule = "margin",
+    rule: RuleName = "margin",
     generator: torch.Generator | None = None,
+    logits: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Sample weights and soft labels of augmented samples from their inner products (SPEC §2).
 
@@ -642,6 +657,8 @@ def saflex_targets(
         normalize: How ``Π`` is scaled before the bonus and the noise (``paper``/``centered``).
         rule: ``"margin"`` (default), ``"paper"``, ``"centered"``, ``"margin_relabel"`` or ``"margin_fix"``.
         generator: Random generator for the Gumbel noise (drawn on the generator's device).
+        logits: Optional detached training logits `(B, K)` of the same samples, for rules that combine ``Π`` with
+            the model's own prediction (none of the rules above uses them).
 
     Returns:
         ``(weights (B,), soft_labels (B, K))``, float32 (float64 for float64 ``pi``).
@@ -658,16 +675,7 @@ def saflex_targets(
     """
     check_logits(pi, "pi")
     check_targets(targets, pi.shape[0], pi.shape[1], "targets")
-    if rule not in _RULES:
-        raise ValueError(f"rule must be one of {_RULES}, but got {rule!r}.")
-    if tau is not None and not tau > 0:
-        raise ValueError(f"tau must be a positive float or None (argmax), but got {tau!r}.")
-    if beta is None:
-        beta = _DEFAULT_BETA[rule]
-    if not isinstance(beta, (int, float)) or not math.isfinite(beta):
-        raise ValueError(f"beta must be a finite float or None (the rule's default), but got {beta!r}.")
-    if normalize not in _NORMALIZE:
-        raise ValueError(f"normalize must be one of {_NORMALIZE}, but got {normalize!r}.")
+    beta = _check_rule_settings(rule, beta, tau, normalize)
     dtype = torch.promote_types(pi.dtype, torch.float32)
     raw = pi.to(dtype)
     upstream = _as_probabilities(targets, pi.shape[1], dtype)
@@ -699,3 +707,52 @@ def saflex_targets(
         return torch.ones(pi.shape[0], dtype=dtype, device=pi.device), soft_labels
     weights = ((soft_labels * raw).sum(-1) >= 0).to(dtype)
     return weights, soft_labels
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """A decision rule and its settings, checked when it is made: ``Rule("margin", beta=1.0)``.
+
+    ``SaflexLoss(rule=...)`` takes a ``Rule`` or just its name (``rule="paper"`` is ``Rule("paper")``).
+    See :func:`saflex_targets` for what each rule does and what its settings mean.
+
+    Args:
+        name: ``"margin"`` (default), ``"paper"``, ``"centered"``, ``"margin_relabel"`` or ``"margin_fix"``.
+        beta: The rule's margin or bonus; ``None`` takes the rule's default (:func:`default_beta`). Stored resolved.
+        tau: Gumbel-softmax temperature of the relabelling rules; ``None`` for a deterministic argmax.
+        normalize: Scaling of ``Π`` before the bonus and the noise (``"paper"``/``"centered"``).
+
+    Example:
+        >>> Rule("margin")
+        Rule(name='margin', beta=1.5, tau=0.01, normalize='batch_max')
+        >>> Rule("margin", beta=-1.0).beta
+        -1.0
+        >>> Rule("median")
+        Traceback (most recent call last):
+        ...
+        ValueError: rule must be one of ('paper', 'centered', 'margin', 'margin_relabel', 'margin_fix'), but got 'median'.
+    """
+
+    name: str = "margin"
+    beta: float | None = None
+    tau: float | None = 0.01
+    normalize: str = "batch_max"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "beta", _check_rule_settings(self.name, self.beta, self.tau, self.normalize))
+
+    @classmethod
+    def of(cls, rule: Rule | str) -> Rule:
+        """``rule`` itself, or the rule of that name with its default settings."""
+        if isinstance(rule, cls):
+            return rule
+        if isinstance(rule, str):
+            return cls(rule)
+        raise TypeError(f"rule must be a Rule or a rule name (str), but got {type(rule).__name__}.")
+
+    def __call__(
+        self, pi: Tensor, targets: Tensor, *, generator: torch.Generator | None = None, logits: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """``saflex_targets(pi, targets, ...)`` with this rule's settings."""
+        return saflex_targets(pi, targets, beta=self.beta, tau=self.tau, normalize=self.normalize, rule=self.name,
+                              generator=generator, logits=logits)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from saflex_data import SaflexLoss, SaflexTarget
+from saflex_data.functional import Rule
 from tests.conftest import SmallCNN
 
 PATH = Path(__file__).parent / "data" / "golden_loss.pt"
@@ -41,7 +42,7 @@ def run_case(method: str, rule: str, options: dict, soft: bool) -> dict[str, tor
     model = SmallCNN(K).train()
     g = torch.Generator().manual_seed(1)
     val = [(torch.randn(8, 1, 6, 6, generator=g), torch.randint(0, K, (8,), generator=g)) for _ in range(3)]
-    criterion = SaflexLoss(model, val, method=method, rule=rule, beta=0.7 if rule == "paper" else None, seed=3,
+    criterion = SaflexLoss(model, val, method=method, rule=Rule(rule, beta=0.7 if rule == "paper" else None), seed=3,
                            **options)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     losses, weights, targets = [], [], []
