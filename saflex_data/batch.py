@@ -13,6 +13,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._common import as_probabilities
+from ._common import describe as _describe
+
 __all__ = ["SaflexTarget"]
 
 
@@ -121,9 +124,7 @@ class SaflexTarget:
 
     def soft_labels(self, num_classes: int, dtype: torch.dtype = torch.float32) -> Tensor:
         """Labels as a `(B, K)` distribution (one-hot for class indices)."""
-        if self.labels.dim() == 2:
-            return self.labels.to(dtype)
-        return torch.nn.functional.one_hot(self.labels.long(), num_classes).to(dtype)
+        return as_probabilities(self.labels, num_classes, dtype)
 
     @staticmethod
     def cat(targets: Sequence[SaflexTarget]) -> SaflexTarget:
@@ -170,9 +171,3 @@ def _tensor_equal(a: Tensor | None, b: Tensor | None) -> bool:
     if a is None or b is None:
         return a is b
     return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a.cpu(), b.cpu()))
-
-
-def _describe(value: object) -> str:
-    if isinstance(value, Tensor):
-        return f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
-    return f"an object of type {type(value).__name__}"

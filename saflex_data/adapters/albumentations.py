@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import get_worker_info
 
 from saflex_data._deps import require
-from saflex_data.collate import draw_seed
+from saflex_data._common import draw_seed
 
 A = require("albumentations")
 

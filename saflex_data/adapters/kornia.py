@@ -30,6 +30,8 @@ kornia = require("kornia")
 import kornia.augmentation as K  # noqa: E402
 from kornia.augmentation._2d.mix.base import MixAugmentationBaseV2  # noqa: E402
 
+from saflex_data._common import describe as _describe  # noqa: E402
+
 __all__ = ["KorniaTagger", "KorniaAugment", "kornia_record_to_soft", "batch_prob_mask"]
 
 
@@ -214,9 +216,3 @@ class KorniaAugment(DeviceAugment):
 
 def _is_policy(module: nn.Module) -> bool:
     return any(c.__name__ == "PolicyAugmentBase" for c in type(module).__mro__)
-
-
-def _describe(value: object) -> str:
-    if isinstance(value, Tensor):
-        return f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
-    return f"an object of type {type(value).__name__}"
