@@ -233,6 +233,7 @@ class SaflexContrastiveLoss(_StepReport, nn.Module):
             ``T`` was not measured for the contrastive loss.
         enabled: ``False`` gives the plain symmetric CLIP loss exactly (a switch for the train loop).
         prepare: Optional callable applied to validation images after the device move (normalisation, dtype).
+        val_keys: ``(input_key, target_key)`` of dict validation batches; ``None`` tries the common names.
         precondition: Optional Adam/AdamW optimizer of the model: the tangent becomes ``-P g`` with
             ``P = 1 / (sqrt(v̂) + eps)``, consistent with an Adam step (SPEC §4; not in the paper).
         init_logit_scale: Initial ``logit_scale`` when the loss owns it (CLIP's ``log(1/0.07)``).
@@ -267,6 +268,7 @@ class SaflexContrastiveLoss(_StepReport, nn.Module):
         val_temperature: float = 1.0,
         enabled: bool = True,
         prepare: Callable[[Tensor], Tensor] | None = None,
+        val_keys: tuple[str, str] | None = None,
         precondition: torch.optim.Optimizer | None = None,
         init_logit_scale: float = math.log(1 / 0.07),
         seed: int = 0,
@@ -312,7 +314,7 @@ class SaflexContrastiveLoss(_StepReport, nn.Module):
 
         self.step = 0
         self._generator = torch.Generator().manual_seed(seed)
-        self._val = ValidationStream(val_loader, type(self).__name__)
+        self._val = ValidationStream(val_loader, type(self).__name__, val_keys)
         self.val_grad: dict[str, Tensor] | None = None
         self.nonfinite_steps = 0
         self._warned_nonfinite = False
@@ -345,7 +347,7 @@ class SaflexContrastiveLoss(_StepReport, nn.Module):
         modes = [(module, module.training) for module in towers.modules()]
         towers.train(self.val_mode == "train")
         try:
-            with torch.autocast(device_type=images.device.type, enabled=False):
+            with self._val.model_call(images), torch.autocast(device_type=images.device.type, enabled=False):
                 self.val_grad = validation_gradient(towers, images, labels, temperature=self.val_temperature)
         finally:
             for module, training in modes:

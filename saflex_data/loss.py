@@ -134,6 +134,8 @@ class SaflexLoss(_StepReport, nn.Module):
         enabled: ``False`` makes the loss exactly plain (soft-label) cross-entropy; a switch for the train loop.
         prepare: Optional callable applied to validation inputs after the device move (normalisation,
             ``channels_last``, dtype), so that they look like the training inputs.
+        val_keys: ``(input_key, target_key)`` of dict validation batches; ``None`` tries the common names
+            (``image``/``inputs``/``pixel_values``/..., ``label``/``labels``/``target``/...).
         classifier: For ``"last_layer"``: the ``nn.Linear`` producing the logits, or its name; found automatically
             (timm's ``get_classifier()``, ``fc``, ``head``, ``classifier``, ... or the last ``nn.Linear``) if None.
         num_splits: Positional tagging for plain tensor targets (timm's ``--aug-splits``): the batch is
@@ -180,6 +182,7 @@ class SaflexLoss(_StepReport, nn.Module):
         val_temperature: float = VAL_TEMPERATURE,
         enabled: bool = True,
         prepare: Callable[[Tensor], Tensor] | None = None,
+        val_keys: tuple[str, str] | None = None,
         classifier: nn.Module | str | None = None,
         num_splits: int | None = None,
         precondition: torch.optim.Optimizer | None = None,
@@ -235,7 +238,7 @@ class SaflexLoss(_StepReport, nn.Module):
 
         self.step = 0
         self._generator = torch.Generator().manual_seed(seed)
-        self._val = ValidationStream(val_loader, type(self).__name__)
+        self._val = ValidationStream(val_loader, type(self).__name__, val_keys)
         self._signal: Any = None  # cached validation signal: dict (jvp) or (G_W, G_b) (last_layer)
         self._busy = False  # True during the loss's own passes: the capture hooks ignore them
         self._inputs: Tensor | None = None
@@ -478,7 +481,7 @@ class SaflexLoss(_StepReport, nn.Module):
         modes = [(m, m.training) for m in model.modules()]  # restored one by one: frozen submodules stay in eval
         model.train(self.val_mode == "train")
         try:
-            with self._own_pass(), torch.autocast(device_type=inputs.device.type, enabled=False):
+            with self._own_pass(), self._val.model_call(inputs), torch.autocast(inputs.device.type, enabled=False):
                 if self.method == "last_layer":
                     self._val_capture = None
                     with torch.no_grad(), SF._running_stats_frozen(model):
