@@ -83,10 +83,10 @@ class ValidationStream:
         input_key = next((k for k in INPUT_KEYS if k in batch), None)
         target_key = next((k for k in TARGET_KEYS if k in batch), None)
         if input_key is None or target_key is None:
+            lacking = f"input key among {INPUT_KEYS}" if input_key is None else f"target key among {TARGET_KEYS}"
             raise ValueError(
-                f"val_loader yielded a dict with keys {found}, but no "
-                f"{'input key among ' + str(INPUT_KEYS) if input_key is None else 'target key among ' + str(TARGET_KEYS)}"
-                f"; name them with {self.owner}(..., val_keys=(input_key, target_key))."
+                f"val_loader yielded a dict with keys {found}, but no {lacking}; name them with "
+                f"{self.owner}(..., val_keys=(input_key, target_key))."
             )
         return batch[input_key], batch[target_key]
 

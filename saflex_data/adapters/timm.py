@@ -718,13 +718,16 @@ class TaggedMixup:
     def __call__(self, inputs: Tensor, target: SaflexTarget | Tensor) -> tuple[Tensor, SaflexTarget | Tensor]:
         if not self.mixup_enabled:
             return inputs, target
-        if self.mode == "batch" and self.prob < 1.0 and not bool(torch.rand((), generator=self.generator) < self.prob):
+        if self.mode == "batch" and self.prob < 1.0 and not self._coin(self.prob):
             return inputs, target
         op = self.mixup
-        if self.cutmix is not None and (op is None or bool(torch.rand((), generator=self.generator) < self.switch_prob)):
+        if self.cutmix is not None and (op is None or self._coin(self.switch_prob)):
             op = self.cutmix
         assert op is not None
         return op(inputs, target)
+
+    def _coin(self, p: float) -> bool:
+        return bool(torch.rand((), generator=self.generator) < p)
 
     def __repr__(self) -> str:
         return f"TaggedMixup(mixup={self.mixup!r}, cutmix={self.cutmix!r}, prob={self.prob}, mode={self.mode!r})"
