@@ -109,7 +109,7 @@ for method in ("last_layer", "jvp"):
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     out[method] = {"losses": losses, "finite": all(l == l and abs(l) != float("inf") for l in losses),
                    "scale": float(scaler.get_scale()), "steps": criterion.step,
                    "nonfinite_steps": criterion.stats["nonfinite_steps"]}
