@@ -61,8 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--aug-splits", type=int, default=0, help="2: timm's [clean; augmented] batches instead")
     p.add_argument("--no-saflex", dest="saflex", action="store_false", help="plain timm training (cross-entropy)")
     p.add_argument("--method", default="last_layer", choices=("last_layer", "jvp", "single_pass"))
-    p.add_argument("--rule", default="margin", help="SAFLEX decision rule (saflex_data.functional.Rule)")
-    p.add_argument("--beta", type=float, default=None, help="the rule's margin or bonus (default: the rule's own)")
+    p.add_argument("--rule", default=None, help="SAFLEX rule (default: the library's)")
+    p.add_argument("--beta", type=float, default=None, help="original-label bonus (default: the rule's own)")
+    p.add_argument("--tau", type=float, default=None, help="Gumbel-softmax temperature (default: the library's)")
     p.add_argument("--use-task", action="store_true", help="use SaflexTask (timm >= 1.0.23) for task(input, target)")
     p.add_argument("--no-prefetcher", dest="prefetcher", action="store_false")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -114,9 +115,12 @@ def main(argv: list[str] | None = None) -> dict:
             num_workers=args.workers, seed=args.seed,
         )
         # SAFLEX: the loss swap (prepare: channels_last like the model; warns if normalisation differs)
+        # Only what was asked for on the command line: everything else keeps the library's defaults.
+        settings = {k: getattr(args, k) for k in ("beta", "tau") if getattr(args, k) is not None}
+        rule_kwargs = {"rule": Rule(args.rule or Rule().name, **settings)} if args.rule or settings else {}
         criterion = SaflexLoss(
-            model, loader_saflex, method=args.method, rule=Rule(args.rule, beta=args.beta),
-            label_smoothing=args.smoothing, prepare=ValPrepare.from_model(model), seed=args.seed,
+            model, loader_saflex, method=args.method, label_smoothing=args.smoothing,
+            prepare=ValPrepare.from_model(model), seed=args.seed, **rule_kwargs,
         )
     else:
         loader_train = create_loader(

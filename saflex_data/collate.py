@@ -469,8 +469,8 @@ class SaflexCollate:
             y = row[1]
             if isinstance(y, bool):
                 y = int(y)
-            if isinstance(y, int) or _is_int_scalar(y):
-                hard.append(int(y))
+            if isinstance(y, int) or _is_int_scalar(y) or _is_one_int(y):
+                hard.append(int(y.reshape(()) if _is_one_int(y) else y))  # any integer dtype -> int64 below
                 continue
             t = torch.from_numpy(_contiguous(y)) if _is_ndarray(y) else y
             if isinstance(t, Tensor) and t.dim() == 1 and t.is_floating_point():
@@ -538,6 +538,17 @@ def _is_int_scalar(value: Any) -> bool:
         return isinstance(value, np.integer) or (
             isinstance(value, np.ndarray) and value.ndim == 0 and np.issubdtype(value.dtype, np.integer)
         )
+    return False
+
+
+def _is_one_int(value: Any) -> bool:
+    """A one-element 1-D integer tensor or array (e.g. a ``TensorDataset`` label column of shape ``(N, 1)``)."""
+    if isinstance(value, Tensor):
+        return value.shape == (1,) and not (value.is_floating_point() or value.is_complex())
+    if _is_ndarray(value):
+        import numpy as np
+
+        return value.shape == (1,) and (np.issubdtype(value.dtype, np.integer) or value.dtype == np.bool_)
     return False
 
 

@@ -312,7 +312,7 @@ class SaflexContrastiveLoss(StepReport, nn.Module):
         modes = [(module, module.training) for module in towers.modules()]
         towers.eval()
         try:
-            with internal_pass(), rng_preserved(images.device), self._val.model_call():
+            with internal_pass(), rng_preserved(images.device), self._val.model_call(images):
                 with torch.autocast(device_type=images.device.type, enabled=False):
                     self.val_grad = validation_gradient(towers, images, labels, temperature=self.val_temperature)
         finally:

@@ -76,9 +76,10 @@ class SaflexLoss(StepReport, nn.Module):
             validation signal (``SF.validation_residual``; not in the paper; ``math.inf`` allowed). With ``T = 1``
             (the paper) the signal fades as the model fits the validation samples; a larger ``T`` keeps every
             validation sample voting for its class.
-        val_keys: ``(input_key, target_key)`` of dict validation batches; ``None`` tries common names.
         prepare: Optional callable applied to validation inputs after the device move (normalisation,
             ``channels_last``, dtype), so that they look like the training inputs.
+        val_keys: ``(input_key, target_key)`` of dict validation batches; ``None`` tries the common names
+            (``image``/``inputs``/``pixel_values``/..., ``label``/``labels``/``target``/...).
         classifier: For ``"last_layer"``: the ``nn.Linear`` producing the logits, or its name; found automatically
             (timm's ``get_classifier()``, ``fc``, ``head``, ``classifier``, ... or the last ``nn.Linear``) if None.
         num_splits: Positional tagging for plain tensor targets (timm's ``--aug-splits``): the batch is
@@ -434,7 +435,7 @@ class SaflexLoss(StepReport, nn.Module):
         modes = [(m, m.training) for m in model.modules()]  # restored one by one: frozen submodules stay in eval
         model.eval()
         try:
-            with internal_pass(), rng_preserved(inputs.device), self._val.model_call():
+            with internal_pass(), rng_preserved(inputs.device), self._val.model_call(inputs):
                 with torch.autocast(device_type=inputs.device.type, enabled=False):
                     if self.method != "last_layer":
                         return SF.validation_gradient(model, inputs, targets, temperature=self.val_temperature)
