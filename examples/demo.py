@@ -32,12 +32,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a clone without installing; the data loaders live in benchmarks/
 
 from saflex_data import SaflexLoss, SaflexTarget  # noqa: E402
 from saflex_data.adapters.torchvision import TaggedRandomChoice  # noqa: E402
 from saflex_data.collate import SaflexCollate  # noqa: E402
-from saflex_data.datasets import load_mnist_5k, stratified_split  # noqa: E402
+from benchmarks.datasets import load_mnist_5k, stratified_split  # noqa: E402
 
 
 def progress(iterable=None, **kwargs):
