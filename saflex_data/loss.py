@@ -7,7 +7,7 @@ a reference to the model (not a submodule) and a validation loader it cycles for
 2. computes ``Π[i, k] = <∇θ ℓ_k(x_i), g>`` for the augmented samples (``method``: exact ``"jvp"``, the cheap
    ``"last_layer"`` closed form, or the exact ``"single_pass"`` forward with dual parameters),
 3. turns ``Π`` into weights and soft labels with :func:`saflex_data.functional.saflex_targets`, and
-4. returns ``(Σ_clean CE(y_j) + Σ_aug w_i CE(ỹ_i)) / B`` (a fixed normaliser, SPEC §2).
+4. returns ``(Σ_clean CE(y_j) + Σ_aug w_i CE(ỹ_i)) / B`` (a fixed normaliser: ``docs/method.md#step-loss``).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ __all__ = ["SaflexLoss"]
 
 LossMethod = Literal["jvp", "last_layer", "single_pass"]
 _METHODS = ("jvp", "last_layer", "single_pass")
-# The tempered validation loss: weight AUROC 0.74 -> 0.90 for wrong upstream labels (benchmarks/decision_quality.py).
+# The tempered validation loss (docs/method.md#tempered-validation-loss); measured in benchmarks/decision_quality.py.
 VAL_TEMPERATURE = 4.0
 
 
@@ -139,7 +139,7 @@ class SaflexLoss(_StepReport, nn.Module):
         num_splits: Positional tagging for plain tensor targets (timm's ``--aug-splits``): the batch is
             ``[clean; aug_1; ...]`` in ``num_splits`` equal parts, the first clean.
         precondition: Optional Adam/AdamW optimizer of the model: the tangent becomes ``-P g`` with
-            ``P = 1 / (sqrt(v̂) + eps)``, consistent with an Adam step (SPEC §4; not in the paper).
+            ``P = 1 / (sqrt(v̂) + eps)``, consistent with an Adam step (not in the paper).
         label_smoothing: Passed to ``F.cross_entropy`` for every sample.
         all_reduce: Under ``torch.distributed`` (DDP, ``torchrun``): average the validation gradient across ranks (one
             all-reduce of parameter-sized tensors per refresh, as large as DDP's gradient all-reduce) and decide on

@@ -1,7 +1,7 @@
 """Rules of ``functional.saflex_targets`` beyond the paper's: ``margin``, ``margin_relabel``, ``margin_fix``.
 
 The paper rule's own behaviour is pinned in ``test_functional.py``; here it is checked only to stay exactly the
-SPEC §2 rule when the new ``beta=None`` default is used.
+paper's rule (docs/method.md#rule-paper) when the new ``beta=None`` default is used.
 """
 
 from __future__ import annotations
