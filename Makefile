@@ -1,10 +1,10 @@
-# `make demo` and `make test` are all the set-up a fresh clone needs.
+# `make demo` and `make test` are all the set-up a fresh clone needs; `make docs` builds the API reference.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-EXTRAS := all,test,bench
+EXTRAS := all,test,bench,docs
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test docs bench venv clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,5 +19,10 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
+# The API reference, generated from the docstrings into docs/api/ (not committed); open docs/api/index.html.
+docs: $(VENV)/.installed
+	rm -rf docs/api
+	$(PY) -m pdoc --docformat google --no-show-source --footer-text "saflex_data $$($(PY) -c 'import saflex_data; print(saflex_data.__version__)')" -o docs/api saflex_data
+
 clean:
-	rm -rf $(VENV) .pytest_cache build dist *.egg-info
+	rm -rf $(VENV) .pytest_cache build dist *.egg-info docs/api
