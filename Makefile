@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 EXTRAS := all,test,bench,docs
+# The API reference: the package (its public names) and the modules it does not re-export.
+DOC_MODULES := saflex_data saflex_data.distributed $(addprefix saflex_data.adapters.,torchvision albumentations kornia timm)
 
 .PHONY: demo test docs bench venv clean
 
@@ -22,7 +24,7 @@ test: $(VENV)/.installed
 # The API reference, generated from the docstrings into docs/api/ (not committed); open docs/api/index.html.
 docs: $(VENV)/.installed
 	rm -rf docs/api
-	$(PY) -m pdoc --docformat google --no-show-source --footer-text "saflex_data $$($(PY) -c 'import saflex_data; print(saflex_data.__version__)')" -o docs/api saflex_data
+	$(PY) -m pdoc --docformat google --no-show-source -o docs/api $(DOC_MODULES)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build dist *.egg-info docs/api
