@@ -15,8 +15,9 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
+# DEMO_ARGS passes options to the demo, e.g. `make demo DEMO_ARGS="--threads 1"` on a shared, busy machine.
 demo: $(VENV)/.installed
-	$(PY) examples/demo.py
+	$(PY) examples/demo.py $(DEMO_ARGS)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

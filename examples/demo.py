@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rule", default=None, help="SaflexLoss rule, e.g. 'margin' (default: the library's)")
     parser.add_argument("--runs", default="noaug,upstream,saflex", help="which of noaug,upstream,saflex to train")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="intra-op threads (1 is faster on a busy machine)")
     parser.add_argument("--out", default="demo_out")
     args = parser.parse_args(argv)
     if args.quick:
