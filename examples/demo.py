@@ -191,7 +191,8 @@ def accuracy_line(accuracies: dict[str, float]) -> str:
 
 
 def plot_samples(path: Path, x: Tensor, target: SaflexTarget, last: dict[str, Tensor], accuracies: dict[str, float],
-                 *, quick: bool = False, n: int = 40, seed: int = 0) -> None:  # fmt: skip
+                 *, op_stats: dict[str, dict[str, float]] | None = None, quick: bool = False, n: int = 40,
+                 seed: int = 0) -> None:  # fmt: skip
     """A grid of ``n`` augmented samples of one batch drawn uniformly at random, so that what is on screen is in
     proportion to what SAFLEX did with that batch (no category is shown first)."""
     import matplotlib
@@ -221,8 +222,14 @@ def plot_samples(path: Path, x: Tensor, target: SaflexTarget, last: dict[str, Te
     counts = {k: sum(kinds[i] == k for i in shown) for k in _KIND_STYLE}
     batch = {k: sum(v == k for v in kinds.values()) for k in _KIND_STYLE}
     on_screen = ", ".join(f"{counts[k]} {k}" for k in _KIND_STYLE if batch[k])
+    overall = ""
+    if op_stats:
+        count = sum(st["count"] for st in op_stats.values())
+        kept = sum(st["count"] * st["kept"] for st in op_stats.values()) / count
+        relabeled = sum(st["count"] * st["relabeled"] for st in op_stats.values()) / count
+        overall = f" Over the whole last epoch it kept {100 * kept:.0f}% and relabeled {100 * relabeled:.0f}%."
     title = (f"SAFLEX's decisions with the trained model: {len(shown)} of the {len(aug)} augmented samples of one "
-             f"training batch, drawn at random ({on_screen}).\n"
+             f"training batch, drawn at random ({on_screen}).{overall}\n"
              "Each title: the decision, the upstream label (the digit the sample is trained as), and the upstream op.\n"
              + accuracy_line(accuracies))  # fmt: skip
     if quick:
@@ -274,7 +281,7 @@ def plot_op_rates(path: Path, op_stats: dict[str, dict[str, float]], accuracies:
     ax.set_xticks(pos, [f"{n} (n={int(op_stats[n]['count'])})" for n in names], fontsize=7.5, rotation=15,
                   ha="right")
     ax.set_ylabel("% of that op's augmented samples", fontsize=8)
-    ax.set_ylim(0, 112)
+    ax.set_ylim(0, 118)
     ax.set_title("SAFLEX's decisions per upstream op, last epoch", fontsize=9)
     if len(series) > 1:
         ax.legend(fontsize=7.5, loc="lower left", bbox_to_anchor=(0.0, 1.08), ncol=len(series), frameon=False)
@@ -350,7 +357,8 @@ def main(argv: list[str] | None = None) -> dict:
     op_stats = criterion.op_stats()
     x, target = next(iter(loader))
     last = decisions_on(model, criterion, x, target)
-    plot_samples(out / "demo_samples.png", x, target, last, results, quick=args.quick, seed=args.seed)
+    plot_samples(out / "demo_samples.png", x, target, last, results, op_stats=op_stats, quick=args.quick,
+                 seed=args.seed)
     plot_op_rates(out / "demo_op_rates.png", op_stats, results, describe(criterion), quick=args.quick)
 
     machine = f"{machine_string()}, {args.threads} thread{'s' if args.threads > 1 else ''}"
