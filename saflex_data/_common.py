@@ -66,11 +66,14 @@ def describe(value: Any) -> str:
         return f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
     if type(value).__module__ == "numpy" and hasattr(value, "shape"):
         return f"a numpy array of shape {value.shape} and dtype {value.dtype}"
-    if isinstance(value, (tuple, list)):
-        return f"a {type(value).__name__} of length {len(value)}"
     if type(value).__name__ == "SaflexTarget":
         return repr(value)
-    return f"an object of type {type(value).__name__}"
+    text = f"an object of type {type(value).__name__}"
+    if isinstance(value, (tuple, list)):
+        return f"{text} of length {len(value)}"
+    if isinstance(value, (str, int, float)):
+        return f"{text} ({repr(value)[:60]})"
+    return text
 
 
 def as_probabilities(labels: Tensor, num_classes: int, dtype: torch.dtype = torch.float32, copy: bool = False) -> Tensor:

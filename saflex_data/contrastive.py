@@ -2,7 +2,7 @@
 
 Ding et al., "SAFLEX: Self-Adaptive Augmentation via Feature Label Extrapolation", ICLR 2024
 (https://arxiv.org/abs/2410.02512), applied to FLYP (Goyal et al., "Finetune like you pretrain: Improved finetuning
-of zero-shot vision models", CVPR 2023, https://arxiv.org/abs/2212.00638), SPEC.md §5.
+of zero-shot vision models", CVPR 2023, https://arxiv.org/abs/2212.00638); see ``docs/method.md#contrastive``.
 
 A batch of ``B`` image–text pairs is a ``B``-way classification per image, ``L_ij = exp(s) <â_i, b̂_j>``. With
 ``u = J_L · (-g)`` (one forward-mode JVP of the whole logit matrix, through both towers and the logit scale, along
@@ -75,7 +75,7 @@ def clip_logits(image_features: Tensor, text_features: Tensor, logit_scale: Tens
 def clip_loss(logits: Tensor, image_targets: Tensor | None = None, weights: Tensor | None = None) -> Tensor:
     """Symmetric CLIP loss ``½ (image→text + text→image)``, optionally with SAFLEX's rows for the image→text term.
 
-    The image→text term is ``(1/B) Σ_i w_i CE(L_i, y_i)`` with the fixed normaliser ``B`` (SPEC §2); the
+    The image→text term is ``(1/B) Σ_i w_i CE(L_i, y_i)`` with the fixed normaliser ``B`` (docs/method.md); the
     text→image term is the plain diagonal CE. With ``image_targets=None`` and ``weights=None`` this is exactly
     open_clip's ``ClipLoss`` on one device.
 
@@ -179,7 +179,7 @@ class SaflexContrastiveLoss(StepReport, nn.Module):
     ``loss = criterion(images, texts, is_augmented)`` and ``loss.backward()``. Every ``val_every`` steps it draws a
     validation batch ``(images, labels)`` and computes the gradient ``g`` of the zero-shot loss (validation images
     against all class prompts); each step it computes ``Π`` for the augmented images from one JVP along ``-g`` and
-    solves for their weights and soft labels over the ``B`` in-batch texts (SPEC §5). Clean images keep their own
+    solves for their weights and soft labels over the ``B`` in-batch texts (docs/method.md). Clean images keep their own
     caption with weight 1; the text→image term keeps the diagonal.
 
     The training passes run in the model's current mode; ``.grad`` and BatchNorm buffers are only touched by the
@@ -332,7 +332,7 @@ class SaflexContrastiveLoss(StepReport, nn.Module):
     def inner_products(self, images: Tensor, texts: Tensor) -> Tensor:
         """``Π`` `(B, B)` of every image against every in-batch text, for the current validation gradient.
 
-        ``Π_ij = <∇θ ℓ_ij, g>`` with ``ℓ_ij = -log softmax(L_i)_j`` (one JVP of the logit matrix, SPEC §5); ``g`` is
+        ``Π_ij = <∇θ ℓ_ij, g>`` with ``ℓ_ij = -log softmax(L_i)_j`` (one JVP of the logit matrix); ``g`` is
         computed first if there is none yet. Diagnostics and tests; the training step calls the same code.
         """
         if self.val_grad is None:

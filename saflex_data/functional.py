@@ -1,7 +1,8 @@
 """SAFLEX core math: gradient inner products, sample weights and soft labels.
 
 Ding et al., "SAFLEX: Self-Adaptive Augmentation via Feature Label Extrapolation", ICLR 2024
-(https://arxiv.org/abs/2410.02512). The team's derivation is in ``SPEC.md``; the paper's Theorem 1 is misprinted.
+(https://arxiv.org/abs/2410.02512). The derivation, in the repository's ``docs/method.md``, also says where the
+library departs from the paper.
 
 For an augmented sample ``x_i`` with per-class losses ``ℓ_k = -log p_k(x_i)`` and the validation gradient
 ``g = ∇θ L_val``, the gain of training ``x_i`` with label ``k`` for one SGD step is::
@@ -135,7 +136,7 @@ def _running_stats_frozen(model: nn.Module) -> Iterator[None]:
 
     With ``track_running_stats=False`` a train-mode BN normalises with the batch statistics and an eval-mode BN with
     its running statistics, as usual, but neither updates a buffer. This also keeps ``torch.func.jvp`` working:
-    it refuses the in-place running-stat update of a dual tensor (SPEC §4).
+    it refuses the in-place running-stat update of a dual tensor (``docs/method.md#pitfalls``).
     """
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     for m in bns:
@@ -354,7 +355,8 @@ def inner_products_from_tangent(logits: Tensor, tangent: Tensor) -> Tensor:
 def last_layer_inner_products(
     features: Tensor, logits: Tensor, grad_weight: Tensor, grad_bias: Tensor | None = None
 ) -> Tensor:
-    """``Π`` restricted to the last linear layer: ``s_i = G_W h_i + G_b``, ``Π_ik = p_iᵀ s_i - s_ik`` (SPEC §3).
+    """``Π`` restricted to the last linear layer: ``s_i = G_W h_i + G_b``, ``Π_ik = p_iᵀ s_i - s_ik``
+    (``docs/method.md#computing-pi``).
 
     Args:
         features: Penultimate features `(B, D)` (the classifier's input).
@@ -401,7 +403,7 @@ def _quiet_forward_ad() -> Iterator[None]:
 @contextlib.contextmanager
 def _math_attention() -> Iterator[None]:
     """Forward-mode AD is not implemented for fused SDPA kernels nor for eval-mode ``nn.MultiheadAttention``'s fast
-    path (``aten::_native_multi_head_attention``); the math kernel has it (SPEC §4)."""
+    path (``aten::_native_multi_head_attention``); the math kernel has it."""
     fast = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
@@ -622,14 +624,14 @@ def saflex_targets(
     generator: torch.Generator | None = None,
     logits: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Sample weights and soft labels of augmented samples from their inner products (SPEC §2).
+    """Sample weights and soft labels of augmented samples from their inner products (``docs/method.md#rules``).
 
     Default: ``rule="margin"`` (drop, never relabel), the best rule measured by ``benchmarks/decision_quality.py``;
     ``rule="paper"`` is the paper's exact rule, for comparisons with the paper.
 
     Rules:
 
-    - ``"paper"`` (the paper's exact rule, SPEC §2): ``S_i = Π̂_i + β y_i^aug`` with ``Π̂`` normalised (see
+    - ``"paper"`` (the paper's exact rule): ``S_i = Π̂_i + β y_i^aug`` with ``Π̂`` normalised (see
       :func:`normalize_inner_products`), ``y_i = softmax((S_i + G_i) / τ)`` with ``G ~ Gumbel(0, 1)``
       (``tau=None``: ``onehot(argmax S_i)``), and ``w_i = 1[y_iᵀ Π_i ≥ 0]`` on the raw ``Π``.
     - ``"centered"``: as ``paper`` on ``Π - mean_batch(Π)`` per class for the labels (removes the batch-global

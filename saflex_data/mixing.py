@@ -1,7 +1,8 @@
 """Pure-torch batch mixing that tells which rows it mixed and with which weight: MixUp, CutMix, TabularCutMix.
 
-timm and torchvision hide the per-row mixing weight ``lam`` (ECOSYSTEM §1, §2), so SAFLEX draws the mixing
-parameters itself. Each op follows kornia's split between sampling and applying::
+timm's ``Mixup`` and torchvision v2's ``MixUp``/``CutMix`` return only the mixed batch and soft targets, not the
+per-row mixing weight ``lam`` nor the partner of each row, so SAFLEX draws the mixing parameters itself. Each op
+follows kornia's split between sampling and applying::
 
     params = mix.forward_parameters(x.shape)        # MixParams(perm, lam, mask, region)
     x, target = mix(x, y, params=params)            # target: SaflexTarget with soft labels and tags

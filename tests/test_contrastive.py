@@ -1,4 +1,4 @@
-"""Tests of saflex_data.contrastive: SAFLEX for the symmetric CLIP loss (FLYP), SPEC §5.
+"""Tests of saflex_data.contrastive: SAFLEX for the symmetric CLIP loss (FLYP), docs/method.md#contrastive.
 
 The reference below is deliberately slow and obvious: float64, one ``torch.autograd.grad`` per (image, text) entry of
 the logit matrix, and the zero-shot validation gradient written out by hand.
@@ -199,7 +199,7 @@ class TestInnerProducts:
         pi = criterion.inner_products(images, texts)
         assert pi.dtype == torch.float64 and pi.shape == (6, 6)
         assert _relative_error(pi, expected) <= 1e-10
-        # Rows sum to zero under the softmax: Σ_j p_ij Π_ij = 0 (SPEC §2).
+        # Rows sum to zero under the softmax: Σ_j p_ij Π_ij = 0 (docs/method.md#zero-mean).
         p = torch.softmax(_reference_logits(image_tower, text_tower, log_scale, images, texts), 1).detach()
         torch.testing.assert_close((p * pi).sum(1), torch.zeros(6, dtype=torch.float64), atol=1e-12, rtol=0)
 

@@ -2,7 +2,7 @@
 
 For every kornia op or container, :class:`KorniaTagger` samples ``params = module.forward_parameters(x.shape)``,
 ORs the ``batch_prob`` leaves of each (nested) ``ParamItem`` into a per-row mask, and runs
-``module(x, params=params)`` (ECOSYSTEM §3: the mask equals the rows whose pixels changed). Rows outside the mask
+``module(x, params=params)`` (the mask equals the rows whose pixels changed; tested). Rows outside the mask
 are copied back from the input, so they are bit-identical to it. Mix ops (``RandomMixUpV2``, ``RandomCutMixV2``)
 return kornia's label record ``(B, 3)`` / ``(num_mix, B, 3)`` ``(label, partner_label, lam)``; it becomes soft
 labels (see :func:`kornia_record_to_soft`).

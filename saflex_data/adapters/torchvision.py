@@ -1,6 +1,6 @@
 """torchvision.transforms.v2 adapters: per-sample transforms that report what they applied, and tagged MixUp/CutMix.
 
-torchvision v2 keeps no record of what it did (ECOSYSTEM §2), so:
+torchvision v2 transforms return only their output, with no record of which random op fired or whether any did, so:
 
 * :class:`TaggedRandomApply` / :class:`TaggedRandomChoice` own the coin flip (v2's ``RandomApply`` drops it);
 * :class:`TaggedAutoAugment` wraps ``RandAugment``, ``TrivialAugmentWide`` or ``AutoAugment`` and records the ops
