@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._common import StepReport, describe, internal_pass, rng_preserved, unwrap_model
-from ._validation import ValidationStream
+from ._stream import ValidationStream
 from .functional import (
     Rule,
     _math_attention,

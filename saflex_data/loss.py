@@ -35,7 +35,7 @@ from ._common import (
     set_rng_state,
     unwrap_model,
 )
-from ._validation import ValidationStream
+from ._stream import ValidationStream
 from .batch import SaflexTarget
 from .distributed import BatchLayout, GlobalTargets, Sync, forward_with_tangent
 

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from saflex_data import SaflexLoss
-from saflex_data._validation import INPUT_KEYS, TARGET_KEYS, ValidationStream
+from saflex_data._stream import INPUT_KEYS, TARGET_KEYS, ValidationStream
 from saflex_data.batch import SaflexTarget
 from saflex_data.contrastive import SaflexContrastiveLoss
 
