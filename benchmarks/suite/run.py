@@ -31,7 +31,7 @@ from benchmarks.suite import data, report, streams, variants  # noqa: E402
 from benchmarks.suite.models import run as train_run  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-STEPS = 180
+STEPS = 150
 SEEDS = 6
 
 _STREAMS: dict = {}

@@ -50,13 +50,13 @@ SPECS: dict[str, tuple[str, str, float, str, float]] = {
 SIZES = {"fmnist": (1000, 300, 2000), "mnist": (250, 150, 1000), "digits": (100, 100, 500),
          "hpc": (200, 150, 1000), "churn": (200, 150, 1500)}  # fmt: skip
 
-# The streams of the committed run, sized to the compute budget (16 streams x 13 variants x 6 seeds). The selection
+# The streams of the committed run, sized to the compute budget (16 streams x 14 variants x 6 seeds). The selection
 # halves alternate through this list, so each half has every family.
 PLAN = (
     "fmnist/pool10-uniform60", "mnist/pool10-uniform60", "fmnist/pool10-classcond60", "hpc/pool10-uniform60",
-    "fmnist/pool30-uniform60", "digits/pool10-classcond30", "fmnist/pool3-uniform30", "hpc/pool10-uniform10",
+    "fmnist/pool10-clean", "mnist/copies-clean", "fmnist/pool30-uniform60", "digits/pool10-classcond30",
     "fmnist/copies-uniform30", "mnist/pool10-ops", "digits/copies-ops", "fmnist/pool10-stamp",
-    "churn/pool10-imbalance", "digits/pool10-style", "fmnist/pool10-clean", "mnist/copies-clean",
+    "churn/pool10-imbalance", "digits/pool10-style", "fmnist/pool3-uniform30", "hpc/pool10-uniform10",
 )  # fmt: skip
 QUICK_PLAN = ("digits/pool10-uniform60", "hpc/copies-uniform30")
 
