@@ -13,8 +13,11 @@ margin, and drops the sample when even the chosen label has negative gain: ``w_i
 
 That is the paper's rule (``rule="paper"``). The recommended rule, ``rule="margin"``, first z-scores each class
 column of ``Π`` over the batch (removing the batch-global class direction of ``g``) and drops a sample whose
-upstream label trails the best class by more than ``β`` batch standard deviations, without relabelling; it is the
-best rule measured in ``benchmarks/decision_quality.py`` (the paper's rule relabels most samples near-randomly).
+upstream label trails the best class by more than ``β`` batch standard deviations, without relabelling (the
+paper's rule relabels most samples near-randomly). The ``gain`` rules drop samples whose own label helps the
+validation loss far less than the batch's, which can act when no label is wrong. How each rule compares with the
+alternatives a user already has (the model's own loss, Learning to Reweight, training on the validation split) is
+measured on known-truth streams in ``benchmarks/suite``.
 
 ``g`` may be the gradient of a tempered validation loss ``T · CE(z / T, y)`` (:func:`validation_residual`, not in
 the paper): with ``T = 1`` the validation residuals ``softmax(z) - y`` fade once the model fits the validation
@@ -704,7 +707,7 @@ def saflex_targets(
 ) -> tuple[Tensor, Tensor]:
     """Sample weights and soft labels of augmented samples from their inner products (SPEC §2).
 
-    Default: ``rule="margin"`` (drop, never relabel), the best rule measured by ``benchmarks/decision_quality.py``;
+    Default: ``rule="margin"`` (drop, never relabel), the library default;
     ``rule="paper"`` is the paper's exact rule, for comparisons with the paper.
 
     Rules:
@@ -733,7 +736,7 @@ def saflex_targets(
     - ``"gain_loss"``: the ``gain`` z-score plus the batch z-score of the model's own log-likelihood
       ``log p_i[y_i]`` (needs ``logits``); ``w_i = 1[score_i ≥ -β]``.
 
-    Decision-quality measurements behind the margin rules: ``benchmarks/decision_quality.py``.
+    Decision-quality measurements of the rules against the alternatives: ``benchmarks/suite``.
 
     Args:
         pi: Inner products `(B, K)`.

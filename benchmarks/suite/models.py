@@ -12,7 +12,6 @@ import inspect
 import math
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -85,6 +84,27 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor) -> float:
         return float((model(x).argmax(-1) == y).float().mean())
 
 
+def make_criterion(s: Stream, v: Variant, model: nn.Module, x_c: Tensor, y_c: Tensor, seed: int):
+    """``(SaflexLoss, its reference loader)`` for a SAFLEX row: the public loss with the row's rule and reference.
+
+    ``reference="heldout"``: random validation batches of 128; ``"train"``: random batches of the clean training
+    data (a training loader passed as ``val_loader``); ``"batch"``: ``SaflexLoss(reference="batch")`` where the
+    installed version has it, else a loader yielding the current batch's clean rows (the same signal, with an
+    eval-mode pass over those rows).
+    """
+    kwargs: dict = {}
+    ref: RandomBatches | CurrentCleanRows | None
+    if v.reference == "batch" and HAS_BATCH_REFERENCE:
+        kwargs, ref = {"reference": "batch"}, None
+    elif v.reference == "batch":
+        ref = CurrentCleanRows()
+    else:
+        x, y = (s.x_val, s.y_val) if v.reference == "heldout" else (x_c, y_c)
+        ref = RandomBatches(x, y, VAL_BATCH, 2000 + seed)
+    criterion = SaflexLoss(model, ref, num_splits=2 if s.layout == "copies" else None, **v.loss_kwargs(), **kwargs)
+    return criterion, ref
+
+
 def run(s: Stream, v: Variant, seed: int, steps: int) -> dict:
     """Train one model; returns the test accuracy and the decision record."""
     t0 = time.perf_counter()
@@ -100,14 +120,7 @@ def run(s: Stream, v: Variant, seed: int, steps: int) -> dict:
     copies = s.layout == "copies"
     criterion = ref = None
     if v.kind == "saflex":
-        if v.reference == "batch" and HAS_BATCH_REFERENCE:
-            kwargs = {"reference": "batch"}
-            ref = None
-        else:
-            ref = CurrentCleanRows() if v.reference == "batch" else RandomBatches(
-                *((s.x_val, s.y_val) if v.reference == "heldout" else (x_c, y_c)), VAL_BATCH, 2000 + seed)
-            kwargs = {}
-        criterion = SaflexLoss(model, ref, num_splits=2 if copies else None, **v.loss_kwargs(), **kwargs)
+        criterion, ref = make_criterion(s, v, model, x_c, y_c, seed)
     elif v.kind == "l2rw":
         ref = RandomBatches(s.x_val, s.y_val, VAL_BATCH, 2000 + seed)
         ref_iter = iter(ref)
@@ -147,8 +160,8 @@ def run(s: Stream, v: Variant, seed: int, steps: int) -> dict:
             loss = criterion(logits, target)
             w = criterion.last_step["weights"][is_aug].detach()
             if (step >= record_from and step % SCORE_EVERY == 0) or step == 0:
-                score, check, score_pi = _saflex_scores(criterion, model, ref, h[is_aug].detach(), logits[is_aug].detach(),
-                                              ya, xc, yc)
+                h_aug, logits_aug = h[is_aug].detach(), logits[is_aug].detach()
+                score, check, score_pi = _saflex_scores(criterion, model, ref, h_aug, logits_aug, ya, xc, yc)
                 if criterion.rule in ("paper", "centered", "margin_relabel"):  # Gumbel noise: not comparable
                     mismatches = None
                 else:
@@ -219,10 +232,3 @@ def _shadow_scores(pi: Tensor, logits: Tensor, y: Tensor) -> dict[str, Tensor]:
     return out
 
 
-def seconds_per_run(s: Stream, v: Variant, steps: int) -> float:
-    t0 = time.perf_counter()
-    run(s, v, 0, steps)
-    return time.perf_counter() - t0
-
-
-__all__ = ["MLP", "run", "batch_sizes", "evaluate", "np"]

@@ -97,7 +97,10 @@ def index(doc: dict) -> dict[str, dict[str, dict]]:
 
 
 def delta(a: dict, b: dict) -> tuple[float, float]:
-    return paired(a["scores"], b["scores"])
+    """Paired by seed id (the seeds both entries have): mean and SE of ``a - b`` in points."""
+    sa, sb = dict(zip(a["seeds"], a["scores"])), dict(zip(b["seeds"], b["scores"]))
+    common = [k for k in sa if k in sb]
+    return paired([sa[k] for k in common], [sb[k] for k in common])
 
 
 def best_free_peer(rows: dict[str, dict], by: str = "score") -> dict | None:
@@ -176,7 +179,7 @@ def summary_text(doc: dict) -> str:
     for s, rows in idx.items():
         base = rows.get(TV)
         for name, e in rows.items():
-            d = f"{delta(e, base)[0]:+6.2f} ± {delta(e, base)[1]:.2f}" if base and len(base["scores"]) > 1 else ""
+            d = f"{delta(e, base)[0]:+6.2f} ± {delta(e, base)[1]:.2f}" if base else ""
             auc = "" if e["auroc"] is None else f"{e['auroc']:.3f}"
             lines.append(f"{s:26s} {name[:42]:42s} {100 * np.mean(e['scores']):6.2f}  vsTV {d:16s} auroc {auc}")
     if all(len(e["scores"]) > 1 for e in doc["entries"]):

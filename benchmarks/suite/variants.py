@@ -51,7 +51,8 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("SAFLEX margin, reference=train", "saflex", "saflex", trains_on="train+val", reference="train"),
 )  # fmt: skip
 BY_NAME = {v.name: v for v in VARIANTS}
-QUICK = ("upstream", "upstream, train+val", "oracle", "small-loss q=30%", DEFAULT, "SAFLEX margin, reference=batch")  # fmt: skip
+QUICK = ("upstream", "upstream, train+val", "oracle", "small-loss q=30%", DEFAULT,
+         "SAFLEX margin, reference=batch")  # fmt: skip
 
 
 def peer_weights(v: Variant, logits: Tensor, y: Tensor, bad_rate: float, pi: Tensor | None) -> tuple[Tensor, Tensor]:
