@@ -268,10 +268,12 @@ def when_to_use(path: Path) -> str:
         f"Per-op means of SAFLEX's score separated harmful from harmless ops on {sum(bool(o) for o in ops)} of "
         f"{len(ops)} transform streams. "
         "Use SAFLEX where the extra data's labels are wrong in a way the model learns as signal (class-conditional "
-        "confusions of a generator) and you have a trusted labelled split; train on that split too (validation "
-        "used both ways). Do not use it to find destroyed or off-style images, nor expect it to beat weighting by "
-        "the model's own confidence when wrong labels are uniform; there, train on all your clean data and weight "
-        "the extra rows by `p[y]`."
+        "confusions of a generator: there its AUROC beats the model's own loss) and you have a trusted labelled "
+        "split, and train on that split too (validation used both ways: the best SAFLEX row, chosen on half of the "
+        "streams and confirmed on the other half). Do not hold out data only for SAFLEX, do not use it to find "
+        "destroyed, stamped or off-style images (its per-op scores and its AUROC there are at chance), and do not "
+        "expect it to beat weighting the extra rows by the model's own confidence `p[y]` when wrong labels are "
+        "uniform."
     )
 
 

@@ -48,13 +48,19 @@ def _job(job: tuple) -> dict:
     return train_run(_STREAMS[key], variants.BY_NAME[variant_name], seed, steps)
 
 
-def meta(args: argparse.Namespace, wall: float) -> dict:
+def _commit() -> str:
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=ROOT).stdout.strip()  # fmt: skip
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=ROOT).stdout.strip()  # fmt: skip
     except OSError:
-        commit = ""
-    return {"commit": commit, "torch": torch.__version__, "python": platform.python_version(),
+        return ""
+
+
+COMMIT = _commit()  # the code the run started from
+
+
+def meta(args: argparse.Namespace, wall: float) -> dict:
+    return {"commit": COMMIT, "torch": torch.__version__, "python": platform.python_version(),
             "machine": platform.machine(), "workers": args.workers, "threads_per_worker": 1, "steps": args.steps,
             "seeds": args.seeds, "quick": args.quick, "wall_s": round(wall, 1)}  # fmt: skip
 
