@@ -74,7 +74,7 @@ def test_truth_of_the_streams():
     sources = {int(c): int(s.confusable[c]) for c in range(10)}
     assert set(flipped.tolist()) <= set(sources.values())
     del true
-    ops = streams.build("mnist", "pool10-ops", 0, scale=0.2)
+    ops = streams.build("digits", "pool10-ops", 0, scale=0.5)
     gen = torch.Generator().manual_seed(0)
     idx = torch.arange(64)
     _, _, bad, op = ops.draw(idx, ops.x_pool[idx], None, gen)
