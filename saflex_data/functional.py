@@ -14,8 +14,11 @@ margin, and drops the sample when even the chosen label has negative gain: ``w_i
 
 That is the paper's rule (``rule="paper"``). The recommended rule, ``rule="margin"``, first z-scores each class
 column of ``Π`` over the batch (removing the batch-global class direction of ``g``) and drops a sample whose
-upstream label trails the best class by more than ``β`` batch standard deviations, without relabelling; it is the
-best rule measured in ``benchmarks/decision_quality.py`` (the paper's rule relabels most samples near-randomly).
+upstream label trails the best class by more than ``β`` batch standard deviations, without relabelling (the
+paper's rule relabels most samples near-randomly). The ``gain`` rules drop samples whose own label helps the
+validation loss far less than the batch's, which can act when no label is wrong. How each rule compares with the
+alternatives a user already has (the model's own loss, Learning to Reweight, training on the validation split) is
+measured on known-truth streams in ``benchmarks/suite``.
 
 ``g`` may be the gradient of a tempered validation loss ``T · CE(z / T, y)`` (:func:`validation_residual`, not in
 the paper): with ``T = 1`` the validation residuals ``softmax(z) - y`` fade once the model fits the validation
@@ -53,6 +56,8 @@ __all__ = [
     "default_beta",
     "standardize_inner_products",
     "weight_scores",
+    "own_label_gain",
+    "adaptive_keep",
     "find_classifier",
     "Rule",
     "Method",
@@ -61,12 +66,13 @@ __all__ = [
 ]
 
 Method = Literal["jvp", "last_layer", "autograd"]
-RuleName = Literal["paper", "centered", "margin", "margin_relabel", "margin_fix"]
+RuleName = Literal["paper", "centered", "margin", "margin_relabel", "margin_fix", "gain", "gain_auto", "gain_loss"]
 Normalize = Literal["batch_max", "row_max", "none"]
 
-_RULES = ("paper", "centered", "margin", "margin_relabel", "margin_fix")
+_RULES = ("paper", "centered", "margin", "margin_relabel", "margin_fix", "gain", "gain_auto", "gain_loss")
 _MARGIN_RULES = ("margin", "margin_relabel", "margin_fix")
-_RULES_USING_LOGITS: tuple[str, ...] = ()  # rules that read saflex_targets(..., logits=); exchanged under DDP
+_GAIN_RULES = ("gain", "gain_auto", "gain_loss")
+_RULES_USING_LOGITS: tuple[str, ...] = ("gain_loss",)  # rules that read saflex_targets(..., logits=); exchanged under DDP
 _NORMALIZE = ("batch_max", "row_max", "none")
 _CLASSIFIER_ATTRS = ("fc", "classifier", "head", "last_linear", "linear", "out", "output")
 
@@ -558,18 +564,66 @@ def standardize_inner_products(pi: Tensor) -> Tensor:
     return centred / scale.clamp_min(eps * (1.0 + pi.abs().amax()))
 
 
-def weight_scores(pi: Tensor, targets: Tensor, *, rule: RuleName = "margin") -> Tensor:
+def own_label_gain(pi: Tensor, targets: Tensor) -> Tensor:
+    """Each sample's gain from its own label against an average label: ``y_iᵀΠ_i - mean_k Π_ik`` (not in the paper).
+
+    With ``u_i = J_z(x_i)·(-g)`` (see the module docstring), ``Π_ik = u_ik - p_iᵀu_i``, so this is
+    ``y_iᵀu_i - mean_k u_ik``: the first-order change of the validation loss when the step pushes the logits toward
+    ``y_i`` rather than toward no class in particular. Unlike ``y_iᵀΠ_i`` (Ren et al.'s meta-gradient weight), it
+    does not fade once the model fits the sample (``p_i → y_i``): it is the limit ``T → ∞`` of a tempered
+    training-side loss, as the tempered validation loss is for the validation samples.
+
+    Args:
+        pi: Inner products `(B, K)`.
+        targets: Upstream labels, class indices `(B,)` or probabilities `(B, K)`.
+
+    Returns:
+        `(B,)`, float32 (float64 for float64 ``pi``).
+    """
+    check_logits(pi, "pi")
+    check_targets(targets, pi.shape[0], pi.shape[1], "targets")
+    dtype = torch.promote_types(pi.dtype, torch.float32)
+    raw = pi.to(dtype)
+    return (_as_probabilities(targets, pi.shape[1], dtype) * raw).sum(-1) - raw.mean(-1)
+
+
+def _zscore(values: Tensor) -> Tensor:
+    """``(v - mean) / std`` over the batch (population std); zeros for one sample or a constant vector."""
+    centred = values - values.mean()
+    if values.shape[0] < 2:
+        return centred
+    scale = centred.pow(2).mean().sqrt()
+    return centred / scale.clamp_min(torch.finfo(values.dtype).eps * (1.0 + values.abs().amax()))
+
+
+def _check_rule_logits(rule: str, logits: Tensor | None, pi: Tensor) -> None:
+    if logits is None:
+        if rule == "gain_loss":
+            raise ValueError(
+                "rule='gain_loss' combines Π with the model's own loss and needs logits=<the augmented rows' detached "
+                f"logits, shape {tuple(pi.shape)}>, but got logits=None."
+            )
+        return
+    if not isinstance(logits, Tensor) or tuple(logits.shape) != tuple(pi.shape) or not logits.is_floating_point():
+        got = f"shape {tuple(logits.shape)} and dtype {logits.dtype}" if isinstance(logits, Tensor) else type(logits)
+        raise ValueError(f"logits must be a float tensor of the shape of pi {tuple(pi.shape)}, but got {got}.")
+
+
+def weight_scores(pi: Tensor, targets: Tensor, *, rule: RuleName = "margin", logits: Tensor | None = None) -> Tensor:
     """The continuous score behind each sample's keep/drop weight; higher = keep (for AUROC and diagnostics).
 
     ``paper``/``centered``: the gain of the upstream label ``y_iᵀΠ_i`` (Ren et al.'s meta-gradient; the weight is
     ``1[score ≥ 0]`` when the upstream label is kept). ``margin``/``margin_relabel``/``margin_fix``: the margin
     ``m_i = y_iᵀZ_i - max_k Z_ik ≤ 0`` with ``Z`` from :func:`standardize_inner_products` (``margin``: the
-    weight is ``1[m_i ≥ -beta]``).
+    weight is ``1[m_i ≥ -beta]``). ``gain``/``gain_auto``: the batch z-score of :func:`own_label_gain`.
+    ``gain_loss``: that z-score plus the batch z-score of the model's own log-likelihood ``log p_i[y_i]``
+    (from ``logits``).
 
     Args:
         pi: Inner products `(B, K)`.
         targets: Upstream labels, class indices `(B,)` or probabilities `(B, K)`.
         rule: Which rule's score.
+        logits: The augmented rows' (detached) training logits `(B, K)`; required by ``gain_loss`` only.
 
     Returns:
         Scores `(B,)`, float32 (float64 for float64 ``pi``).
@@ -578,17 +632,60 @@ def weight_scores(pi: Tensor, targets: Tensor, *, rule: RuleName = "margin") -> 
     check_targets(targets, pi.shape[0], pi.shape[1], "targets")
     if rule not in _RULES:
         raise ValueError(f"rule must be one of {_RULES}, but got {rule!r}.")
+    _check_rule_logits(rule, logits, pi)
     dtype = torch.promote_types(pi.dtype, torch.float32)
     raw = pi.to(dtype)
     y = _as_probabilities(targets, pi.shape[1], dtype)
     if rule in _MARGIN_RULES:
         z = standardize_inner_products(raw)
         return (y * z).sum(-1) - z.amax(-1)
+    if rule in _GAIN_RULES:
+        score = _zscore(own_label_gain(raw, targets))
+        if rule == "gain_loss":
+            own = (y * torch.log_softmax(logits.detach().to(dtype), -1)).sum(-1)
+            score = score + _zscore(own)
+        return score
     return (y * raw).sum(-1)
 
 
+def adaptive_keep(scores: Tensor, min_separation: float) -> Tensor:
+    """Keep mask from a threshold that adapts to the share of bad samples (Otsu's split of the batch's scores).
+
+    The scores are split into a low and a high group where the between-group variance ``σ_b²`` is largest (Otsu,
+    1979). The low group is dropped only if the split explains at least ``min_separation`` of the total variance
+    (``η = σ_b² / σ² ∈ [0, 1]``); otherwise every sample is kept. For reference, ``η ≈ 0.64`` for a normal sample
+    and ``0.75`` for a uniform one, so ``min_separation`` above those only fires on two clearly separated groups.
+
+    Args:
+        scores: `(B,)`, higher = keep.
+        min_separation: ``η`` needed to drop anything, in ``[0, 1]``.
+
+    Returns:
+        Bool `(B,)`.
+    """
+    batch = scores.shape[0]
+    keep = torch.ones(batch, dtype=torch.bool, device=scores.device)
+    if batch < 2:
+        return keep
+    ordered, order = scores.sort()
+    total = ordered.var(unbiased=False)
+    if not total > 0:
+        return keep
+    low = torch.arange(1, batch, device=scores.device, dtype=scores.dtype)  # size of the low group
+    cum = ordered.cumsum(0)[:-1]
+    mean_low = cum / low
+    mean_high = (ordered.sum() - cum) / (batch - low)
+    between = (low / batch) * (1 - low / batch) * (mean_low - mean_high) ** 2
+    best = int(between.argmax())
+    if float(between[best] / total) >= min_separation:
+        keep[order[: best + 1]] = False
+    return keep
+
+
 # margin: 1.5 was the best of {1, 1.5} on both benchmark streams (and 0.5 dropped too many good samples).
-_DEFAULT_BETA = {"paper": 0.5, "centered": 0.5, "margin": 1.5, "margin_relabel": 1.0, "margin_fix": 1.5}
+# gain/gain_loss: batch standard deviations; gain_auto: the separation Otsu's split needs (see adaptive_keep).
+_DEFAULT_BETA = {"paper": 0.5, "centered": 0.5, "margin": 1.5, "margin_relabel": 1.0, "margin_fix": 1.5,
+                 "gain": 1.5, "gain_auto": 0.7, "gain_loss": 2.0}  # fmt: skip
 
 
 def default_beta(rule: RuleName) -> float:
@@ -610,6 +707,8 @@ def _check_rule_settings(rule: str, beta: float | None, tau: float | None, norma
         raise ValueError(f"beta must be a finite float or None (the rule's default), but got {beta!r}.")
     if normalize not in _NORMALIZE:
         raise ValueError(f"normalize must be one of {_NORMALIZE}, but got {normalize!r}.")
+    if rule == "gain_auto" and not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta for rule='gain_auto' is a share of variance in [0, 1], but got {beta!r}.")
     return float(beta)
 
 
@@ -626,7 +725,7 @@ def saflex_targets(
 ) -> tuple[Tensor, Tensor]:
     """Sample weights and soft labels of augmented samples from their inner products (``docs/method.md#rules``).
 
-    Default: ``rule="margin"`` (drop, never relabel), the best rule measured by ``benchmarks/decision_quality.py``;
+    Default: ``rule="margin"`` (drop, never relabel), the library default;
     ``rule="paper"`` is the paper's exact rule, for comparisons with the paper.
 
     Rules:
@@ -646,21 +745,30 @@ def saflex_targets(
     - ``"margin_fix"``: the samples ``"margin"`` drops (``m_i < -β``) are relabelled to their best class instead
       when it also leads the runner-up class by at least ``β / 2`` (a clear winner), and dropped otherwise. Fewer
       relabels than ``"margin_relabel"``, but more of them right. ``tau`` and ``normalize`` are not used.
+    - ``"gain"`` (drop, never relabel; acts when the labels are right but a sample does not help): the score is the
+      batch z-score of the own-label gain ``y_iᵀΠ_i - mean_k Π_ik`` (:func:`own_label_gain`, which does not fade
+      once the model fits the sample); ``w_i = 1[score_i ≥ -β]``.
+    - ``"gain_auto"``: the ``gain`` score with a threshold that adapts to the share of bad samples: Otsu's split
+      of the batch's scores, applied only when it explains at least ``β`` of their variance
+      (:func:`adaptive_keep`; ``β ∈ [0, 1]``).
+    - ``"gain_loss"``: the ``gain`` z-score plus the batch z-score of the model's own log-likelihood
+      ``log p_i[y_i]`` (needs ``logits``); ``w_i = 1[score_i ≥ -β]``.
 
-    Decision-quality measurements behind the margin rules: ``benchmarks/decision_quality.py``.
+    Decision-quality measurements of the rules against the alternatives: ``benchmarks/suite``.
 
     Args:
         pi: Inner products `(B, K)`.
         targets: Upstream labels, class indices `(B,)` or probabilities `(B, K)` (Mixup/CutMix).
         beta: Bonus on (``paper``/``centered``: in units of the normalised ``Π``) or margin for (margin rules: in
             batch standard deviations) the upstream label. ``None``: 0.5 for ``paper``/``centered``, 1.5 for
-            ``margin`` and ``margin_fix``, 1.0 for ``margin_relabel``.
+            ``margin`` and ``margin_fix``, 1.0 for ``margin_relabel``, 1.5 for ``gain``, 2.0 for ``gain_loss``;
+            for ``gain_auto`` the separation needed to drop anything (default 0.7).
         tau: Gumbel-softmax temperature; ``None`` means a deterministic argmax.
         normalize: How ``Π`` is scaled before the bonus and the noise (``paper``/``centered``).
         rule: ``"margin"`` (default), ``"paper"``, ``"centered"``, ``"margin_relabel"`` or ``"margin_fix"``.
         generator: Random generator for the Gumbel noise (drawn on the generator's device).
-        logits: Optional detached training logits `(B, K)` of the same samples, for rules that combine ``Π`` with
-            the model's own prediction (none of the rules above uses them).
+        logits: The augmented rows' detached training logits `(B, K)`, for the rules that combine ``Π`` with the
+            model's own prediction (``gain_loss``); the other rules ignore them.
 
     Returns:
         ``(weights (B,), soft_labels (B, K))``, float32 (float64 for float64 ``pi``).
@@ -678,9 +786,14 @@ def saflex_targets(
     check_logits(pi, "pi")
     check_targets(targets, pi.shape[0], pi.shape[1], "targets")
     beta = _check_rule_settings(rule, beta, tau, normalize)
+    _check_rule_logits(rule, logits, pi)
     dtype = torch.promote_types(pi.dtype, torch.float32)
     raw = pi.to(dtype)
     upstream = _as_probabilities(targets, pi.shape[1], dtype)
+    if rule in _GAIN_RULES:
+        score = weight_scores(raw, targets, rule=rule, logits=logits)
+        keep = adaptive_keep(score, beta) if rule == "gain_auto" else score >= -beta
+        return keep.to(dtype), upstream
     if rule in ("margin", "margin_fix"):
         z = standardize_inner_products(raw)
         margin = (upstream * z).sum(-1) - z.amax(-1)
@@ -719,7 +832,8 @@ class Rule:
     See :func:`saflex_targets` for what each rule does and what its settings mean.
 
     Args:
-        name: ``"margin"`` (default), ``"paper"``, ``"centered"``, ``"margin_relabel"`` or ``"margin_fix"``.
+        name: ``"margin"`` (default), ``"paper"``, ``"centered"``, ``"margin_relabel"``, ``"margin_fix"``,
+            ``"gain"``, ``"gain_auto"`` or ``"gain_loss"``.
         beta: The rule's margin or bonus; ``None`` takes the rule's default (:func:`default_beta`). Stored resolved.
         tau: Gumbel-softmax temperature of the relabelling rules; ``None`` for a deterministic argmax.
         normalize: Scaling of ``Π`` before the bonus and the noise (``"paper"``/``"centered"``).
@@ -732,7 +846,7 @@ class Rule:
         >>> Rule("median")
         Traceback (most recent call last):
         ...
-        ValueError: rule must be one of ('paper', 'centered', 'margin', 'margin_relabel', 'margin_fix'), but got 'median'.
+        ValueError: rule must be one of ('paper', 'centered', 'margin', 'margin_relabel', 'margin_fix', 'gain', 'gain_auto', 'gain_loss'), but got 'median'.
     """
 
     name: str = "margin"

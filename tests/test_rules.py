@@ -1,4 +1,4 @@
-"""Rules of ``functional.saflex_targets`` beyond the paper's: ``margin``, ``margin_relabel``, ``margin_fix``.
+"""Rules of ``functional.saflex_targets`` beyond the paper's: the margin rules and the gain rules.
 
 The paper rule's own behaviour is pinned in ``test_functional.py``; here it is checked only to stay exactly the
 paper's rule (docs/method.md#rule-paper) when the new ``beta=None`` default is used.
@@ -195,7 +195,7 @@ class TestPaperRuleUnchanged:
 
 class TestErrors:
     def test_rule_message_lists_all_rules(self):
-        rules = r"\('paper', 'centered', 'margin', 'margin_relabel', 'margin_fix'\)"
+        rules = r"\('paper', 'centered', 'margin', 'margin_relabel', 'margin_fix', 'gain', 'gain_auto', 'gain_loss'\)"
         with pytest.raises(ValueError, match=f"rule must be one of {rules}"):
             SF.saflex_targets(torch.zeros(2, 3), torch.tensor([0, 1]), rule="margins")
 
@@ -206,3 +206,121 @@ class TestErrors:
     def test_normalize_checked_for_every_rule(self):
         with pytest.raises(ValueError, match="normalize must be one of"):
             SF.saflex_targets(torch.zeros(2, 3), torch.tensor([0, 1]), rule="margin", normalize="l2")
+
+
+class TestOwnLabelGain:
+    def test_formula_on_a_small_example(self):
+        pi = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 3.0]])
+        torch.testing.assert_close(SF.own_label_gain(pi, torch.tensor([2, 0])), torch.tensor([1.0, -1.0]))
+        soft = torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.0, 1.0]])
+        torch.testing.assert_close(SF.own_label_gain(pi, soft), torch.tensor([-0.5, 2.0]))
+
+    def test_does_not_fade_when_the_sample_is_fitted(self):
+        # Π_ik = u_ik - p_iᵀu_i: with p_i → onehot(y_i), y_iᵀΠ_i → 0 but the own-label gain stays u_y - mean_k u_k.
+        u = torch.tensor([[2.0, -1.0, 0.5]], dtype=torch.float64)
+        p = torch.tensor([[1 - 2e-9, 1e-9, 1e-9]], dtype=torch.float64)
+        pi = u - (p * u).sum(-1, keepdim=True)
+        y = torch.tensor([0])
+        assert abs(float(SF.weight_scores(pi, y, rule="paper"))) < 1e-8
+        torch.testing.assert_close(SF.own_label_gain(pi, y), u[:, 0] - u.mean(-1))
+
+
+class TestGainRules:
+    PI = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 3.0], [2.0, 0.0, 1.0], [0.0, 3.0, 0.0]])
+    Y = torch.tensor([2, 0, 0, 1])  # own-label gains 1, -1, 1, 2
+
+    def test_gain_score_is_the_batch_z_score_of_the_own_label_gain(self):
+        gain = torch.tensor([1.0, -1.0, 1.0, 2.0])
+        ref = (gain - gain.mean()) / gain.std(unbiased=False)
+        torch.testing.assert_close(SF.weight_scores(self.PI, self.Y, rule="gain"), ref)
+        torch.testing.assert_close(SF.weight_scores(self.PI, self.Y, rule="gain_auto"), ref)
+
+    def test_gain_keeps_exactly_the_scores_at_least_minus_beta(self):
+        score = SF.weight_scores(self.PI, self.Y, rule="gain")  # [0, -1.633, 0, 1.225] (z-scores)
+        for beta in (0.5, 1.5, 2.0):
+            w, y = SF.saflex_targets(self.PI, self.Y, rule="gain", beta=beta)
+            torch.testing.assert_close(w, (score >= -beta).float())
+            torch.testing.assert_close(y, F.one_hot(self.Y, 3).float())  # never relabels
+        assert SF.saflex_targets(self.PI, self.Y, rule="gain", beta=1.5)[0].tolist() == [1.0, 0.0, 1.0, 1.0]
+
+    def test_gain_drops_samples_whose_own_label_helps_far_less_than_the_batch(self):
+        # Every upstream label is its row's best class, so no label is "wrong"; two samples barely help.
+        g = torch.Generator().manual_seed(0)
+        y = torch.randint(0, 4, (32,), generator=g)
+        pi = torch.randn(32, 4, generator=g, dtype=torch.float64) * 0.05
+        pi[torch.arange(32), y] += 1.0
+        pi[torch.arange(2), y[:2]] -= 0.9  # still the best class of the row, with a tenth of the usual gain
+        assert bool((pi.argmax(-1) == y).all())
+        w, _ = SF.saflex_targets(pi, y, rule="gain")
+        assert w[:2].tolist() == [0.0, 0.0] and w[2:].sum() == 30
+
+    def test_gain_loss_adds_the_z_score_of_the_model_log_likelihood(self):
+        logits = torch.tensor([[0.0, 0.0, 2.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+        logp = torch.log_softmax(logits, -1)[torch.arange(4), self.Y]
+        z = lambda v: (v - v.mean()) / v.std(unbiased=False)  # noqa: E731
+        ref = SF.weight_scores(self.PI, self.Y, rule="gain") + z(logp)
+        torch.testing.assert_close(SF.weight_scores(self.PI, self.Y, rule="gain_loss", logits=logits), ref)
+        w, _ = SF.saflex_targets(self.PI, self.Y, rule="gain_loss", logits=logits, beta=1.0)
+        torch.testing.assert_close(w, (ref >= -1.0).float())
+
+    def test_logits_are_ignored_by_the_other_rules(self):
+        logits = torch.randn(4, 3)
+        for rule in ("margin", "gain", "paper"):
+            a = SF.saflex_targets(self.PI, self.Y, rule=rule, tau=None)
+            b = SF.saflex_targets(self.PI, self.Y, rule=rule, tau=None, logits=logits)
+            torch.testing.assert_close(a, b)
+
+    def test_default_betas(self):
+        assert (SF.default_beta("gain"), SF.default_beta("gain_auto"), SF.default_beta("gain_loss")) == (1.5, 0.7, 2.0)
+
+    def test_dtype_kept(self):
+        w, y = SF.saflex_targets(self.PI.double(), self.Y, rule="gain")
+        assert w.dtype == y.dtype == torch.float64
+
+
+class TestAdaptiveKeep:
+    def test_two_separated_groups_drop_the_low_one(self):
+        keep = SF.adaptive_keep(torch.tensor([0.0, 10.0, 0.1, 10.1, 9.9]), 0.7)
+        assert keep.tolist() == [False, True, False, True, True]
+
+    def test_pinned_separation(self):
+        # Otsu's split of [0, 1, 2, 6]: low = {0, 1, 2}; σ_b² = 3/4 · 1/4 · (1 - 6)² = 4.6875, σ² = 5.1875 → η = 0.904.
+        scores = torch.tensor([0.0, 1.0, 2.0, 6.0])
+        assert SF.adaptive_keep(scores, 0.90).tolist() == [False, False, False, True]
+        assert SF.adaptive_keep(scores, 0.91).tolist() == [True] * 4
+
+    def test_one_group_keeps_everything(self):
+        g = torch.Generator().manual_seed(0)
+        assert bool(SF.adaptive_keep(torch.randn(512, generator=g), 0.7).all())
+        assert bool(SF.adaptive_keep(torch.zeros(5), 0.0).all())
+        assert SF.adaptive_keep(torch.tensor([3.0]), 0.0).tolist() == [True]
+
+    def test_gain_auto_adapts_to_the_share_of_bad_samples(self):
+        g = torch.Generator().manual_seed(1)
+        for bad in (8, 32, 48):
+            pi = torch.randn(64, 3, generator=g, dtype=torch.float64) * 0.1
+            y = torch.zeros(64, dtype=torch.long)
+            pi[:bad, 0] -= 2.0  # the bad samples' own label hurts
+            w, _ = SF.saflex_targets(pi, y, rule="gain_auto")
+            assert w[:bad].sum() == 0 and w[bad:].sum() == 64 - bad
+
+
+class TestGainErrors:
+    def test_gain_loss_needs_logits(self):
+        msg = r"rule='gain_loss' combines Π with the model's own loss and needs logits=<the augmented rows' detached " \
+              r"logits, shape \(2, 3\)>, but got logits=None\."
+        with pytest.raises(ValueError, match=msg):
+            SF.saflex_targets(torch.zeros(2, 3), torch.tensor([0, 1]), rule="gain_loss")
+        with pytest.raises(ValueError, match=msg):
+            SF.weight_scores(torch.zeros(2, 3), torch.tensor([0, 1]), rule="gain_loss")
+
+    def test_logits_shape_checked(self):
+        msg = r"logits must be a float tensor of the shape of pi \(2, 3\), but got shape \(2, 4\) and dtype " \
+              r"torch.float32\."
+        with pytest.raises(ValueError, match=msg):
+            SF.saflex_targets(torch.zeros(2, 3), torch.tensor([0, 1]), rule="gain_loss", logits=torch.zeros(2, 4))
+
+    def test_gain_auto_beta_is_a_share(self):
+        msg = r"beta for rule='gain_auto' is a share of variance in \[0, 1\], but got 1.5\."
+        with pytest.raises(ValueError, match=msg):
+            SF.saflex_targets(torch.zeros(2, 3), torch.tensor([0, 1]), rule="gain_auto", beta=1.5)

@@ -334,6 +334,24 @@ class TestRule:
         with pytest.raises(error, match=match):
             Rule(**kwargs)
 
+    @pytest.mark.parametrize("name", ["gain", "gain_auto", "gain_loss"])
+    def test_gain_rules_through_the_loss(self, name):
+        model = _mlp()
+        criterion = SaflexLoss(model, _val(), rule=name)
+        x, target = _batch()
+        logits = model(x)
+        loss = criterion(logits, target)
+        aug = target.is_augmented
+        pi_seen = []
+        decide = criterion._sync.decide
+        criterion._sync.decide = lambda pi, *a, **k: (pi_seen.append((pi, k["logits"])), decide(pi, *a, **k))[1]
+        loss = criterion(logits, target)
+        pi, seen_logits = pi_seen[0]
+        assert torch.equal(seen_logits, logits[aug].detach())
+        w, _ = SF.saflex_targets(pi, target.labels[aug], rule=name, logits=logits[aug].detach())
+        assert torch.equal(criterion.last_step["weights"][aug], w)
+        assert torch.isfinite(loss)
+
     def test_bad_type(self):
         with pytest.raises(TypeError, match=r"rule must be a Rule or a rule name \(str\), but got float"):
             SaflexLoss(_mlp(), _val(), rule=1.5)
