@@ -28,8 +28,8 @@ from .batch import SaflexTarget
 
 __all__ = ["SaflexLoss"]
 
-LossMethod = Literal["jvp", "last_layer", "single_pass"]
-_METHODS = ("jvp", "last_layer", "single_pass")
+LossMethod = Literal["jvp", "last_layer", "single_pass", "jvp_frozen_stats"]
+_METHODS = ("jvp", "last_layer", "single_pass", "jvp_frozen_stats")
 # The tempered validation loss: weight AUROC 0.74 -> 0.90 for wrong upstream labels (benchmarks/decision_quality.py).
 VAL_TEMPERATURE = 4.0
 
@@ -112,8 +112,11 @@ class SaflexLoss(_StepReport, nn.Module):
             probabilities). It is cycled forever; batches are moved to the model's device.
         method: How ``Π`` is computed: ``"last_layer"`` (default: closed form from the classifier's input features;
             nearly free), ``"jvp"`` (exact, one forward-mode pass over the augmented samples, or over the whole batch
-            when BatchNorm uses batch statistics) or ``"single_pass"`` (exact; the training forward itself carries
-            the tangent: call ``logits = criterion.forward_train(x)`` instead of ``model(x)``).
+            when BatchNorm uses batch statistics), ``"single_pass"`` (exact; the training forward itself carries
+            the tangent: call ``logits = criterion.forward_train(x)`` instead of ``model(x)``) or
+            ``"jvp_frozen_stats"`` (the JVP of the augmented rows only, with train-mode BatchNorm's batch statistics
+            recorded in the training forward held fixed: cheaper than ``"jvp"``, and a different ``Π``, without the
+            statistics' tangent; the same as ``"jvp"`` for a model without batch-statistics BatchNorm).
         beta: The rule's margin or bonus (see ``saflex_targets``); ``None`` takes the rule's default (1.5 batch
             standard deviations for ``"margin"``, 0.5 for ``"paper"``).
         tau: Gumbel-softmax temperature for the relabelling rules; ``None`` for a deterministic argmax.
@@ -254,8 +257,11 @@ class SaflexLoss(_StepReport, nn.Module):
             self.classifier_name, linear = SF.find_classifier(self.model, classifier)
             self.__dict__["_classifier"] = linear  # a plain reference, not a submodule (no state_dict entries)
             self._handles = [linear.register_forward_hook(self._capture_features)]
-        elif method == "jvp":
+        elif method in ("jvp", "jvp_frozen_stats"):
             self._handles = [self.model.register_forward_pre_hook(self._capture_inputs)]
+            if method == "jvp_frozen_stats":
+                self._batch_stats = SF.BatchStatsCapture(self.model, skip=lambda: self._busy)
+                self._handles += self._batch_stats.handles
         else:
             self._handles = []
 
@@ -425,6 +431,12 @@ class SaflexLoss(_StepReport, nn.Module):
         inputs = self._require(self._inputs, batch, "inputs of the model's forward (its forward pre-hook)")
         signal = self._validation_signal()
         with self._own_pass():
+            if self.method == "jvp_frozen_stats":
+                rows, stats = self._batch_stats.batch_size, self._batch_stats.pop()  # from this batch's forward
+                if stats and rows != batch:
+                    raise ValueError(f"the BatchNorm statistics were recorded on {rows} rows but the logits have "
+                                     f"{batch}; call the loss right after the model's forward on the same batch.")
+                return SF.grad_inner_products(self.model, inputs[aug_index], signal, method="jvp", batch_stats=stats)
             if _batch_dependent(self.model):
                 # Train-mode BatchNorm normalises with the whole batch's statistics: forward the whole batch, as the
                 # training step did (the augmented rows alone see other statistics, and a single one fails).
