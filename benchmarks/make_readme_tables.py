@@ -8,7 +8,7 @@ For each ``accuracy_<dataset>.json``: one table with mean ± std over seeds, and
 over the same upstream alone (trained on train only) and over that upstream trained on train ∪ validation (what a
 user could do with the labels SAFLEX spends on validation). Then a summary of all SAFLEX rows per method, the
 decision-quality table from ``decision_quality.json`` (selected variants; ``--all-decisions``: every variant) and
-the overhead table from ``overhead.json``.
+the cost tables (:func:`cost_section`).
 """
 
 from __future__ import annotations
@@ -151,26 +151,68 @@ def decision_table(path: Path, all_rows: bool = False) -> str:
     return "\n".join(lines)
 
 
-def overhead_table(path: Path) -> str:
-    if not path.is_file():
-        return ""
-    o = json.loads(path.read_text())
-    lines = [f"Plain step: {o['plain_ms']:.0f} ms ({o['machine']}, torch {o['torch']}, "
-             f"{o.get('setting', {}).get('threads', '?')} threads).\n",
-             "| method | step time / plain (median) | (min) | (from pieces) | peak RSS / plain |",
-             "|---|---:|---:|---:|---:|"]  # fmt: skip
+def cost_section(root: Path) -> str:
+    """The "Overhead per training step" subsection: ``overhead.json`` (the fixed setting, each method and the
+    recommended settings), ``scaling.json`` (models × classes × batch, SAFLEX and the alternatives),
+    ``overhead_timm_loop.json`` (timm's loop) and the fixed-statistics JVP's agreement with the exact one."""
 
-    def fmt(value: float | None) -> str:
+    def x(value: float | None) -> str:
         return "" if value is None else f"{value:.2f}×"
 
-    for m, r in o["ratio"].items():
-        rss = o.get("peak_rss_ratio", {}).get(m)
-        lo, est = o.get("ratio_of_min", {}).get(m), o.get("ratio_from_components", {}).get(m)
-        lines.append(f"| {m} | {fmt(r)} | {fmt(lo)} | {fmt(est)} | {fmt(rss)} |")
-    comp = o.get("components_ms")
-    if comp:
-        lines.append("\n| piece (each alone) | ms |\n|---|---:|")
-        lines += [f"| {k} | {v:.0f} |" for k, v in comp.items()]
+    def load(name: str) -> dict | None:
+        f = root / name
+        return json.loads(f.read_text()) if f.is_file() else None
+
+    lines: list[str] = []
+    o = load("overhead.json")
+    if o:
+        s = o.get("setting", {})
+        lines += [f"**One setting** (`overhead.py`: {s.get('model', '')}, {s.get('input', '')}, batch "
+                  f"{s.get('batch', '')}, validation batch {s.get('val_batch', '')}, Adam). Plain step "
+                  f"{o['plain_ms']:.0f} ms ({o['machine']}, torch {o['torch']}, {s.get('threads', '?')} threads); "
+                  "variants interleaved in one process.\n",
+                  "| variant | what | step time / plain (median) | (mean) | peak memory / plain |",
+                  "|---|---|---:|---:|---:|"]  # fmt: skip
+        described = s.get("variants", {})
+        for v, r in o["ratio"].items():
+            what = described.get(v, "").replace("SaflexLoss(", "`SaflexLoss(")
+            what = what.replace("), validation", ")`, validation")
+            lines.append(f"| {v} | {what} | {x(r)} | {x(o.get('ratio_mean', {}).get(v))} | "
+                         f"{x(o.get('peak_rss_ratio', {}).get(v))} |")  # fmt: skip
+        agreement = (o.get("frozen_stats_agreement") or {}).get("median_over_all")
+        if agreement:
+            lines += ["", "`jvp_frozen_stats` against the exact `jvp` (same batches; "
+                      f"{o['frozen_stats_agreement']['setting']}; medians): relative error "
+                      f"{agreement['relative_error']:.2f}, rank correlation of the entries "
+                      f"{agreement['spearman_entries']:.2f} and of the default rule's scores "
+                      f"{agreement['spearman_margin_scores']:.2f}, identical keep/drop decisions "
+                      f"{100 * agreement['decision_agreement']:.0f}%, AUROC for the wrong labels "
+                      f"{agreement['auroc_wrong_label_fixed']:.2f} vs {agreement['auroc_wrong_label_exact']:.2f}."]
+        lines.append("")
+    sc = load("scaling.json")
+    if sc:
+        st = sc["settings"]
+        paths = [p for p in st["paths"] if p != "plain"]
+        lines += [f"**Scaling** (`scaling.py`; {sc['machine']}; {st['saflex']}; medians of {st['reps']} interleaved "
+                  "rounds). Step time / plain, and (last columns) the step's peak memory / plain's:\n",
+                  "| model | batch | K | " + " | ".join(paths) + " | memory: " + " | memory: ".join(paths) + " |",
+                  "|---|---|---:|" + "---:|" * (2 * len(paths))]  # fmt: skip
+        cells: dict[tuple, dict] = {}
+        for r in sc["rows"]:
+            cells.setdefault((r["model"], r["batch"], r["classes"]), {})[r["path"]] = r
+        for (model, batch, k), by in cells.items():
+            times = [x(by[p]["ratio"]) if p in by else "" for p in paths]
+            mems = [x(by[p]["memory_ratio"]) if p in by else "" for p in paths]
+            lines.append(f"| {model} | {batch} | {k} | " + " | ".join(times + mems) + " |")
+        lines += ["", "<sub>" + "; ".join(f"{m}: {d}" for m, d in st["models"].items()) + "</sub>", ""]
+    t = load("overhead_timm_loop.json")
+    if t:
+        lines += [f"**timm's loop** (`overhead_timm_loop.py`: `examples/timm_train.py` with its defaults, "
+                  f"32×32, CPU, {t['machine']}; interleaved runs, median step):\n",
+                  "| model | plain step | SAFLEX step / plain (median) | (mean) |", "|---|---:|---:|---:|"]
+        lines += [f"| {r['model']} | {r['plain_ms_per_step']:.0f} ms | {x(r['ratio'])} | {x(r.get('ratio_mean'))} |"
+                  for r in t["rows"]]  # fmt: skip
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -196,7 +238,7 @@ def main(argv: list[str] | None = None) -> str:
     decisions = decision_table(root / "decision_quality.json")
     if decisions:
         parts += ["### Decision quality: 30% of the augmented samples bad (`decision_quality.py`)\n", decisions]
-    over = overhead_table(root / "overhead.json")
+    over = cost_section(root)
     if over:
         parts += ["### Overhead per training step\n", over, ""]
     text = "\n".join(parts)
