@@ -169,16 +169,26 @@ def cost_section(root: Path) -> str:
         s = o.get("setting", {})
         lines += [f"**One setting** (`overhead.py`: {s.get('model', '')}, {s.get('input', '')}, batch "
                   f"{s.get('batch', '')}, validation batch {s.get('val_batch', '')}, Adam). Plain step "
-                  f"{o['plain_ms']:.0f} ms ({o['machine']}, torch {o['torch']}, {s.get('threads', '?')} threads); "
-                  "variants interleaved in one process.\n",
-                  "| variant | what | step time / plain (median) | (mean) | peak memory / plain |",
-                  "|---|---|---:|---:|---:|"]  # fmt: skip
+                  f"{o['plain_ms']:.0f} ms ({o['machine']}, torch {o['torch']}, {s.get('threads', '?')} threads"
+                  + (f", load average {s['load_average_at_end'][0]:.1f} at the end" if s.get("load_average_at_end")
+                     else "")
+                  + "); variants interleaved in one process. On a loaded machine wall time mostly measures the "
+                  "other processes; CPU time is this process's own work.\n",
+                  "| variant | what | step time / plain (median) | (mean) | CPU time / plain (median) | peak memory / plain |",
+                  "|---|---|---:|---:|---:|---:|"]  # fmt: skip
         described = s.get("variants", {})
         for v, r in o["ratio"].items():
             what = described.get(v, "").replace("SaflexLoss(", "`SaflexLoss(")
             what = what.replace("), validation", ")`, validation")
             lines.append(f"| {v} | {what} | {x(r)} | {x(o.get('ratio_mean', {}).get(v))} | "
-                         f"{x(o.get('peak_rss_ratio', {}).get(v))} |")  # fmt: skip
+                         f"{x(o.get('cpu_ratio', {}).get(v))} | {x(o.get('peak_rss_ratio', {}).get(v))} |")  # fmt: skip
+        lines += ["", "`jvp` is the exact `Π`. With train-mode BatchNorm it needs the JVP of the whole batch (clean rows "
+                  "too): the batch statistics depend on θ through every row, and their tangent is part of each "
+                  "augmented row's gradient. `jvp_frozen_stats` holds the statistics of the step's training forward "
+                  "fixed and runs the JVP over the augmented rows only: cheaper, and a different `Π` (the gradient "
+                  "of a network whose BatchNorm normalises with constants); for a model without batch-statistics "
+                  "BatchNorm the two are the same. `@every4` (`val_every=4`) refreshes the validation gradient on "
+                  "one step in four: read its mean, not its median."]
         agreement = (o.get("frozen_stats_agreement") or {}).get("median_over_all")
         if agreement:
             lines += ["", "`jvp_frozen_stats` against the exact `jvp` (same batches; "
@@ -204,7 +214,10 @@ def cost_section(root: Path) -> str:
             times = [x(by[p]["ratio"]) if p in by else "" for p in paths]
             mems = [x(by[p]["memory_ratio"]) if p in by else "" for p in paths]
             lines.append(f"| {model} | {batch} | {k} | " + " | ".join(times + mems) + " |")
-        lines += ["", "<sub>" + "; ".join(f"{m}: {d}" for m, d in st["models"].items()) + "</sub>", ""]
+        missing = [m for m in ("mlp", "resnet18", "vit_tiny") if m not in st["models"]]
+        lines += ["", "<sub>" + "; ".join(f"{m}: {d}" for m, d in st["models"].items())
+                  + (f"; not in this run: {', '.join(missing)} (`python benchmarks/scaling.py --models ...`)"
+                     if missing else "") + "</sub>", ""]
     t = load("overhead_timm_loop.json")
     if t:
         lines += [f"**timm's loop** (`overhead_timm_loop.py`: `examples/timm_train.py` with its defaults, "

@@ -74,6 +74,15 @@ def make_model(width: int = 64) -> torch.nn.Module:
     return C.resnet18_28(num_classes=10, in_chans=3, width=width, stem_stride=1)
 
 
+def describe_variant(variant: str, val_batch: int) -> str:
+    """``"jvp@every4"`` -> ``"SaflexLoss(method='jvp', val_every=4), validation batch 32"``."""
+    method, kwargs, v = parse_variant(variant, val_batch)
+    if method == "plain":
+        return "plain cross-entropy"
+    options = "".join(f", {k}={value!r}" for k, value in kwargs.items())
+    return f"SaflexLoss(method={method!r}{options}), validation batch {v}"
+
+
 def setup(args: argparse.Namespace, variant: str, model: torch.nn.Module):
     method, kwargs, v = parse_variant(variant, args.val_batch)
     b, dev = args.batch, args.device
@@ -387,9 +396,9 @@ def plot(path: Path, payload: dict) -> None:
     import matplotlib.pyplot as plt
 
     names = list(payload["ratio"])
-    series = [("median step", payload["ratio"]), ("min step", payload.get("ratio_of_min", {})),
+    series = [("median step", payload["ratio"]), ("mean step", payload.get("ratio_mean", {})),
               ("from pieces", payload.get("ratio_from_components", {}))]  # fmt: skip
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
     ax = axes[0]
     width = 0.27
     for j, (label, values) in enumerate(series):
@@ -397,9 +406,10 @@ def plot(path: Path, payload: dict) -> None:
         vals = [values.get(n, 0.0) for n in names]
         ax.bar(xs, vals, width=width, label=label, color=["tab:blue", "tab:cyan", "tab:gray"][j])
         for x, r in zip(xs, vals):
-            ax.text(x, r, f"{r:.2f}", ha="center", va="bottom", fontsize=6)
-    ax.set_xticks(range(len(names)), names)
-    for target, n in ((1.10, "last_layer target"), (1.60, "jvp target")):
+            if r:
+                ax.text(x, r, f"{r:.2f}", ha="center", va="bottom", fontsize=6)
+    ax.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=7)
+    for target, n in ((1.10, "recommended-settings target"), (1.60, "jvp target")):
         ax.axhline(target, ls="--", lw=1, color="gray")
         ax.text(len(names) - 0.5, target, n, va="bottom", ha="right", fontsize=7)
     ax.axhline(1.0, color="black", lw=0.8)
@@ -485,9 +495,7 @@ def main(argv: list[str] | None = None) -> dict | None:
             "classes": 10, "threads": args.threads, "optimizer": "Adam", "steps": args.steps, "warmup": args.warmup,
             "statistic": "median over steps (ratio_mean: mean, for val_every > 1); variants interleaved in one "
                          "process", "quick": args.quick, "device": args.device,
-            "variants": {v: "plain cross-entropy" if v == "plain" else
-                         "SaflexLoss(method={!r}, **{}), validation batch {}".format(*parse_variant(v, args.val_batch))
-                         for v in args.variants},
+            "variants": {v: describe_variant(v, args.val_batch) for v in args.variants},
             "saflex_defaults": "library defaults unless the variant says otherwise",
             "git_commit": C.git_commit(),
             "load_average_at_end": list(__import__("os").getloadavg()),

@@ -33,18 +33,17 @@ EXAMPLE = C.ROOT / "examples" / "timm_train.py"
 
 
 def write_image_folder(root: Path, n_per_class: int, num_classes: int = 10, size: int = 32, seed: int = 0) -> None:
-    import numpy as np
+    """PNGs ``root/class<c>/<i>.png``: each class a random colour plus pixel noise."""
+    import torch
     from PIL import Image
 
-    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
     for c in range(num_classes):
-        folder = root / f"class{c}"
-        folder.mkdir(parents=True, exist_ok=True)
+        (root / f"class{c}").mkdir(parents=True, exist_ok=True)
+        colour = 40 + 160 * torch.rand(3, generator=gen)
         for i in range(n_per_class):
-            base = np.zeros((size, size, 3), np.float32)
-            base[..., c % 3] = 60 + 15 * c
-            img = np.clip(base + rng.normal(0, 40, base.shape), 0, 255).astype(np.uint8)
-            Image.fromarray(img).save(folder / f"{i}.png")
+            pixels = (colour + 40 * torch.randn(size, size, 3, generator=gen)).clamp(0, 255).to(torch.uint8)
+            Image.fromarray(pixels.numpy()).save(root / f"class{c}" / f"{i}.png")
 
 
 def one_run(data: Path, model: str, steps: int, saflex: bool, threads: int, extra: list[str]) -> list[float]:
