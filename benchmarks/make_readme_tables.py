@@ -10,7 +10,7 @@ upstream trained on train ∪ validation (paired by seed, ± SE); every row of t
 chosen on half of the streams and confirmed on the other half; the goals; the per-op aggregates; and when to use
 SAFLEX. Then, for each ``accuracy_<dataset>.json``: one table with mean ± std over seeds, and for every SAFLEX row
 its gain over the same upstream alone and over that upstream trained on train ∪ validation; a summary of all SAFLEX
-rows per method, and the overhead table from ``overhead.json``.
+rows per method, and the cost tables (:func:`cost_section`).
 """
 
 from __future__ import annotations
@@ -202,26 +202,81 @@ def suite_section(path: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def overhead_table(path: Path) -> str:
-    if not path.is_file():
-        return ""
-    o = json.loads(path.read_text())
-    lines = [f"Plain step: {o['plain_ms']:.0f} ms ({o['machine']}, torch {o['torch']}, "
-             f"{o.get('setting', {}).get('threads', '?')} threads).\n",
-             "| method | step time / plain (median) | (min) | (from pieces) | peak RSS / plain |",
-             "|---|---:|---:|---:|---:|"]  # fmt: skip
+def cost_section(root: Path) -> str:
+    """The "Overhead per training step" subsection: ``overhead.json`` (the fixed setting, each method and the
+    recommended settings), ``scaling.json`` (models × classes × batch, SAFLEX and the alternatives),
+    ``overhead_timm_loop.json`` (timm's loop) and the fixed-statistics JVP's agreement with the exact one."""
 
-    def fmt(value: float | None) -> str:
+    def x(value: float | None) -> str:
         return "" if value is None else f"{value:.2f}×"
 
-    for m, r in o["ratio"].items():
-        rss = o.get("peak_rss_ratio", {}).get(m)
-        lo, est = o.get("ratio_of_min", {}).get(m), o.get("ratio_from_components", {}).get(m)
-        lines.append(f"| {m} | {fmt(r)} | {fmt(lo)} | {fmt(est)} | {fmt(rss)} |")
-    comp = o.get("components_ms")
-    if comp:
-        lines.append("\n| piece (each alone) | ms |\n|---|---:|")
-        lines += [f"| {k} | {v:.0f} |" for k, v in comp.items()]
+    def load(name: str) -> dict | None:
+        f = root / name
+        return json.loads(f.read_text()) if f.is_file() else None
+
+    lines: list[str] = []
+    o = load("overhead.json")
+    if o:
+        s = o.get("setting", {})
+        lines += [f"**One setting** (`overhead.py`: {s.get('model', '')}, {s.get('input', '')}, batch "
+                  f"{s.get('batch', '')}, validation batch {s.get('val_batch', '')}, Adam). Plain step "
+                  f"{o['plain_ms']:.0f} ms ({o['machine']}, torch {o['torch']}, {s.get('threads', '?')} threads"
+                  + (f", load average {s['load_average_at_end'][0]:.1f} at the end" if s.get("load_average_at_end")
+                     else "")
+                  + "); variants interleaved in one process. On a loaded machine wall time mostly measures the "
+                  "other processes; CPU time is this process's own work.\n",
+                  "| variant | what | step time / plain (median) | (mean) | CPU time / plain (median) | peak memory / plain |",
+                  "|---|---|---:|---:|---:|---:|"]  # fmt: skip
+        described = s.get("variants", {})
+        for v, r in o["ratio"].items():
+            what = described.get(v, "").replace("SaflexLoss(", "`SaflexLoss(")
+            what = what.replace("), validation", ")`, validation")
+            lines.append(f"| {v} | {what} | {x(r)} | {x(o.get('ratio_mean', {}).get(v))} | "
+                         f"{x(o.get('cpu_ratio', {}).get(v))} | {x(o.get('peak_rss_ratio', {}).get(v))} |")  # fmt: skip
+        lines += ["", "`jvp` is the exact `Π`. With train-mode BatchNorm it needs the JVP of the whole batch (clean rows "
+                  "too): the batch statistics depend on θ through every row, and their tangent is part of each "
+                  "augmented row's gradient. `jvp_frozen_stats` holds the statistics of the step's training forward "
+                  "fixed and runs the JVP over the augmented rows only: cheaper, and a different `Π` (the gradient "
+                  "of a network whose BatchNorm normalises with constants); for a model without batch-statistics "
+                  "BatchNorm the two are the same. `@every4` (`val_every=4`) refreshes the validation gradient on "
+                  "one step in four: read its mean, not its median."]
+        agreement = (o.get("frozen_stats_agreement") or {}).get("median_over_all")
+        if agreement:
+            lines += ["", "`jvp_frozen_stats` against the exact `jvp` (same batches; "
+                      f"{o['frozen_stats_agreement']['setting']}; medians): relative error "
+                      f"{agreement['relative_error']:.2f}, rank correlation of the entries "
+                      f"{agreement['spearman_entries']:.2f} and of the default rule's scores "
+                      f"{agreement['spearman_margin_scores']:.2f}, identical keep/drop decisions "
+                      f"{100 * agreement['decision_agreement']:.0f}%, AUROC for the wrong labels "
+                      f"{agreement['auroc_wrong_label_fixed']:.2f} vs {agreement['auroc_wrong_label_exact']:.2f}."]
+        lines.append("")
+    sc = load("scaling.json")
+    if sc:
+        st = sc["settings"]
+        paths = [p for p in st["paths"] if p != "plain"]
+        lines += [f"**Scaling** (`scaling.py`; {sc['machine']}; {st['saflex']}; medians of {st['reps']} interleaved "
+                  "rounds). Step time / plain, and (last columns) the step's peak memory / plain's:\n",
+                  "| model | batch | K | " + " | ".join(paths) + " | memory: " + " | memory: ".join(paths) + " |",
+                  "|---|---|---:|" + "---:|" * (2 * len(paths))]  # fmt: skip
+        cells: dict[tuple, dict] = {}
+        for r in sc["rows"]:
+            cells.setdefault((r["model"], r["batch"], r["classes"]), {})[r["path"]] = r
+        for (model, batch, k), by in cells.items():
+            times = [x(by[p]["ratio"]) if p in by else "" for p in paths]
+            mems = [x(by[p]["memory_ratio"]) if p in by else "" for p in paths]
+            lines.append(f"| {model} | {batch} | {k} | " + " | ".join(times + mems) + " |")
+        missing = [m for m in ("mlp", "resnet18", "vit_tiny") if m not in st["models"]]
+        lines += ["", "<sub>" + "; ".join(f"{m}: {d}" for m, d in st["models"].items())
+                  + (f"; not in this run: {', '.join(missing)} (`python benchmarks/scaling.py --models ...`)"
+                     if missing else "") + "</sub>", ""]
+    t = load("overhead_timm_loop.json")
+    if t:
+        lines += [f"**timm's loop** (`overhead_timm_loop.py`: `examples/timm_train.py` with its defaults, "
+                  f"32×32, CPU, {t['machine']}; interleaved runs, median step):\n",
+                  "| model | plain step | SAFLEX step / plain (median) | (mean) |", "|---|---:|---:|---:|"]
+        lines += [f"| {r['model']} | {r['plain_ms_per_step']:.0f} ms | {x(r['ratio'])} | {x(r.get('ratio_mean'))} |"
+                  for r in t["rows"]]  # fmt: skip
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -295,7 +350,7 @@ def main(argv: list[str] | None = None) -> str:
     parts += ["### Accuracy\n", tables]
     if gains:
         parts += ["### SAFLEX vs its upstream, all tables\n", summary(gains), ""]
-    over = overhead_table(root / "overhead.json")
+    over = cost_section(root)
     if over:
         parts += ["### Overhead per training step\n", over, ""]
     text = "\n".join(parts)

@@ -29,7 +29,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-CONFIGS = ("plain", "jvp", "last_layer", "single_pass")
+CONFIGS = ("plain", "jvp", "jvp_frozen_stats", "last_layer", "single_pass")
 
 
 def _status_kib(field: str) -> int:

@@ -31,9 +31,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Literal
 
 import torch
@@ -59,6 +60,7 @@ __all__ = [
     "own_label_gain",
     "adaptive_keep",
     "find_classifier",
+    "BatchStatsCapture",
     "Rule",
     "Method",
     "RuleName",
@@ -371,30 +373,141 @@ def last_layer_inner_products(
         grad_bias: Validation gradient of the classifier bias `(K,)`, or ``None`` (no or frozen bias).
     """
     dtype = torch.promote_types(torch.promote_types(logits.dtype, grad_weight.dtype), torch.float32)
-    # b = batch, k = classes, d = feature dim
-    s = torch.einsum("bd,kd->bk", features.detach().to(dtype), grad_weight.to(dtype))
-    if grad_bias is not None:
-        s = s + grad_bias.to(dtype)
+    # s = h G_Wᵀ + G_b, (B, D) x (D, K): one matrix product (a plain mm; einsum's bmm route measured ~35% slower)
+    h, gw = features.detach().to(dtype), grad_weight.to(dtype)
+    s = h @ gw.T if grad_bias is None else torch.addmm(grad_bias.to(dtype), h, gw.T)
     # The logit tangent along -g is -s.
     return inner_products_from_tangent(logits, -s)
 
 
-def _jvp_logits(model: nn.Module, inputs: Tensor, val_grad: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+def _jvp_logits(
+    model: nn.Module,
+    inputs: Tensor,
+    val_grad: Mapping[str, Tensor],
+    batch_stats: Mapping[str, tuple[Tensor, Tensor]] | None = None,
+) -> tuple[Tensor, Tensor]:
     params = dict(model.named_parameters())
     unknown = [n for n in val_grad if n not in params]
     if unknown:
         raise ValueError(f"val_grad has keys that are not parameters of the model: {unknown[:3]}.")
-    names = list(val_grad)
-    primals = tuple(params[n].detach() for n in names)
-    tangents = tuple(-val_grad[n].to(dtype=params[n].dtype, device=params[n].device) for n in names)
-
-    def logits_of(*values: Tensor) -> Tensor:
-        return functional_call(model, dict(zip(names, values)), (inputs,), strict=False)
-
-    with torch.no_grad(), _running_stats_frozen(model), _math_attention(), _quiet_forward_ad():
-        logits, tangent = torch.func.jvp(logits_of, primals, tangents)
+    # Forward-mode AD on dual parameters under no_grad: no autograd graph is recorded for the primal or the tangent
+    # (the same formulas as torch.func.jvp, measured 20-30% faster on a CPU ResNet-18 without functorch's wrappers).
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.no_grad())
+        stack.enter_context(_running_stats_frozen(model))
+        if batch_stats is not None:
+            stack.enter_context(_fixed_batch_stats(model, batch_stats))
+        stack.enter_context(_math_attention())
+        stack.enter_context(_quiet_forward_ad())
+        stack.enter_context(fwAD.dual_level())
+        duals = {}
+        for n, g in val_grad.items():
+            p = params[n].detach()
+            duals[n] = fwAD.make_dual(p, -g.to(dtype=p.dtype, device=p.device))
+        out = functional_call(model, duals, (inputs,), strict=False)
+        logits, tangent = fwAD.unpack_dual(out)
     check_logits(logits, "model(inputs)")
+    if tangent is None:  # no parameter in val_grad reaches the logits
+        tangent = torch.zeros_like(logits)
     return logits, tangent
+
+
+def _uses_batch_stats(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) and (module.training or module.running_mean is None)
+
+
+class BatchStatsCapture:
+    """Forward hooks that record the batch statistics each BatchNorm of ``model`` normalises with.
+
+    A train-mode BatchNorm (or one without running statistics) normalises with the mean and biased variance of its
+    input batch; the hooks record them, detached, for every forward while ``skip()`` is false. Pass ``stats`` to
+    ``grad_inner_products(..., batch_stats=capture.stats)`` to compute ``Π`` of a subset of the batch with the
+    whole batch's statistics held fixed. Recording costs one mean/variance reduction per BatchNorm and forward.
+
+    Args:
+        model: The model whose BatchNorm modules are watched.
+        skip: Called at each forward; nothing is recorded while it returns True (e.g. during a loss's own passes).
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
+        >>> capture = BatchStatsCapture(model)
+        >>> _ = model(torch.randn(8, 3))
+        >>> sorted(capture.stats), tuple(capture.stats["1"][0].shape), capture.batch_size
+        (['1'], (4,), 8)
+        >>> capture.remove()
+    """
+
+    def __init__(self, model: nn.Module, skip: Callable[[], bool] | None = None) -> None:
+        self.stats: dict[str, tuple[Tensor, Tensor]] = {}
+        self.batch_size: int | None = None
+        self._skip = skip
+        self.handles = [
+            m.register_forward_hook(functools.partial(self._record, name))
+            for name, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        ]
+
+    def _record(self, name: str, module: nn.Module, args: tuple, output: Tensor) -> None:
+        fixed = getattr(module.__dict__.get("forward"), "fixed_batch_stats", False)  # inside _fixed_batch_stats
+        if fixed or not args or not _uses_batch_stats(module) or (self._skip is not None and self._skip()):
+            return
+        with torch.no_grad():
+            x = args[0].detach()
+            x = x if x.dtype in (torch.float32, torch.float64) else x.float()
+            var, mean = torch.var_mean(x, dim=[0, *range(2, x.dim())], correction=0)
+        self.stats[name] = (mean, var)
+        self.batch_size = x.shape[0]
+
+    def pop(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """The statistics recorded since the last ``pop()`` (and forget them)."""
+        stats, self.stats, self.batch_size = self.stats, {}, None
+        return stats
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+
+@contextlib.contextmanager
+def _fixed_batch_stats(model: nn.Module, batch_stats: Mapping[str, tuple[Tensor, Tensor]]) -> Iterator[None]:
+    """Every BatchNorm that would normalise with batch statistics normalises with ``batch_stats[name]`` instead.
+
+    The statistics are constants here, so a JVP gives them no tangent.
+    """
+    patched = []
+    try:
+        for name, m in model.named_modules():
+            if not _uses_batch_stats(m):
+                continue
+            if name not in batch_stats:
+                raise ValueError(
+                    f"batch_stats has no entry for the BatchNorm {name!r}, which normalises with batch statistics; "
+                    f"got entries for {sorted(batch_stats)[:5]} (record them with BatchStatsCapture during the "
+                    "training forward of the same batch)."
+                )
+            if isinstance(m, nn.SyncBatchNorm) and torch.distributed.is_available() and \
+                    torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+                raise ValueError(
+                    f"batch_stats cannot fix SyncBatchNorm {name!r} across ranks (it normalises with the global "
+                    "batch's statistics, the capture sees this rank's); use method='jvp' (exact)."
+                )
+            mean, var = batch_stats[name]
+
+            def forward(input: Tensor, m: nn.Module = m, mean: Tensor = mean, var: Tensor = var) -> Tensor:
+                return F.batch_norm(input, mean.to(input.dtype), var.to(input.dtype), m.weight, m.bias, False, 0.0,
+                                    m.eps)
+
+            forward.fixed_batch_stats = True  # type: ignore[attr-defined]
+            patched.append((m, m.__dict__.get("forward")))
+            m.forward = forward
+        yield
+    finally:
+        for m, previous in patched:
+            if previous is None:
+                del m.forward
+            else:
+                m.forward = previous
 
 
 @contextlib.contextmanager
@@ -448,12 +561,21 @@ def grad_inner_products(
     *,
     method: Method = "jvp",
     classifier: nn.Module | str | None = None,
+    batch_stats: Mapping[str, tuple[Tensor, Tensor]] | None = None,
 ) -> Tensor:
     """``Π[i, k] = <∇θ ℓ_k(inputs[i]), val_grad>`` for every sample and class.
 
     The model runs in its current mode (train-mode BatchNorm normalises with the statistics of ``inputs``, so each
     row depends on the whole batch, exactly as in the training step that forwards this batch). No buffer, no
     ``.grad`` and not the mode are changed.
+
+    Train-mode BatchNorm and a subset of the batch: the exact ``Π`` of the augmented rows of a step also carries
+    the tangent of the batch statistics, which depend on ``θ`` through every row, so it needs the JVP of the whole
+    batch (forward all rows, keep the augmented ones). ``batch_stats`` (``method="jvp"`` only) is the cheaper,
+    different quantity: the statistics recorded during the training forward (:class:`BatchStatsCapture`) are held
+    fixed, the JVP runs over ``inputs`` alone, and ``Π`` is the gradient inner product of a network whose
+    BatchNorm layers normalise with those constants (no tangent through the statistics). For a model without
+    batch-statistics BatchNorm both are the same.
 
     Args:
         model: The classifier; returns logits `(B, K)`.
@@ -464,6 +586,8 @@ def grad_inner_products(
             penultimate features; only the classifier's block of ``val_grad`` is used) or ``"autograd"`` (exact,
             slow: one backward per sample and class; a reference and a fallback for ops without forward AD).
         classifier: For ``"last_layer"``: the classifier ``nn.Linear`` or its name; found automatically if None.
+        batch_stats: For ``"jvp"``: ``{BatchNorm module name: (mean, biased variance)}`` to normalise with instead
+            of the statistics of ``inputs``, held fixed (see above); ``None``: the exact ``Π`` of ``inputs``.
 
     Returns:
         ``Π`` of shape `(B, K)`, float32 (float64 for a float64 model).
@@ -475,8 +599,10 @@ def grad_inner_products(
         >>> tuple(pi.shape)
         (5, 4)
     """
+    if batch_stats is not None and method != "jvp":
+        raise ValueError(f"batch_stats is for method='jvp' only, but got method={method!r}.")
     if method == "jvp":
-        logits, tangent = _jvp_logits(model, inputs, val_grad)
+        logits, tangent = _jvp_logits(model, inputs, val_grad, batch_stats)
         return inner_products_from_tangent(logits, tangent)
     if method == "last_layer":
         name, linear = find_classifier(model, classifier)

@@ -41,8 +41,8 @@ from .distributed import BatchLayout, GlobalTargets, Sync, forward_with_tangent
 
 __all__ = ["SaflexLoss"]
 
-LossMethod = Literal["jvp", "last_layer", "single_pass"]
-_METHODS = ("jvp", "last_layer", "single_pass")
+LossMethod = Literal["jvp", "last_layer", "single_pass", "jvp_frozen_stats"]
+_METHODS = ("jvp", "last_layer", "single_pass", "jvp_frozen_stats")
 _REFERENCES = ("heldout", "batch")
 VAL_TEMPERATURE = 4.0  # the tempered validation loss (see docs/method.md and the measured results)
 _MAX_CAPTURES = 4  # forwards remembered between two loss calls (a teacher pass, a second view, ...)
@@ -63,7 +63,10 @@ class SaflexLoss(StepReport, nn.Module):
             nearly free), ``"jvp"`` (exact, one forward-mode pass over the augmented samples, or over the whole batch
             when BatchNorm uses batch statistics or the forward draws random numbers, e.g. dropout, whose masks are
             then replayed) or ``"single_pass"`` (exact; the training forward itself carries the tangent: call
-            ``logits = criterion.forward_train(x)`` instead of ``model(x)``).
+            ``logits = criterion.forward_train(x)`` instead of ``model(x)``) or ``"jvp_frozen_stats"`` (the JVP of
+            the augmented rows only, with the batch statistics train-mode BatchNorm used in the training forward held
+            fixed: cheaper than ``"jvp"``, and a different ``Π`` that leaves out the statistics' own tangent; the
+            same as ``"jvp"`` for a model without batch-statistics BatchNorm).
         rule: The decision rule: a :class:`~saflex_data.functional.Rule` or its name. Default ``"margin"``: drop an
             augmented sample whose upstream label trails the best class by more than ``beta`` batch standard
             deviations of ``Π``, never relabel; ``"paper"`` is the paper's exact rule.
@@ -183,8 +186,13 @@ class SaflexLoss(StepReport, nn.Module):
             self.classifier_name, linear = SF.find_classifier(self.model, classifier)
             self.__dict__["_classifier"] = linear  # a plain reference, not a submodule (no state_dict entries)
             hooks = [(linear, "post", "_on_classifier")]
-        elif method == "jvp":
+        elif method in ("jvp", "jvp_frozen_stats"):
             hooks = [(self.model, "pre", "_on_model_start"), (self.model, "post", "_on_model")]
+        if method == "jvp_frozen_stats":
+            batchnorms = nn.modules.batchnorm._BatchNorm
+            self._bn_names = {m: n for n, m in self.model.named_modules() if isinstance(m, batchnorms)}
+            hooks += [(m, "post", "_on_batchnorm") for m in self._bn_names]
+        self._bn_stats: dict[str, tuple[Tensor, Tensor]] = {}
         self._hooks = register_weak_hooks(self, hooks)
         self._rng_at_start: tuple | None = None
 
@@ -220,7 +228,17 @@ class SaflexLoss(StepReport, nn.Module):
         if not args or not isinstance(args[0], Tensor):
             return
         stochastic = start is not None and not same_rng_state(start, rng_state(_input_device(args, self.model)))
-        self._remember(output, inputs=args[0], rng=start, stochastic=stochastic)
+        bn_stats, self._bn_stats = self._bn_stats, {}
+        self._remember(output, inputs=args[0], rng=start, stochastic=stochastic, bn_stats=bn_stats)
+
+    def _on_batchnorm(self, module: nn.Module, args: tuple, output: Tensor) -> None:
+        """``method="jvp_frozen_stats"``: the batch statistics a train-mode BatchNorm normalised with."""
+        if args and SF._uses_batch_stats(module) and not getattr(module.__dict__.get("forward"), "fixed_batch_stats", 0):
+            with torch.no_grad():
+                x = args[0].detach()
+                x = x if x.dtype in (torch.float32, torch.float64) else x.float()
+                var, mean = torch.var_mean(x, dim=[0, *range(2, x.dim())], correction=0)
+            self._bn_stats[self._bn_names[module]] = (mean, var)
 
     def _on_classifier(self, module: nn.Module, args: tuple, output: Tensor) -> None:
         # Detached: a forward without a loss call (a skipped step, an eval pass with grad) must not pin its graph.
@@ -252,7 +270,7 @@ class SaflexLoss(StepReport, nn.Module):
 
     def _no_capture(self, logits: Tensor) -> Exception:
         where = {"last_layer": f"the classifier {self.classifier_name!r}", "jvp": "the model",
-                 "single_pass": "forward_train"}[self.method]
+                 "jvp_frozen_stats": "the model", "single_pass": "forward_train"}[self.method]
         if not self._captures:
             return RuntimeError(
                 f"SaflexLoss(method={self.method!r}) saw no forward of {where} since the previous loss call; call the "
@@ -399,6 +417,9 @@ class SaflexLoss(StepReport, nn.Module):
             return logits.new_zeros((0, logits.shape[1]))
         inputs = capture["inputs"]
         with internal_pass(), rng_preserved(inputs.device):
+            if self.method == "jvp_frozen_stats" and not capture["stochastic"]:
+                return SF.grad_inner_products(self.model, inputs[aug_index], signal, method="jvp",
+                                              batch_stats=capture["bn_stats"] if _batch_dependent(self.model) else None)
             if capture["stochastic"] or _batch_dependent(self.model):
                 # Train-mode BatchNorm normalises with the whole batch's statistics, and dropout's masks are drawn for
                 # the whole batch: forward the whole batch with the training forward's random state, as the step did.

@@ -39,11 +39,19 @@ def test_make_readme_tables_deltas(tmp_path: Path) -> None:
     (tmp_path / "accuracy_toy.json").write_text(json.dumps(_payload("toy")))
     (tmp_path / "overhead.json").write_text(json.dumps(
         {"machine": "m", "torch": "2", "plain_ms": 100.0, "ratio": {"jvp": 1.5, "last_layer": 1.05},
-         "peak_rss_ratio": {"jvp": 1.2}}))  # fmt: skip
+         "ratio_mean": {"jvp": 1.6}, "peak_rss_ratio": {"jvp": 1.2},
+         "setting": {"variants": {"jvp": "SaflexLoss(method='jvp'), validation batch 32"}}}))  # fmt: skip
+    (tmp_path / "scaling.json").write_text(json.dumps(
+        {"machine": "m", "settings": {"paths": ["plain", "last_layer"], "saflex": "s", "reps": 3,
+                                      "models": {"mlp": "d"}},
+         "rows": [{"model": "mlp", "batch": "64+64", "classes": 10, "path": "last_layer", "ratio": 1.02,
+                   "memory_ratio": 1.1}]}))  # fmt: skip
     text = _load("make_readme_tables").main(["--results", str(tmp_path)])
     assert "| **SAFLEX[jvp]+Up** | 84.00 ± 1.41 | +3.00 | +3.00 |" in text
     assert "| library defaults | jvp | 1 | 1/1 | +3.00 | 1/1 | +3.00 |" in text
-    assert "| jvp | 1.50× |  |  | 1.20× |" in text and "| last_layer | 1.05× |  |  |  |" in text
+    assert "| jvp | `SaflexLoss(method='jvp')`, validation batch 32 | 1.50× | 1.60× |  | 1.20× |" in text
+    assert "| last_layer |  | 1.05× |  |  |  |" in text
+    assert "| mlp | 64+64 | 10 | 1.02× | 1.10× |" in text
 
 
 def test_train_run_saflex_tabular_synthetic() -> None:
@@ -92,9 +100,37 @@ def test_overhead_smallest_mode_schema(tmp_path: Path) -> None:
     pytest.importorskip("timm")
     pytest.importorskip("matplotlib")
     over = _load("overhead")
+    variants = "jvp,jvp_frozen_stats,last_layer,last_layer@ema0.9,jvp_frozen_stats@every2"
     over.main(["--quick", "--width", "8", "--steps", "1", "--warmup", "0", "--threads", "1", "--no-memory",
-               "--out", str(tmp_path)])  # fmt: skip
+               "--no-agreement", "--variants", variants, "--out", str(tmp_path)])  # fmt: skip
     o = json.loads((tmp_path / "overhead.json").read_text())
-    assert set(o["ratio"]) == {"jvp", "last_layer", "single_pass"} and o["plain_ms"] > 0
-    assert all(r > 0 for r in o["ratio"].values())
+    assert set(o["ratio"]) == set(variants.split(",")) and o["plain_ms"] > 0
+    assert all(r > 0 for r in o["ratio"].values()) and set(o["ratio_mean"]) == set(o["ratio"])
+    assert "val_ema" in o["setting"]["variants"]["last_layer@ema0.9"]
     assert (tmp_path / "overhead.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("script", ["overhead", "scaling"])
+def test_benchmark_argument_errors(script: str, capsys) -> None:
+    module = _load(script)
+    bad = ["--variants", "plain,jvp@often"] if script == "overhead" else ["--paths", "plain,meta"]
+    with pytest.raises(SystemExit):
+        module.main(bad)
+    assert "unknown" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            module.main(["--device", "cuda"])
+        assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_scaling_quick_mode_schema(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    payload = _load("scaling").main(["--quick", "--threads", "1", "--out", str(tmp_path)])
+    on_disk = json.loads((tmp_path / "scaling.json").read_text())
+    assert on_disk["complete"] and on_disk["machine"] == payload["machine"]
+    cells = {(r["model"], r["classes"], r["batch"]) for r in on_disk["rows"]}
+    assert cells == {("mlp", 10, "16+16"), ("mlp", 100, "16+16")}
+    paths = {r["path"] for r in on_disk["rows"]}
+    assert paths == {"plain", "last_layer", "jvp", "small_loss", "l2r"}  # jvp_frozen_stats: BatchNorm models only
+    assert all(r["ratio"] > 0 for r in on_disk["rows"])
+    assert (tmp_path / "scaling.png").stat().st_size > 0
