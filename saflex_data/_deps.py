@@ -41,7 +41,7 @@ def require(module: str, extra: str | None = None, *, feature: str | None = None
         The imported module.
 
     Raises:
-        ModuleNotFoundError: ``"saflex_data.adapters.kornia needs kornia; pip install 'saflex-data[kornia]'"``.
+        ModuleNotFoundError: ``"saflex_data.adapters.kornia needs kornia; install the 'kornia' extra (...)"``.
 
     Example:
         >>> require("torch").__name__
@@ -55,4 +55,7 @@ def require(module: str, extra: str | None = None, *, feature: str | None = None
         # Only translate the error when the optional package itself is missing, not one of its own imports.
         if err.name is not None and err.name.split(".")[0] != module.split(".")[0]:
             raise
-        raise ModuleNotFoundError(f"{feature} needs {module}; pip install 'saflex-data[{extra}]'") from err
+        raise ModuleNotFoundError(
+            f"{feature} needs {module}; install the {extra!r} extra (pip install '.[{extra}]' in a clone of "
+            f"saflex_data, or pip install 'saflex-data[{extra}]' where it is published) or the package itself"
+        ) from err

@@ -357,8 +357,8 @@ def test_require_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "kornia", None)
     with pytest.raises(
         ModuleNotFoundError,
-        match=r"saflex_data.adapters.kornia needs kornia; pip install "
-        r"'saflex-data\[kornia\]'",
+        match=r"saflex_data.adapters.kornia needs kornia; install the 'kornia' extra \(pip install '.\[kornia\]' in a "
+        r"clone of saflex_data, or pip install 'saflex-data\[kornia\]' where it is published\)",
     ):
         require("kornia")
     assert is_available("torch") and not is_available("surely_not_a_module_xyz")
