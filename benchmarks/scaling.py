@@ -7,7 +7,7 @@ loss, backward, Adam step):
 - ``plain``: cross-entropy;
 - ``last_layer``, ``jvp`` and, for models with train-mode BatchNorm, ``jvp_frozen_stats``: ``SaflexLoss`` with
   the recommended decision-quality setting (validation batch 32 averaged with ``val_ema=0.9``, as good as a fresh
-  batch of 128 in ``decision_quality.py``);
+  batch of 128 in the decision-quality results, ``results/decision_quality.json``);
 - ``small_loss``: a small-loss filter (keep the augmented rows whose loss is at most the augmented rows' median);
 - ``l2r``: Learning to Reweight (Ren et al. 2018): a virtual SGD step with ``create_graph=True``, the validation
   loss after it, its gradient with respect to the per-sample weights (a double backward), then the weighted step.
