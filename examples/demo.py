@@ -9,15 +9,16 @@
    vertical flips (a rotated 6 is a 9), heavy occlusion, tiny crops, and one benign op (a mild affine jitter);
 3. train the same small CNN three ways: no augmentation, upstream augmentation with plain cross-entropy, and
    upstream augmentation with ``SaflexLoss`` (the validation split feeds SAFLEX's validation gradient);
-4. print test accuracies and SAFLEX's keep/relabel rates per op, and write two pictures to ``demo_out/``:
-   ``demo_samples.png`` (augmented samples: which ones SAFLEX dropped, relabeled old → new, or kept) and
-   ``demo_op_rates.png`` (keep/relabel rates per upstream op).
+4. print test accuracies (with the machine the train times come from) and SAFLEX's keep/relabel rates per op, and
+   write two pictures to ``demo_out/``, both headed by the three runs' test accuracies: ``demo_samples.png``
+   (augmented samples of one batch drawn at random, so in proportion to what SAFLEX did: kept, dropped, or
+   relabelled old → new) and ``demo_op_rates.png`` (the accuracies, and SAFLEX's keep/relabel rates per upstream op).
 
 Usage::
 
-    python examples/demo.py                 # a few minutes on CPU
-    python examples/demo.py --quick         # seconds (a smoke test; numbers meaningless)
-    python examples/demo.py --method last_layer --beta 1.0
+    python examples/demo.py                 # 1-10 minutes on a 2-core CPU, depending on its load
+    python examples/demo.py --quick         # seconds: a smoke test, its numbers mean nothing
+    python examples/demo.py --rule paper --method jvp   # the paper's rule (it relabels)
 """
 
 from __future__ import annotations
@@ -32,12 +33,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a clone without installing; the data loaders live in benchmarks/
 
+from benchmarks.common import machine_string  # noqa: E402
 from saflex_data import SaflexLoss, SaflexTarget  # noqa: E402
+from saflex_data.functional import Rule  # noqa: E402
 from saflex_data.adapters.torchvision import TaggedRandomChoice  # noqa: E402
 from saflex_data.collate import SaflexCollate  # noqa: E402
-from saflex_data.datasets import load_mnist_5k, stratified_split  # noqa: E402
+from benchmarks.datasets import load_mnist_5k, stratified_split  # noqa: E402
 
 
 def progress(iterable=None, **kwargs):
@@ -106,7 +110,9 @@ def train(
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=total, pct_start=0.2)
     criterion = None
     if mode == "saflex":
-        kwargs = {k: v for k, v in (("method", args.method), ("beta", args.beta), ("rule", args.rule)) if v is not None}
+        kwargs = {} if args.method is None else {"method": args.method}
+        if args.rule is not None or args.beta is not None:
+            kwargs["rule"] = Rule(args.rule or "margin", beta=args.beta)
         criterion = SaflexLoss(model, val_loader, **kwargs)
     kept, relabeled, step = [], [], 0
     t0 = time.perf_counter()
@@ -167,69 +173,134 @@ def decisions_on(model: nn.Module, criterion: SaflexLoss, x: Tensor, target: Saf
     return criterion.last_step
 
 
-def plot_samples(path: Path, x: Tensor, target: SaflexTarget, last: dict[str, Tensor], n: int = 40) -> None:
+_KIND_STYLE = {  # colour and legend text of each decision
+    "kept": ("green", "kept: trained on with its upstream label"),
+    "relabeled": ("darkorange", "relabeled: upstream label → SAFLEX's label"),
+    "dropped": ("red", "dropped: weight 0 for this step"),
+}
+_RUN_NAMES = {"noaug": "no augmentation", "upstream": "strong upstream, plain CE", "saflex": "SAFLEX + strong upstream"}
+SMOKE_TEST = "SMOKE TEST (--quick): a few steps on a subset; these numbers mean nothing"
+
+
+def decision_kinds(last: dict[str, Tensor]) -> list[str]:
+    """``"kept"``, ``"relabeled"`` or ``"dropped"`` for each augmented row of the step, in batch order."""
+    aug = last["is_augmented"].nonzero().flatten()
+    weights, new, upstream = last["weights"], last["targets"].argmax(1), last["upstream"]
+    return ["dropped" if weights[i] == 0 else "relabeled" if new[i] != upstream[i] else "kept" for i in aug.tolist()]
+
+
+def accuracy_line(accuracies: dict[str, float]) -> str:
+    return "test accuracy: " + " · ".join(f"{_RUN_NAMES[m]} {a:.1f}%" for m, a in accuracies.items())
+
+
+def plot_samples(path: Path, x: Tensor, target: SaflexTarget, last: dict[str, Tensor], accuracies: dict[str, float],
+                 *, op_stats: dict[str, dict[str, float]] | None = None, quick: bool = False, n: int = 40,
+                 seed: int = 0) -> None:  # fmt: skip
+    """A grid of ``n`` augmented samples of one batch drawn uniformly at random, so that what is on screen is in
+    proportion to what SAFLEX did with that batch (no category is shown first)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
-    aug = target.is_augmented.nonzero().flatten()
-    weights, new = last["weights"], last["targets"].argmax(1)
-    upstream = last["upstream"]
-    # show every dropped and relabeled sample first, then kept ones, to fill the grid
-    dropped = [int(i) for i in aug if weights[i] == 0]
-    moved = [int(i) for i in aug if weights[i] > 0 and new[i] != upstream[i]]
-    same = [int(i) for i in aug if weights[i] > 0 and new[i] == upstream[i]]
-    order = (dropped[: n // 3] + moved[: n // 3])
-    order += same[: max(0, n - len(order))]
-    order += [i for i in dropped + moved if i not in order][: max(0, n - len(order))]
+    aug = last["is_augmented"].nonzero().flatten().tolist()
+    kinds = dict(zip(aug, decision_kinds(last)))
+    g = torch.Generator().manual_seed(seed)
+    shown = sorted(aug[k] for k in torch.randperm(len(aug), generator=g)[: min(n, len(aug))].tolist())
+    new, upstream = last["targets"].argmax(1), last["upstream"]
     cols = 10
-    rows = max(1, (len(order) + cols - 1) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.15, rows * 1.45))
-    axes = axes.reshape(rows, cols)
+    rows = max(1, (len(shown) + cols - 1) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.15, rows * 1.45 + 1.1), squeeze=False)
     names = target.op_names or ()
     for ax in axes.flat:
         ax.axis("off")
-    for ax, i in zip(axes.flat, order):
+    for ax, i in zip(axes.flat, shown):
         ax.imshow(from_input(x[i, 0]).numpy(), cmap="gray", vmin=0, vmax=255)
         op = names[int(target.op[i])] if target.op is not None and int(target.op[i]) >= 0 else "?"
-        if weights[i] == 0:
-            color, text = "red", f"dropped ({int(upstream[i])})"
-        elif new[i] != upstream[i]:
-            color, text = "darkorange", f"{int(upstream[i])} → {int(new[i])}"
-        else:
-            color, text = "green", f"kept {int(upstream[i])}"
-        ax.set_title(f"{text}\n{op}", fontsize=6.5, color=color)
-        for spine in ax.spines.values():
-            spine.set_edgecolor(color)
-    fig.suptitle("SAFLEX on augmented MNIST samples (trained model): green kept, orange relabeled old → new, "
-                 "red dropped", fontsize=8)  # fmt: skip
-    fig.tight_layout()
+        kind = kinds[i]
+        text = {"kept": f"kept, label {int(upstream[i])}", "dropped": f"dropped, label {int(upstream[i])}",
+                "relabeled": f"label {int(upstream[i])} → {int(new[i])}"}[kind]  # fmt: skip
+        ax.set_title(f"{text}\n{op}", fontsize=6.5, color=_KIND_STYLE[kind][0])
+    counts = {k: sum(kinds[i] == k for i in shown) for k in _KIND_STYLE}
+    batch = {k: sum(v == k for v in kinds.values()) for k in _KIND_STYLE}
+    on_screen = ", ".join(f"{counts[k]} {k}" for k in _KIND_STYLE if batch[k])
+    overall = ""
+    if op_stats:
+        count = sum(st["count"] for st in op_stats.values())
+        kept = sum(st["count"] * st["kept"] for st in op_stats.values()) / count
+        relabeled = sum(st["count"] * st["relabeled"] for st in op_stats.values()) / count
+        overall = f" Over the whole last epoch it kept {100 * kept:.0f}% and relabeled {100 * relabeled:.0f}%."
+    title = (f"SAFLEX's decisions with the trained model: {len(shown)} of the {len(aug)} augmented samples of one "
+             f"training batch, drawn at random ({on_screen}).{overall}\n"
+             "Each title: the decision, the upstream label (the digit the sample is trained as), and the upstream op.\n"
+             + accuracy_line(accuracies))  # fmt: skip
+    if quick:
+        title = SMOKE_TEST + "\n" + title
+    fig.suptitle(title, fontsize=8)
+    handles = [Patch(color=_KIND_STYLE[k][0], label=_KIND_STYLE[k][1]) for k in _KIND_STYLE if batch[k]]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=7.5, frameon=False)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def plot_op_rates(path: Path, op_stats: dict[str, dict[str, float]], setting: str = "") -> None:
+def plot_op_rates(path: Path, op_stats: dict[str, dict[str, float]], accuracies: dict[str, float], setting: str,
+                  *, quick: bool = False) -> None:  # fmt: skip
+    """Left: the three runs' test accuracies. Right: SAFLEX's keep (and, if any, relabel) rate per upstream op."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, (acc_ax, ax) = plt.subplots(1, 2, figsize=(10, 3.6), gridspec_kw={"width_ratios": [1, 2.3]})
+    runs = list(accuracies)
+    values = [accuracies[m] for m in runs]
+    colours = {"noaug": "tab:gray", "upstream": "tab:blue", "saflex": "tab:green"}
+    acc_ax.barh(range(len(runs)), values, color=[colours[m] for m in runs])
+    acc_ax.set_yticks(range(len(runs)), [_RUN_NAMES[m] for m in runs], fontsize=8)
+    acc_ax.invert_yaxis()
+    low = max(0.0, min(values) - 5.0)
+    acc_ax.set_xlim(low, 100.0)
+    for k, v in enumerate(values):
+        inside = v - low > 0.3 * (100.0 - low)
+        acc_ax.text(v - 0.3 if inside else v + 0.3, k, f"{v:.1f}", va="center", ha="right" if inside else "left",
+                    fontsize=8, color="white" if inside else "black", fontweight="bold")  # fmt: skip
+    acc_ax.set_xlabel(f"test accuracy (%; axis from {low:.0f})", fontsize=8)
+    acc_ax.set_title("the three runs", fontsize=9)
+
     names = list(op_stats)
     kept = [100 * op_stats[n]["kept"] for n in names]
-    relab = [100 * op_stats[n]["relabeled"] for n in names]
-    pos = range(len(names))
-    fig, ax = plt.subplots(figsize=(7.5, 3.2))
-    ax.bar([p - 0.2 for p in pos], kept, width=0.4, label="kept (weight 1)", color="tab:green")
-    ax.bar([p + 0.2 for p in pos], relab, width=0.4, label="relabeled", color="tab:orange")
-    ax.set_xticks(list(pos), names, rotation=20, ha="right", fontsize=8)
-    ax.set_ylabel("% of that op's samples")
-    ax.set_ylim(0, 105)
-    ax.set_title(f"SAFLEX decisions per upstream op (last epoch) {setting}", fontsize=9)
-    ax.legend(fontsize=8)
+    relabeled = [100 * op_stats[n]["relabeled"] for n in names]
+    pos = list(range(len(names)))
+    series = [("kept (weight 1)", kept, "tab:green")]
+    if any(r > 0 for r in relabeled):  # the legend shows only what occurred
+        series.append(("relabeled", relabeled, "tab:orange"))
+    width = 0.8 / len(series)
+    for k, (label, rates, colour) in enumerate(series):
+        offset = (k - (len(series) - 1) / 2) * width
+        bars = ax.bar([p + offset for p in pos], rates, width=width, label=label, color=colour)
+        ax.bar_label(bars, fmt="%.0f", fontsize=7, padding=1)
+    ax.set_xticks(pos, [f"{n} (n={int(op_stats[n]['count'])})" for n in names], fontsize=7.5, rotation=15,
+                  ha="right")
+    ax.set_ylabel("% of that op's augmented samples", fontsize=8)
+    ax.set_ylim(0, 118)
+    ax.set_title("SAFLEX's decisions per upstream op, last epoch", fontsize=9)
+    if len(series) > 1:
+        ax.legend(fontsize=7.5, loc="lower left", bbox_to_anchor=(0.0, 1.08), ncol=len(series), frameon=False)
+    else:
+        ax.text(0.99, 0.97, "bars: % kept (weight 1); nothing was relabeled", transform=ax.transAxes, ha="right",
+                va="top", fontsize=7.5)
+    title = f"MNIST-5k with a destructive upstream; SAFLEX {setting}"
+    fig.suptitle(SMOKE_TEST + "\n" + title if quick else title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def describe(criterion: SaflexLoss) -> str:
+    """``method=..., rule=..., β=...`` of the loss, for titles."""
+    return f"method={criterion.method}, rule={criterion.rule.name}, β={criterion.rule.beta}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -245,11 +316,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rule", default=None, help="SaflexLoss rule, e.g. 'margin' (default: the library's)")
     parser.add_argument("--runs", default="noaug,upstream,saflex", help="which of noaug,upstream,saflex to train")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="intra-op threads (1 is faster on a busy machine)")
     parser.add_argument("--out", default="demo_out")
     args = parser.parse_args(argv)
     if args.quick:
         args.epochs, args.steps = 1, args.steps or 6
+        print(f"{SMOKE_TEST}.")
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -283,22 +355,28 @@ def main(argv: list[str] | None = None) -> dict:
     op_stats = criterion.op_stats()
     x, target = next(iter(loader))
     last = decisions_on(model, criterion, x, target)
-    plot_samples(out / "demo_samples.png", x, target, last)
-    plot_op_rates(out / "demo_op_rates.png", op_stats, f"[rule={criterion.rule}, beta={criterion.beta}]")
+    plot_samples(out / "demo_samples.png", x, target, last, results, op_stats=op_stats, quick=args.quick,
+                 seed=args.seed)
+    plot_op_rates(out / "demo_op_rates.png", op_stats, results, describe(criterion), quick=args.quick)
 
-    names = {"noaug": "No augmentation", "upstream": "Strong upstream, plain CE", "saflex": "SAFLEX + strong upstream"}
-    print("\n| run | test accuracy (%) | train time (s) |\n|---|---:|---:|")
+    machine = f"{machine_string()}, {args.threads} thread{'s' if args.threads > 1 else ''}"
+    print(f"\n{SMOKE_TEST}:" if args.quick else "")
+    print("| run | test accuracy (%) | train time (s) |\n|---|---:|---:|")
     for mode in results:
-        print(f"| {names[mode]} | {results[mode]:.2f} | {infos[mode]['seconds']:.0f} |")
+        print(f"| {_RUN_NAMES[mode]} | {results[mode]:.2f} | {infos[mode]['seconds']:.0f} |")
+    print(f"(train times on {machine})")
     print(f"\nSAFLEX ({criterion.extra_repr()}), last epoch: kept {100 * infos['saflex']['kept_last_epoch']:.0f}% of "
           f"the augmented samples, relabeled {100 * infos['saflex']['relabeled_last_epoch']:.0f}%")  # fmt: skip
     print("\n| upstream op | samples | kept (%) | relabeled (%) |\n|---|---:|---:|---:|")
     for name, st in op_stats.items():
         print(f"| {name} | {int(st['count'])} | {100 * st['kept']:.0f} | {100 * st['relabeled']:.0f} |")
     summary = {"test_accuracy": results, "runs": infos, "op_stats": op_stats, "saflex": criterion.extra_repr(),
+               "smoke_test": args.quick, "machine": machine, "torch": torch.__version__,
                "settings": {k: v for k, v in vars(args).items()}}  # fmt: skip
     (out / "demo_results.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(f"\nwrote {out / 'demo_samples.png'}, {out / 'demo_op_rates.png'}, {out / 'demo_results.json'}")
+    if args.quick:
+        print(f"{SMOKE_TEST}: run `make demo` (no --quick) for the real comparison.")
     return summary
 
 

@@ -1,4 +1,4 @@
-# needs: pip install 'saflex-data[kornia,timm]'
+# needs: pip install '.[kornia,timm]' (in a clone)
 """SAFLEX with augmentation on the device: timm loader -> kornia pipeline (tagged) -> normalise -> model -> SaflexLoss.
 
 kornia expects ``[0, 1]`` RGB, and timm's prefetcher normalises on the device, so the loaders are built with

@@ -57,7 +57,7 @@ def run(saflex: bool) -> float:
         TabularCutMix(p=args.p, categorical=categorical, generator=torch.Generator().manual_seed(2)),
         mode="copy",  # keep the clean rows, add one CutMix copy of each
     )
-    criterion = SaflexLoss(model, val_loader, method="jvp", beta=0.5, tau=0.01, enabled=saflex)
+    criterion = SaflexLoss(model, val_loader, method="jvp", enabled=saflex)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     for _ in range(args.epochs):
         for xb, yb in loader:

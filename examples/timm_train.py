@@ -1,4 +1,4 @@
-# needs: pip install 'saflex-data[timm]'
+# needs: pip install '.[timm]' (in a clone)
 """Train any timm model on an image folder with SAFLEX on or off, built from timm's own factories.
 
 Folder layout (timm's ``create_dataset`` ImageFolder reader): ``DATA/train/<class>/*.png``, ``DATA/holdout/...``
@@ -33,6 +33,7 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import NativeScaler, accuracy, random_seed
 
 from saflex_data import SaflexLoss
+from saflex_data.functional import Rule
 from saflex_data.adapters.timm import SaflexTask, ValPrepare, create_train_loader, create_val_loader, has_task_api
 
 
@@ -60,8 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--aug-splits", type=int, default=0, help="2: timm's [clean; augmented] batches instead")
     p.add_argument("--no-saflex", dest="saflex", action="store_false", help="plain timm training (cross-entropy)")
     p.add_argument("--method", default="last_layer", choices=("last_layer", "jvp", "single_pass"))
-    p.add_argument("--beta", type=float, default=0.5)
-    p.add_argument("--tau", type=float, default=0.01)
+    p.add_argument("--rule", default=None, help="SAFLEX rule (default: the library's)")
+    p.add_argument("--beta", type=float, default=None, help="original-label bonus (default: the rule's own)")
+    p.add_argument("--tau", type=float, default=None, help="Gumbel-softmax temperature (default: the library's)")
     p.add_argument("--use-task", action="store_true", help="use SaflexTask (timm >= 1.0.23) for task(input, target)")
     p.add_argument("--no-prefetcher", dest="prefetcher", action="store_false")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -113,9 +115,12 @@ def main(argv: list[str] | None = None) -> dict:
             num_workers=args.workers, seed=args.seed,
         )
         # SAFLEX: the loss swap (prepare: channels_last like the model; warns if normalisation differs)
+        # Only what was asked for on the command line: everything else keeps the library's defaults.
+        settings = {k: getattr(args, k) for k in ("beta", "tau") if getattr(args, k) is not None}
+        rule_kwargs = {"rule": Rule(args.rule or Rule().name, **settings)} if args.rule or settings else {}
         criterion = SaflexLoss(
-            model, loader_saflex, method=args.method, beta=args.beta, tau=args.tau,
-            label_smoothing=args.smoothing, prepare=ValPrepare.from_model(model), seed=args.seed,
+            model, loader_saflex, method=args.method, label_smoothing=args.smoothing,
+            prepare=ValPrepare.from_model(model), seed=args.seed, **rule_kwargs,
         )
     else:
         loader_train = create_loader(

@@ -7,11 +7,15 @@ tensor for those calls (``.to``, ``.pin_memory``, ``len``) and carries the per-s
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from ._common import as_probabilities
+from ._common import describe as _describe
 
 __all__ = ["SaflexTarget"]
 
@@ -64,20 +68,31 @@ class SaflexTarget:
 
     # --- tensor-like protocol used by DataLoader(pin_memory=True), timm's PrefetchLoader and Lightning ---
     def to(self, *args: Any, **kwargs: Any) -> SaflexTarget:
-        """Move every tensor like ``Tensor.to``; dtype arguments apply to float ``labels`` only."""
-        # Only float labels may change dtype; bool/int tags must stay as they are.
-        dtype = kwargs.pop("dtype", None)
-        dtypes = [a for a in args if isinstance(a, torch.dtype)]
-        dtype = dtypes[-1] if dtypes else dtype
-        args = tuple(a for a in args if not isinstance(a, torch.dtype))
-        labels = self.labels.to(*args, **kwargs)
-        if dtype is not None and labels.is_floating_point():
-            labels = labels.to(dtype)
+        """Move every tensor, with ``Tensor.to``'s arguments: ``to(device)``, ``to(dtype)``, ``to(device, dtype)``,
+        ``to(other_tensor)``, ``non_blocking=``, ``copy=``.
+
+        The device applies to every tensor. A floating dtype (given, or ``other_tensor``'s) applies to soft labels
+        only; hard labels, ``is_augmented``, ``index`` and ``op`` keep their dtypes, and a non-floating dtype changes
+        nothing (``target.to(images)`` with uint8 images only moves the target).
+        """
+        copy = bool(kwargs.pop("copy", False))
+        try:
+            device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
+        except (TypeError, RuntimeError) as exc:  # RuntimeError: an unknown device string
+            raise TypeError(
+                "SaflexTarget.to takes Tensor.to's arguments (a device, a dtype, both, or another tensor; "
+                f"non_blocking=, copy=), but got {_describe_args(args, kwargs)}."
+            ) from exc
+
+        def move(t: Tensor, cast: bool = False) -> Tensor:
+            return t.to(device=device, dtype=dtype if cast else None, non_blocking=non_blocking, copy=copy)
+
+        soft = dtype is not None and dtype.is_floating_point and self.labels.is_floating_point()
         return SaflexTarget(
-            labels,
-            self.is_augmented.to(*args, **kwargs),
-            None if self.index is None else self.index.to(*args, **kwargs),
-            None if self.op is None else self.op.to(*args, **kwargs),
+            move(self.labels, cast=soft),
+            move(self.is_augmented),
+            None if self.index is None else move(self.index),
+            None if self.op is None else move(self.op),
             self.op_names,
         )
 
@@ -88,7 +103,17 @@ class SaflexTarget:
         return self.labels.shape[0]
 
     def __getitem__(self, item: Any) -> SaflexTarget:
-        """Select samples (a mask, indices or a slice), like indexing a tensor along dim 0."""
+        """Select samples (a mask, indices or a slice), like indexing a tensor along dim 0.
+
+        An integer (or a 0-d integer tensor) gives a one-sample target: ``target[i]`` is ``target[i:i + 1]``.
+        """
+        position = _as_position(item)
+        if position is not None:
+            size = len(self)
+            if not -size <= position < size:
+                raise IndexError(f"index {position} is out of range for a SaflexTarget of {size} samples.")
+            position %= size
+            item = slice(position, position + 1)
         return self._map(lambda t: t[item])
 
     def __repr__(self) -> str:
@@ -121,9 +146,7 @@ class SaflexTarget:
 
     def soft_labels(self, num_classes: int, dtype: torch.dtype = torch.float32) -> Tensor:
         """Labels as a `(B, K)` distribution (one-hot for class indices)."""
-        if self.labels.dim() == 2:
-            return self.labels.to(dtype)
-        return torch.nn.functional.one_hot(self.labels.long(), num_classes).to(dtype)
+        return as_probabilities(self.labels, num_classes, dtype)
 
     @staticmethod
     def cat(targets: Sequence[SaflexTarget]) -> SaflexTarget:
@@ -172,7 +195,22 @@ def _tensor_equal(a: Tensor | None, b: Tensor | None) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a.cpu(), b.cpu()))
 
 
-def _describe(value: object) -> str:
-    if isinstance(value, Tensor):
-        return f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
-    return f"an object of type {type(value).__name__}"
+def _as_position(item: Any) -> int | None:
+    """``item`` as one integer position (a Python/NumPy int or a 0-d integer tensor), else ``None``."""
+    if isinstance(item, bool):
+        return None
+    if isinstance(item, Tensor):
+        if item.dim() == 0 and not (item.is_floating_point() or item.is_complex() or item.dtype == torch.bool):
+            return int(item)
+        return None
+    try:
+        return operator.index(item)
+    except TypeError:
+        return None
+
+
+def _describe_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    parts = [type(a).__name__ if isinstance(a, Tensor) else repr(a) for a in args]
+    parts += [f"{k}={v!r}" for k, v in kwargs.items()]
+    return f"({', '.join(parts)})"
+

@@ -16,17 +16,17 @@ depend on the number of workers (decisions made in the main process), use
 
 from __future__ import annotations
 
-import contextlib
 import os
-import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset, default_collate, get_worker_info
 
-from saflex_data.batch import SaflexTarget
+from ._common import describe as _describe
+from ._common import _MASK63, draw_seed, mix_seed, seeded
+from .batch import SaflexTarget
 
 __all__ = [
     "SaflexCollate",
@@ -40,48 +40,6 @@ __all__ = [
 
 OutputKind = Literal["tensor", "uint8"]
 TargetFormat = Literal["saflex", "labels"]
-_MASK64 = (1 << 64) - 1
-_MASK63 = (1 << 63) - 1
-
-
-def mix_seed(*values: int) -> int:
-    """Hash integers into one non-negative 63-bit seed (splitmix64 finalizer), stable across processes.
-
-    Example:
-        >>> mix_seed(1, 2) == mix_seed(1, 2) != mix_seed(2, 1)
-        True
-    """
-    h = 0x9E3779B97F4A7C15
-    for v in values:
-        h = (h ^ (int(v) & _MASK64)) & _MASK64
-        h = (h * 0xBF58476D1CE4E5B9) & _MASK64
-        h ^= h >> 31
-        h = (h * 0x94D049BB133111EB) & _MASK64
-        h ^= h >> 29
-    return h & _MASK63
-
-
-def draw_seed(generator: torch.Generator) -> int:
-    """Draw a 62-bit seed from ``generator``."""
-    return int(torch.randint(0, 1 << 62, (), generator=generator))
-
-
-@contextlib.contextmanager
-def seeded(seed: int) -> Iterator[None]:
-    """Run a block with the CPU torch RNG and Python's ``random`` seeded, restoring both afterwards.
-
-    Upstream transforms (torchvision v1/v2, user callables) draw from these global states; seeding them per call
-    from the collate's own generator makes the result independent of whatever else used the global state.
-    Only the CPU generator is touched, so a CUDA RNG in the main process is never changed.
-    """
-    with torch.random.fork_rng(devices=[]):
-        py_state = random.getstate()
-        torch.default_generator.manual_seed(seed)
-        random.seed(seed)
-        try:
-            yield
-        finally:
-            random.setstate(py_state)
 
 
 @runtime_checkable
@@ -511,8 +469,8 @@ class SaflexCollate:
             y = row[1]
             if isinstance(y, bool):
                 y = int(y)
-            if isinstance(y, int) or _is_int_scalar(y):
-                hard.append(int(y))
+            if isinstance(y, int) or _is_int_scalar(y) or _is_one_int(y):
+                hard.append(int(y.reshape(()) if _is_one_int(y) else y))  # any integer dtype -> int64 below
                 continue
             t = torch.from_numpy(_contiguous(y)) if _is_ndarray(y) else y
             if isinstance(t, Tensor) and t.dim() == 1 and t.is_floating_point():
@@ -583,6 +541,17 @@ def _is_int_scalar(value: Any) -> bool:
     return False
 
 
+def _is_one_int(value: Any) -> bool:
+    """A one-element 1-D integer tensor or array (e.g. a ``TensorDataset`` label column of shape ``(N, 1)``)."""
+    if isinstance(value, Tensor):
+        return value.shape == (1,) and not (value.is_floating_point() or value.is_complex())
+    if _is_ndarray(value):
+        import numpy as np
+
+        return value.shape == (1,) and (np.issubdtype(value.dtype, np.integer) or value.dtype == np.bool_)
+    return False
+
+
 def _is_ndarray(value: Any) -> bool:
     return type(value).__name__ == "ndarray" and type(value).__module__ == "numpy"
 
@@ -599,12 +568,3 @@ def _is_pil(value: Any) -> bool:
 
 def _callable_name(fn: Any) -> str:
     return getattr(fn, "__name__", None) or type(fn).__name__
-
-
-def _describe(value: Any) -> str:
-    if isinstance(value, Tensor):
-        return f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
-    if _is_ndarray(value):
-        return f"a numpy array of shape {value.shape} and dtype {value.dtype}"
-    text = repr(value)
-    return f"{type(value).__name__} {text[:60]}"

@@ -2,7 +2,7 @@
 
 Ding et al., "SAFLEX: Self-Adaptive Augmentation via Feature Label Extrapolation", ICLR 2024
 (https://arxiv.org/abs/2410.02512), applied to FLYP (Goyal et al., "Finetune like you pretrain: Improved finetuning
-of zero-shot vision models", CVPR 2023, https://arxiv.org/abs/2212.00638), SPEC.md §5.
+of zero-shot vision models", CVPR 2023, https://arxiv.org/abs/2212.00638); see ``docs/method.md#contrastive``.
 
 A batch of ``B`` image–text pairs is a ``B``-way classification per image, ``L_ij = exp(s) <â_i, b̂_j>``. With
 ``u = J_L · (-g)`` (one forward-mode JVP of the whole logit matrix, through both towers and the logit scale, along
@@ -21,17 +21,17 @@ the embeddings of all ``K`` class prompts, ``CE(exp(s) â_v B̂ᵀ, c_v)``.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._common import StepReport, describe, internal_pass, rng_preserved, unwrap_model
+from ._stream import ValidationStream
 from .functional import (
-    Normalize,
     Rule,
     _math_attention,
     check_logits,
@@ -39,11 +39,8 @@ from .functional import (
     forward_with_tangent,
     grad_inner_products,
     inner_products_from_tangent,
-    saflex_targets,
     validation_gradient,
 )
-from ._validation import ValidationStream
-from .loss import _adam_preconditioner, _StepReport, unwrap_model
 
 __all__ = ["SaflexContrastiveLoss", "clip_logits", "clip_loss", "ContrastiveMethod"]
 
@@ -78,7 +75,7 @@ def clip_logits(image_features: Tensor, text_features: Tensor, logit_scale: Tens
 def clip_loss(logits: Tensor, image_targets: Tensor | None = None, weights: Tensor | None = None) -> Tensor:
     """Symmetric CLIP loss ``½ (image→text + text→image)``, optionally with SAFLEX's rows for the image→text term.
 
-    The image→text term is ``(1/B) Σ_i w_i CE(L_i, y_i)`` with the fixed normaliser ``B`` (SPEC §2); the
+    The image→text term is ``(1/B) Σ_i w_i CE(L_i, y_i)`` with the fixed normaliser ``B`` (docs/method.md); the
     text→image term is the plain diagonal CE. With ``image_targets=None`` and ``weights=None`` this is exactly
     open_clip's ``ClipLoss`` on one device.
 
@@ -172,33 +169,17 @@ class _Towers(nn.Module):
         return clip_logits(image_features, text_features, self.log_scale())
 
 
-@contextlib.contextmanager
-def _tangent_friendly() -> Iterator[None]:
-    """Kernels with forward-mode AD: math SDPA, and no ``nn.MultiheadAttention`` fast path.
-
-    In eval mode ``nn.MultiheadAttention`` dispatches to ``aten::_native_multi_head_attention``, which has no forward
-    AD (open_clip's towers use it); the fused SDPA kernels have none either (SPEC §4).
-    """
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with _math_attention():
-            yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The loss
 # ---------------------------------------------------------------------------------------------------------------
-class SaflexContrastiveLoss(_StepReport, nn.Module):
+class SaflexContrastiveLoss(StepReport, nn.Module):
     """Symmetric CLIP loss (FLYP) with SAFLEX weights and soft labels for the augmented images.
 
     The loss runs the towers itself, because it needs the JVP of the whole logit matrix: call it as
     ``loss = criterion(images, texts, is_augmented)`` and ``loss.backward()``. Every ``val_every`` steps it draws a
     validation batch ``(images, labels)`` and computes the gradient ``g`` of the zero-shot loss (validation images
     against all class prompts); each step it computes ``Π`` for the augmented images from one JVP along ``-g`` and
-    solves for their weights and soft labels over the ``B`` in-batch texts (SPEC §5). Clean images keep their own
+    solves for their weights and soft labels over the ``B`` in-batch texts (docs/method.md). Clean images keep their own
     caption with weight 1; the text→image term keeps the diagonal.
 
     The training passes run in the model's current mode; ``.grad`` and BatchNorm buffers are only touched by the
@@ -221,20 +202,16 @@ class SaflexContrastiveLoss(_StepReport, nn.Module):
             logits and their tangent together (dropout masks and BatchNorm statistics are then those of the step,
             so ``Π`` is exact for a train-mode BatchNorm tower too; ``"jvp"`` normalises the augmented images with
             their own batch statistics there).
-        beta: Bonus on the own caption, in units of the normalised ``Π``.
-        tau: Gumbel-softmax temperature; ``None`` means a deterministic argmax.
-        normalize: How ``Π`` is scaled before the bonus and the noise (see ``functional.normalize_inner_products``).
-        rule: ``"paper"`` or ``"centered"`` (see ``functional.saflex_targets``).
+        rule: The decision rule over the in-batch texts: a :class:`~saflex_data.functional.Rule` or its name.
+            Default: the paper's rule with a bonus of 0.5 (in units of the normalised ``Π``) on the own caption;
+            ``"centered"`` is available too (the margin rules were not measured for CLIP).
         val_every: Recompute ``g`` every ``val_every`` steps (reuse it in between).
-        val_mode: ``"eval"`` (default) or ``"train"``: the model's mode for the validation pass. Running statistics are
-            never changed by it.
         val_temperature: ``T`` of the tempered zero-shot validation loss ``T · CE(L / T, y)`` (see
             ``SaflexLoss``; not in the paper). The default 1 is the paper's loss: unlike for ``SaflexLoss``, a larger
             ``T`` was not measured for the contrastive loss.
         enabled: ``False`` gives the plain symmetric CLIP loss exactly (a switch for the train loop).
+        val_keys: ``(input_key, target_key)`` of dict validation batches; ``None`` tries common names.
         prepare: Optional callable applied to validation images after the device move (normalisation, dtype).
-        precondition: Optional Adam/AdamW optimizer of the model: the tangent becomes ``-P g`` with
-            ``P = 1 / (sqrt(v̂) + eps)``, consistent with an Adam step (SPEC §4; not in the paper).
         init_logit_scale: Initial ``logit_scale`` when the loss owns it (CLIP's ``log(1/0.07)``).
         seed: Seed of the Gumbel noise generator (part of ``state_dict``).
 
@@ -258,18 +235,14 @@ class SaflexContrastiveLoss(_StepReport, nn.Module):
         class_prompts: Tensor,
         *,
         method: ContrastiveMethod = "jvp",
-        beta: float = 0.5,
-        tau: float | None = 0.01,
-        normalize: Normalize = "batch_max",
-        rule: Rule = "paper",
+        rule: Rule | str = Rule("paper", beta=0.5),
         val_every: int = 1,
-        val_mode: Literal["eval", "train"] = "eval",
         val_temperature: float = 1.0,
-        enabled: bool = True,
+        val_keys: tuple[str, str] | None = None,
         prepare: Callable[[Tensor], Tensor] | None = None,
-        precondition: torch.optim.Optimizer | None = None,
         init_logit_scale: float = math.log(1 / 0.07),
         seed: int = 0,
+        enabled: bool = True,
     ) -> None:
         super().__init__()
         if method not in _METHODS:
@@ -280,8 +253,6 @@ class SaflexContrastiveLoss(_StepReport, nn.Module):
             )
         if not isinstance(val_every, int) or isinstance(val_every, bool) or val_every < 1:
             raise ValueError(f"val_every must be an int >= 1, but got {val_every!r}.")
-        if val_mode not in ("eval", "train"):
-            raise ValueError(f"val_mode must be 'eval' or 'train', but got {val_mode!r}.")
         check_temperature(val_temperature, "val_temperature")
         if prepare is not None and not callable(prepare):
             raise TypeError(f"prepare must be a callable or None, but got {type(prepare).__name__}.")
@@ -291,9 +262,6 @@ class SaflexContrastiveLoss(_StepReport, nn.Module):
                 "class_prompts must be a tensor of text-encoder inputs with one row per class (at least 2), e.g. "
                 f"tokenizer(prompts) of shape (K, context_length), but got {got}."
             )
-        # Validate the rule settings once, on a dummy problem, so a typo fails here and not mid-epoch.
-        saflex_targets(torch.zeros(1, 2), torch.zeros(1, dtype=torch.long), beta=beta, tau=tau, normalize=normalize,
-                       rule=rule)
         if isinstance(model, nn.Module):
             model = unwrap_model(model)
         # A plain attribute (not a submodule): the model's parameters must not appear in this loss's state_dict.
@@ -302,17 +270,16 @@ class SaflexContrastiveLoss(_StepReport, nn.Module):
             self.logit_scale = self.towers.logit_scale  # the same Parameter: criterion.parameters() yields it
         self.val_loader = val_loader
         self.method = method
-        self.beta, self.tau, self.normalize, self.rule = beta, tau, normalize, rule
-        self.val_every, self.val_mode = val_every, val_mode
+        self.rule = Rule.of(rule)
+        self.val_every = val_every
         self.val_temperature = float(val_temperature)
         self.enabled = enabled
         self.prepare = prepare
-        self.precondition = precondition
         self.seed = seed
 
         self.step = 0
         self._generator = torch.Generator().manual_seed(seed)
-        self._val = ValidationStream(val_loader, type(self).__name__)
+        self._val = ValidationStream(val_loader, type(self).__name__, keys=val_keys)
         self.val_grad: dict[str, Tensor] | None = None
         self.nonfinite_steps = 0
         self._warned_nonfinite = False
@@ -327,7 +294,7 @@ class SaflexContrastiveLoss(_StepReport, nn.Module):
         if labels.dim() != 1 or labels.is_floating_point() or (labels.numel() and int(labels.max()) >= num_classes):
             raise ValueError(
                 f"validation labels must be class indices (V,) into the {num_classes} class_prompts, but got "
-                f"{_describe(labels)}{f' with maximum {int(labels.max())}' if labels.dim() == 1 else ''}."
+                f"{describe(labels)}{f' with maximum {int(labels.max())}' if labels.dim() == 1 else ''}."
             )
         return images, labels
 
@@ -343,10 +310,11 @@ class SaflexContrastiveLoss(_StepReport, nn.Module):
         towers.class_prompts = towers.class_prompts.to(images.device)
         # Restore every module's own flag afterwards (a model may keep, e.g., a frozen tower in eval mode).
         modes = [(module, module.training) for module in towers.modules()]
-        towers.train(self.val_mode == "train")
+        towers.eval()
         try:
-            with torch.autocast(device_type=images.device.type, enabled=False):
-                self.val_grad = validation_gradient(towers, images, labels, temperature=self.val_temperature)
+            with internal_pass(), rng_preserved(images.device), self._val.model_call(images):
+                with torch.autocast(device_type=images.device.type, enabled=False):
+                    self.val_grad = validation_gradient(towers, images, labels, temperature=self.val_temperature)
         finally:
             for module, training in modes:
                 module.training = training
@@ -356,21 +324,21 @@ class SaflexContrastiveLoss(_StepReport, nn.Module):
         if self.val_grad is None or self.step % self.val_every == 0:
             self.refresh_validation_gradient()
         assert self.val_grad is not None
-        if self.precondition is None:
-            return self.val_grad
-        params = dict(self.towers.named_parameters())
-        return {n: g * _adam_preconditioner(self.precondition, params[n]) for n, g in self.val_grad.items()}
+        return self.val_grad
+
+    def _signal_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {n: tuple(p.shape) for n, p in self.towers.named_parameters() if p.requires_grad}
 
     def inner_products(self, images: Tensor, texts: Tensor) -> Tensor:
         """``Π`` `(B, B)` of every image against every in-batch text, for the current validation gradient.
 
-        ``Π_ij = <∇θ ℓ_ij, g>`` with ``ℓ_ij = -log softmax(L_i)_j`` (one JVP of the logit matrix, SPEC §5); ``g`` is
+        ``Π_ij = <∇θ ℓ_ij, g>`` with ``ℓ_ij = -log softmax(L_i)_j`` (one JVP of the logit matrix); ``g`` is
         computed first if there is none yet. Diagnostics and tests; the training step calls the same code.
         """
         if self.val_grad is None:
             self.refresh_validation_gradient()
         assert self.val_grad is not None
-        with _tangent_friendly():
+        with _math_attention():
             return grad_inner_products(self.towers, (images, texts), self.val_grad, method="jvp")
 
     # -- the step ------------------------------------------------------------------------------------------------
@@ -388,7 +356,7 @@ class SaflexContrastiveLoss(_StepReport, nn.Module):
         if not isinstance(images, Tensor) or not isinstance(texts, Tensor) or images.shape[0] != texts.shape[0]:
             raise ValueError(
                 "images and texts must be tensors with the same batch size B (pair i is images[i], texts[i]), but got "
-                f"{_describe(images)} and {_describe(texts)}."
+                f"{describe(images)} and {describe(texts)}."
             )
         batch_size = images.shape[0]
         if is_augmented is not None and (
@@ -397,7 +365,7 @@ class SaflexContrastiveLoss(_StepReport, nn.Module):
             or tuple(is_augmented.shape) != (batch_size,)
         ):
             raise ValueError(
-                f"is_augmented must be a bool tensor of shape ({batch_size},), but got {_describe(is_augmented)}."
+                f"is_augmented must be a bool tensor of shape ({batch_size},), but got {describe(is_augmented)}."
             )
         if (
             not self.enabled
@@ -410,13 +378,13 @@ class SaflexContrastiveLoss(_StepReport, nn.Module):
         augmented = is_augmented.to(images.device).nonzero().squeeze(1)
         signal = self._validation_signal()
         if self.method == "single_pass":
-            with _tangent_friendly():
+            with _math_attention():
                 logits, tangent = forward_with_tangent(self.towers, (images, texts), signal)
             with torch.autocast(device_type=logits.device.type, enabled=False):
                 pi = inner_products_from_tangent(logits[augmented], tangent[augmented])
         else:
             # Row i of L depends on image i and every text, so the tangent pass needs only the augmented images.
-            with torch.autocast(device_type=images.device.type, enabled=False), _tangent_friendly():
+            with torch.autocast(device_type=images.device.type, enabled=False), _math_attention():
                 pi = grad_inner_products(self.towers, (images[augmented], texts), signal, method="jvp")
             logits = self.towers((images, texts))
 
@@ -424,10 +392,7 @@ class SaflexContrastiveLoss(_StepReport, nn.Module):
         targets = torch.eye(batch_size, dtype=dtype, device=logits.device)
         weights = torch.ones(batch_size, dtype=dtype, device=logits.device)
         if bool(torch.isfinite(pi).all()):
-            aug_weights, aug_labels = saflex_targets(
-                pi, augmented, beta=self.beta, tau=self.tau, normalize=self.normalize, rule=self.rule,
-                generator=self._generator,
-            )
+            aug_weights, aug_labels = self.rule(pi, augmented, generator=self._generator)
             weights[augmented] = aug_weights.to(device=logits.device, dtype=dtype)
             targets[augmented] = aug_labels.to(device=logits.device, dtype=dtype)
         else:
@@ -454,16 +419,8 @@ class SaflexContrastiveLoss(_StepReport, nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"method={self.method!r}, beta={self.beta}, tau={self.tau}, normalize={self.normalize!r}, "
-            f"rule={self.rule!r}, val_every={self.val_every}, val_mode={self.val_mode!r}, "
+            f"method={self.method!r}, rule={self.rule}, val_every={self.val_every}, "
             f"val_temperature={self.val_temperature}, enabled={self.enabled}, "
             f"num_classes={self.towers.class_prompts.shape[0]}"
         )
 
-
-def _describe(value: Any) -> str:
-    if isinstance(value, Tensor):
-        return f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
-    if isinstance(value, (tuple, list)):
-        return f"a {type(value).__name__} of length {len(value)}"
-    return f"a {type(value).__name__}"

@@ -24,7 +24,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from saflex_data.batch import SaflexTarget
+from ._common import describe as _describe
+from .batch import SaflexTarget
 
 __all__ = ["DeviceAugment", "as_target"]
 
@@ -234,11 +235,3 @@ def _scatter(full: SaflexTarget, rows: Tensor, sub: SaflexTarget) -> SaflexTarge
         op = op.clone()
         op[rows] = sub.op
     return SaflexTarget(labels, is_aug, index, op, sub.op_names or full.op_names)
-
-
-def _describe(value: object) -> str:
-    if isinstance(value, Tensor):
-        return f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
-    if isinstance(value, SaflexTarget):
-        return repr(value)
-    return f"an object of type {type(value).__name__}"

@@ -47,16 +47,16 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import functional as SF
+from ._common import as_probabilities
 
 __all__ = [
     "is_distributed",
     "all_reduce_mean",
     "check_consistent",
-    "loss_settings",
+    "Sync",
     "batch_layout",
     "BatchLayout",
     "global_saflex_targets",
@@ -142,34 +142,6 @@ def check_consistent(settings: Mapping[str, Any], *, name: str = "SaflexLoss", g
         )
 
 
-def loss_settings(loss: Any) -> dict[str, Any]:
-    """The settings of a :class:`~saflex_data.SaflexLoss` that every rank must share (compared on its first training
-    call)."""
-    params = [p for p in loss.model.parameters() if p.requires_grad]
-    return {
-        "method": loss.method,
-        "beta": float(loss.beta),
-        "tau": None if loss.tau is None else float(loss.tau),
-        "normalize": loss.normalize,
-        "rule": loss.rule,
-        "val_every": loss.val_every,
-        "val_batches": loss.val_batches,
-        "val_ema": loss.val_ema,
-        "val_mode": loss.val_mode,
-        "val_temperature": loss.val_temperature,
-        "enabled": bool(loss.enabled),
-        "num_splits": loss.num_splits,
-        "label_smoothing": float(loss.label_smoothing),
-        "all_reduce": bool(loss.all_reduce),
-        # Decisions on the global batch need the same Gumbel noise everywhere; per-rank decisions may differ.
-        "seed": loss.seed if loss.all_reduce else None,
-        "step": loss.step,
-        "precondition": None if loss.precondition is None else type(loss.precondition).__name__,
-        "classifier": loss.classifier_name,
-        "trainable_parameters": (len(params), sum(p.numel() for p in params)),
-    }
-
-
 class BatchLayout(NamedTuple):
     """How the global batch is split across ranks (from :func:`batch_layout`)."""
 
@@ -218,9 +190,9 @@ class GlobalTargets(NamedTuple):
     """This rank's soft labels `(n, K)`."""
     finite: bool
     """``False`` when any rank's ``Π`` was non-finite: every rank then keeps the upstream labels with weight 1."""
-    record: tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor]
-    """The global batch for statistics, ``(labels (N, K), is_augmented (N,), op (N,) | None, weights (N,),
-    soft_labels (N, K))`` over all ranks' ``N = Σ B`` rows (augmented rows first, then clean rows)."""
+    record: tuple[Tensor, Tensor, Tensor, Tensor | None, int]
+    """The global batch for statistics: ``(upstream (N, K), weights (N,), soft_labels (N, K), op (N,) | None,
+    batch size)`` over the augmented rows of all ranks, in rank order, and the number of rows of all ranks."""
 
 
 def global_saflex_targets(
@@ -228,12 +200,10 @@ def global_saflex_targets(
     targets: Tensor,
     layout: BatchLayout,
     *,
+    rule: SF.Rule | str = "margin",
     op: Tensor | None = None,
-    beta: float | None = None,
-    tau: float | None = 0.01,
-    normalize: SF.Normalize = "batch_max",
-    rule: SF.Rule = "margin",
     generator: torch.Generator | None = None,
+    logits: Tensor | None = None,
     group: Any = None,
 ) -> GlobalTargets:
     """:func:`~saflex_data.functional.saflex_targets` on the augmented rows of all ranks; returns this rank's rows.
@@ -241,7 +211,8 @@ def global_saflex_targets(
     Every rank must call it at the same step (also with zero augmented rows: ``pi`` of shape `(0, K)`) with the
     ``layout`` of that step and a ``generator`` in the same state on every rank. The result equals
     ``saflex_targets`` on the rows concatenated in rank order, sliced to this rank, Gumbel noise included: a 2-rank
-    run with batch ``b`` decides exactly like one process with the batch ``[rank 0's b; rank 1's b]``.
+    run with batch ``b`` decides exactly like one process with the batch ``[rank 0's b; rank 1's b]``. With a
+    one-rank ``layout`` (one process) nothing is exchanged.
 
     Cost: one all-gather of ``max_rank(n) * (2K + 1)`` floats (none when no rank has an augmented row).
 
@@ -249,59 +220,96 @@ def global_saflex_targets(
         pi: This rank's inner products `(n, K)` of its augmented rows.
         targets: Their upstream labels, class indices `(n,)` or probabilities `(n, K)`.
         layout: This step's :func:`batch_layout`.
+        rule: The decision rule (a :class:`~saflex_data.functional.Rule` or its name); ``batch_max`` normalisation
+            and the column statistics of the margin rules see the global batch.
         op: Optional op ids `(n,)` of the augmented rows, for the per-op statistics.
-        beta: See ``saflex_targets``.
-        tau: See ``saflex_targets``.
-        normalize: See ``saflex_targets``; ``"batch_max"`` uses the global batch's scale.
-        rule: See ``saflex_targets``; ``"centered"`` centres on the global batch's mean.
         generator: Gumbel noise generator, in the same state on every rank.
+        logits: Optional detached training logits `(n, K)` of the augmented rows, for rules that use them.
         group: Process group; the default group if ``None``.
     """
+    rule = SF.Rule.of(rule)
     n, num_classes = pi.shape
     if n != layout.num_augmented[layout.rank]:
         raise ValueError(f"pi has {n} rows but the layout gives this rank {layout.num_augmented[layout.rank]}.")
     dtype = torch.promote_types(pi.dtype, torch.float32)
     device = pi.device
     sizes, total_aug = layout.num_augmented, layout.total_augmented
-    upstream = targets.to(dtype) if targets.dim() == 2 else F.one_hot(targets.long(), num_classes).to(dtype)
-
-    width = 2 * num_classes + 1
-    if total_aug:
-        # Row layout: [Π (K) | upstream label (K) | op id (1)], padded to the largest shard.
-        rows = torch.zeros(max(sizes), width, dtype=dtype, device=device)
-        rows[:n, :num_classes] = pi.to(dtype)
-        rows[:n, num_classes : 2 * num_classes] = upstream
-        rows[:n, -1] = -1 if op is None else op.to(device=device, dtype=dtype)
-        shards = [torch.empty_like(rows) for _ in range(len(sizes))]
-        dist.all_gather(shards, rows, group=group)
-        every = torch.cat([shard[:size] for shard, size in zip(shards, sizes)])
+    upstream = as_probabilities(targets, num_classes, dtype)
+    op_all = op
+    if len(sizes) == 1:  # one process: nothing to exchange
+        pi_all, up_all, logits_all = pi.to(dtype), upstream, logits
     else:
+        columns = [pi.to(dtype), upstream]
+        if logits is not None and rule.name in SF._RULES_USING_LOGITS:
+            columns.append(logits.to(dtype))
+        # Row layout: [Π (K) | upstream label (K) | (logits (K)) | op id (1)], padded to the largest shard.
+        width = num_classes * len(columns) + 1
         every = torch.zeros(0, width, dtype=dtype, device=device)
-    pi_all, up_all = every[:, :num_classes], every[:, num_classes : 2 * num_classes]
-    op_all = every[:, -1].long()
+        if total_aug:
+            rows = torch.zeros(max(sizes), width, dtype=dtype, device=device)
+            rows[:n, :-1] = torch.cat(columns, 1)
+            rows[:n, -1] = -1 if op is None else op.to(device=device, dtype=dtype)
+            shards = [torch.empty_like(rows) for _ in range(len(sizes))]
+            dist.all_gather(shards, rows, group=group)
+            every = torch.cat([shard[:size] for shard, size in zip(shards, sizes)])
+        pi_all, up_all = every[:, :num_classes], every[:, num_classes : 2 * num_classes]
+        logits_all = every[:, 2 * num_classes : 3 * num_classes] if len(columns) == 3 else None
+        op_all = every[:, -1].long()
+        op_all = op_all if bool((op_all >= 0).any()) else None
     # Every rank sees the same gathered Π, so every rank takes the same fallback decision.
     finite = bool(torch.isfinite(pi_all).all())
     if finite and total_aug:
-        weights_all, labels_all = SF.saflex_targets(
-            pi_all, up_all, beta=beta, tau=tau, normalize=normalize, rule=rule, generator=generator
-        )
+        weights_all, labels_all = rule(pi_all, up_all, generator=generator, logits=logits_all)
+        weights_all, labels_all = weights_all.to(device=device, dtype=dtype), labels_all.to(device=device, dtype=dtype)
     else:
         weights_all, labels_all = torch.ones(total_aug, dtype=dtype, device=device), up_all.clone()
     offset = sum(sizes[: layout.rank])
     mine = slice(offset, offset + n)
-
-    clean = sum(layout.batch_sizes) - total_aug
-    record = (
-        torch.cat([up_all, up_all.new_zeros(clean, num_classes)]),
-        torch.cat([
-            torch.ones(total_aug, dtype=torch.bool, device=device),
-            torch.zeros(clean, dtype=torch.bool, device=device),
-        ]),
-        torch.cat([op_all, op_all.new_full((clean,), -1)]) if bool((op_all >= 0).any()) else None,
-        torch.cat([weights_all, weights_all.new_ones(clean)]),
-        torch.cat([labels_all, labels_all.new_zeros(clean, num_classes)]),
-    )
+    record = (up_all, weights_all, labels_all, op_all, sum(layout.batch_sizes))
     return GlobalTargets(weights_all[mine], labels_all[mine], finite, record)
+
+
+class Sync:
+    """The collectives of a SAFLEX loss, in one place; each is a no-op in one process or with ``all_reduce=False``.
+
+    A loss calls the same methods in the same order whether it runs in one process or on many ranks: ``check_once``
+    on its first training call, ``layout`` then ``decide`` every step, ``reduce`` on every validation refresh.
+    """
+
+    def __init__(self, all_reduce: bool, name: str) -> None:
+        self.all_reduce = all_reduce
+        self.name = name
+        self.checked = False
+
+    @property
+    def active(self) -> bool:
+        """Whether the ranks share the validation gradient and decide on the global batch."""
+        return self.all_reduce and is_distributed()
+
+    def check_once(self, settings: Mapping[str, Any]) -> None:
+        """On the first call under torch.distributed: the same ``ValueError`` on every rank if settings differ."""
+        if not self.checked and is_distributed():
+            check_consistent(settings, name=self.name)
+            self.checked = True
+
+    def reduce(self, signal: Any) -> Any:
+        """Average a validation signal (a dict of tensors, or a tuple with ``None`` entries) across ranks."""
+        if not self.active:
+            return signal
+        if isinstance(signal, dict):
+            return dict(zip(signal, all_reduce_mean(list(signal.values()))))
+        reduced = iter(all_reduce_mean([t for t in signal if t is not None]))
+        return tuple(None if t is None else next(reduced) for t in signal)
+
+    def layout(self, num_augmented: int, batch_size: int, num_classes: int, device: torch.device) -> BatchLayout:
+        """This step's :func:`batch_layout` (one rank's own counts when not synced)."""
+        if self.active:
+            return batch_layout(num_augmented, batch_size, num_classes, device=device)
+        return BatchLayout(0, [num_augmented], [batch_size])
+
+    def decide(self, pi: Tensor, targets: Tensor, layout: BatchLayout, **kwargs: Any) -> GlobalTargets:
+        """:func:`global_saflex_targets` (exchanging only when synced)."""
+        return global_saflex_targets(pi, targets, layout, **kwargs)
 
 
 def forward_with_tangent(

@@ -1,7 +1,8 @@
 """SAFLEX core math: gradient inner products, sample weights and soft labels.
 
 Ding et al., "SAFLEX: Self-Adaptive Augmentation via Feature Label Extrapolation", ICLR 2024
-(https://arxiv.org/abs/2410.02512). The team's derivation is in ``SPEC.md``; the paper's Theorem 1 is misprinted.
+(https://arxiv.org/abs/2410.02512). The derivation, in the repository's ``docs/method.md``, also says where the
+library departs from the paper.
 
 For an augmented sample ``x_i`` with per-class losses ``ℓ_k = -log p_k(x_i)`` and the validation gradient
 ``g = ∇θ L_val``, the gain of training ``x_i`` with label ``k`` for one SGD step is::
@@ -29,6 +30,7 @@ Everything here is a pure function: no module state, no global RNG, outputs on t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import warnings
 from collections.abc import Iterator, Mapping
@@ -39,6 +41,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd import forward_ad as fwAD
 from torch.func import functional_call
+
+from ._common import as_probabilities as _as_probabilities
 
 __all__ = [
     "validation_gradient",
@@ -55,18 +59,20 @@ __all__ = [
     "own_label_gain",
     "adaptive_keep",
     "find_classifier",
-    "Method",
     "Rule",
+    "Method",
+    "RuleName",
     "Normalize",
 ]
 
 Method = Literal["jvp", "last_layer", "autograd"]
-Rule = Literal["paper", "centered", "margin", "margin_relabel", "margin_fix", "gain", "gain_auto", "gain_loss"]
+RuleName = Literal["paper", "centered", "margin", "margin_relabel", "margin_fix", "gain", "gain_auto", "gain_loss"]
 Normalize = Literal["batch_max", "row_max", "none"]
 
 _RULES = ("paper", "centered", "margin", "margin_relabel", "margin_fix", "gain", "gain_auto", "gain_loss")
 _MARGIN_RULES = ("margin", "margin_relabel", "margin_fix")
 _GAIN_RULES = ("gain", "gain_auto", "gain_loss")
+_RULES_USING_LOGITS: tuple[str, ...] = ("gain_loss",)  # rules that read saflex_targets(..., logits=); exchanged under DDP
 _NORMALIZE = ("batch_max", "row_max", "none")
 _CLASSIFIER_ATTRS = ("fc", "classifier", "head", "last_linear", "linear", "out", "output")
 
@@ -123,12 +129,6 @@ def check_logits(logits: Tensor, name: str = "logits") -> None:
         raise ValueError(f"{name} must be a float tensor of shape (B, K), but got {got}.")
 
 
-def _as_probabilities(targets: Tensor, num_classes: int, dtype: torch.dtype) -> Tensor:
-    if targets.dim() == 2:
-        return targets.to(dtype)
-    return F.one_hot(targets.long(), num_classes).to(dtype)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Model helpers
 # ---------------------------------------------------------------------------------------------------------------
@@ -142,7 +142,7 @@ def _running_stats_frozen(model: nn.Module) -> Iterator[None]:
 
     With ``track_running_stats=False`` a train-mode BN normalises with the batch statistics and an eval-mode BN with
     its running statistics, as usual, but neither updates a buffer. This also keeps ``torch.func.jvp`` working:
-    it refuses the in-place running-stat update of a dual tensor (SPEC §4).
+    it refuses the in-place running-stat update of a dual tensor (``docs/method.md#pitfalls``).
     """
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     for m in bns:
@@ -361,7 +361,8 @@ def inner_products_from_tangent(logits: Tensor, tangent: Tensor) -> Tensor:
 def last_layer_inner_products(
     features: Tensor, logits: Tensor, grad_weight: Tensor, grad_bias: Tensor | None = None
 ) -> Tensor:
-    """``Π`` restricted to the last linear layer: ``s_i = G_W h_i + G_b``, ``Π_ik = p_iᵀ s_i - s_ik`` (SPEC §3).
+    """``Π`` restricted to the last linear layer: ``s_i = G_W h_i + G_b``, ``Π_ik = p_iᵀ s_i - s_ik``
+    (``docs/method.md#computing-pi``).
 
     Args:
         features: Penultimate features `(B, D)` (the classifier's input).
@@ -408,7 +409,7 @@ def _quiet_forward_ad() -> Iterator[None]:
 @contextlib.contextmanager
 def _math_attention() -> Iterator[None]:
     """Forward-mode AD is not implemented for fused SDPA kernels nor for eval-mode ``nn.MultiheadAttention``'s fast
-    path (``aten::_native_multi_head_attention``); the math kernel has it (SPEC §4)."""
+    path (``aten::_native_multi_head_attention``); the math kernel has it."""
     fast = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
@@ -608,7 +609,7 @@ def _check_rule_logits(rule: str, logits: Tensor | None, pi: Tensor) -> None:
         raise ValueError(f"logits must be a float tensor of the shape of pi {tuple(pi.shape)}, but got {got}.")
 
 
-def weight_scores(pi: Tensor, targets: Tensor, *, rule: Rule = "margin", logits: Tensor | None = None) -> Tensor:
+def weight_scores(pi: Tensor, targets: Tensor, *, rule: RuleName = "margin", logits: Tensor | None = None) -> Tensor:
     """The continuous score behind each sample's keep/drop weight; higher = keep (for AUROC and diagnostics).
 
     ``paper``/``centered``: the gain of the upstream label ``y_iᵀΠ_i`` (Ren et al.'s meta-gradient; the weight is
@@ -687,11 +688,28 @@ _DEFAULT_BETA = {"paper": 0.5, "centered": 0.5, "margin": 1.5, "margin_relabel":
                  "gain": 1.5, "gain_auto": 0.7, "gain_loss": 2.0}  # fmt: skip
 
 
-def default_beta(rule: Rule) -> float:
+def default_beta(rule: RuleName) -> float:
     """The β that ``saflex_targets(..., beta=None)`` uses for ``rule``."""
     if rule not in _RULES:
         raise ValueError(f"rule must be one of {_RULES}, but got {rule!r}.")
     return _DEFAULT_BETA[rule]
+
+
+def _check_rule_settings(rule: str, beta: float | None, tau: float | None, normalize: str) -> float:
+    """Check a rule's settings (the one place that does); returns ``beta`` with ``None`` resolved to the default."""
+    if rule not in _RULES:
+        raise ValueError(f"rule must be one of {_RULES}, but got {rule!r}.")
+    if tau is not None and (isinstance(tau, bool) or not isinstance(tau, (int, float)) or not tau > 0):
+        raise ValueError(f"tau must be a positive float or None (argmax), but got {tau!r}.")
+    if beta is None:
+        beta = _DEFAULT_BETA[rule]
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta):
+        raise ValueError(f"beta must be a finite float or None (the rule's default), but got {beta!r}.")
+    if normalize not in _NORMALIZE:
+        raise ValueError(f"normalize must be one of {_NORMALIZE}, but got {normalize!r}.")
+    if rule == "gain_auto" and not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta for rule='gain_auto' is a share of variance in [0, 1], but got {beta!r}.")
+    return float(beta)
 
 
 def saflex_targets(
@@ -701,18 +719,18 @@ def saflex_targets(
     beta: float | None = None,
     tau: float | None = 0.01,
     normalize: Normalize = "batch_max",
-    rule: Rule = "margin",
+    rule: RuleName = "margin",
     generator: torch.Generator | None = None,
     logits: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Sample weights and soft labels of augmented samples from their inner products (SPEC §2).
+    """Sample weights and soft labels of augmented samples from their inner products (``docs/method.md#rules``).
 
     Default: ``rule="margin"`` (drop, never relabel), the library default;
     ``rule="paper"`` is the paper's exact rule, for comparisons with the paper.
 
     Rules:
 
-    - ``"paper"`` (the paper's exact rule, SPEC §2): ``S_i = Π̂_i + β y_i^aug`` with ``Π̂`` normalised (see
+    - ``"paper"`` (the paper's exact rule): ``S_i = Π̂_i + β y_i^aug`` with ``Π̂`` normalised (see
       :func:`normalize_inner_products`), ``y_i = softmax((S_i + G_i) / τ)`` with ``G ~ Gumbel(0, 1)``
       (``tau=None``: ``onehot(argmax S_i)``), and ``w_i = 1[y_iᵀ Π_i ≥ 0]`` on the raw ``Π``.
     - ``"centered"``: as ``paper`` on ``Π - mean_batch(Π)`` per class for the labels (removes the batch-global
@@ -727,6 +745,7 @@ def saflex_targets(
     - ``"margin_fix"``: the samples ``"margin"`` drops (``m_i < -β``) are relabelled to their best class instead
       when it also leads the runner-up class by at least ``β / 2`` (a clear winner), and dropped otherwise. Fewer
       relabels than ``"margin_relabel"``, but more of them right. ``tau`` and ``normalize`` are not used.
+
     - ``"gain"`` (drop, never relabel; acts when the labels are right but a sample does not help): the score is the
       batch z-score of the own-label gain ``y_iᵀΠ_i - mean_k Π_ik`` (:func:`own_label_gain`, which does not fade
       once the model fits the sample); ``w_i = 1[score_i ≥ -β]``.
@@ -747,10 +766,11 @@ def saflex_targets(
             for ``gain_auto`` the separation needed to drop anything (default 0.7).
         tau: Gumbel-softmax temperature; ``None`` means a deterministic argmax.
         normalize: How ``Π`` is scaled before the bonus and the noise (``paper``/``centered``).
-        rule: ``"margin"`` (default), ``"paper"``, ``"centered"``, ``"margin_relabel"`` or ``"margin_fix"``.
+        rule: ``"margin"`` (default), ``"paper"``, ``"centered"``, ``"margin_relabel"``, ``"margin_fix"``, ``"gain"``,
+            ``"gain_auto"`` or ``"gain_loss"``.
         generator: Random generator for the Gumbel noise (drawn on the generator's device).
-        logits: The augmented rows' detached training logits `(B, K)`, for the rules that combine ``Π`` with the
-            model's own prediction (``gain_loss``); the other rules ignore them.
+        logits: Optional detached training logits `(B, K)` of the same samples, for the rules that combine ``Π``
+            with the model's own prediction (``gain_loss``); the other rules ignore them.
 
     Returns:
         ``(weights (B,), soft_labels (B, K))``, float32 (float64 for float64 ``pi``).
@@ -767,18 +787,7 @@ def saflex_targets(
     """
     check_logits(pi, "pi")
     check_targets(targets, pi.shape[0], pi.shape[1], "targets")
-    if rule not in _RULES:
-        raise ValueError(f"rule must be one of {_RULES}, but got {rule!r}.")
-    if tau is not None and not tau > 0:
-        raise ValueError(f"tau must be a positive float or None (argmax), but got {tau!r}.")
-    if beta is None:
-        beta = _DEFAULT_BETA[rule]
-    if not isinstance(beta, (int, float)) or not math.isfinite(beta):
-        raise ValueError(f"beta must be a finite float or None (the rule's default), but got {beta!r}.")
-    if normalize not in _NORMALIZE:
-        raise ValueError(f"normalize must be one of {_NORMALIZE}, but got {normalize!r}.")
-    if rule == "gain_auto" and not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta for rule='gain_auto' is a share of variance in [0, 1], but got {beta!r}.")
+    beta = _check_rule_settings(rule, beta, tau, normalize)
     _check_rule_logits(rule, logits, pi)
     dtype = torch.promote_types(pi.dtype, torch.float32)
     raw = pi.to(dtype)
@@ -815,3 +824,53 @@ def saflex_targets(
         return torch.ones(pi.shape[0], dtype=dtype, device=pi.device), soft_labels
     weights = ((soft_labels * raw).sum(-1) >= 0).to(dtype)
     return weights, soft_labels
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """A decision rule and its settings, checked when it is made: ``Rule("margin", beta=1.0)``.
+
+    ``SaflexLoss(rule=...)`` takes a ``Rule`` or just its name (``rule="paper"`` is ``Rule("paper")``).
+    See :func:`saflex_targets` for what each rule does and what its settings mean.
+
+    Args:
+        name: ``"margin"`` (default), ``"paper"``, ``"centered"``, ``"margin_relabel"``, ``"margin_fix"``, ``"gain"``,
+            ``"gain_auto"`` or ``"gain_loss"``.
+        beta: The rule's margin or bonus; ``None`` takes the rule's default (:func:`default_beta`). Stored resolved.
+        tau: Gumbel-softmax temperature of the relabelling rules; ``None`` for a deterministic argmax.
+        normalize: Scaling of ``Π`` before the bonus and the noise (``"paper"``/``"centered"``).
+
+    Example:
+        >>> Rule("margin")
+        Rule(name='margin', beta=1.5, tau=0.01, normalize='batch_max')
+        >>> Rule("margin", beta=-1.0).beta
+        -1.0
+        >>> Rule("median")
+        Traceback (most recent call last):
+        ...
+        ValueError: rule must be one of ('paper', 'centered', 'margin', 'margin_relabel', 'margin_fix'), but got 'median'.
+    """
+
+    name: str = "margin"
+    beta: float | None = None
+    tau: float | None = 0.01
+    normalize: str = "batch_max"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "beta", _check_rule_settings(self.name, self.beta, self.tau, self.normalize))
+
+    @classmethod
+    def of(cls, rule: Rule | str) -> Rule:
+        """``rule`` itself, or the rule of that name with its default settings."""
+        if isinstance(rule, cls):
+            return rule
+        if isinstance(rule, str):
+            return cls(rule)
+        raise TypeError(f"rule must be a Rule or a rule name (str), but got {type(rule).__name__}.")
+
+    def __call__(
+        self, pi: Tensor, targets: Tensor, *, generator: torch.Generator | None = None, logits: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """``saflex_targets(pi, targets, ...)`` with this rule's settings."""
+        return saflex_targets(pi, targets, beta=self.beta, tau=self.tau, normalize=self.normalize, rule=self.name,
+                              generator=generator, logits=logits)

@@ -1,155 +1,104 @@
 """``SaflexLoss``: a drop-in criterion that learns weights and soft labels for the augmented samples of a batch.
 
 ``loss = criterion(logits, target)``, exactly like timm's and torchvision's loops call a loss. The criterion holds
-a reference to the model (not a submodule) and a validation loader it cycles forever. Each step it
+a reference to the model (not a submodule) and a validation loader it cycles forever. Each training step it
 
-1. refreshes the validation gradient ``g`` (every ``val_every`` steps; optionally averaged or smoothed),
-2. computes ``Π[i, k] = <∇θ ℓ_k(x_i), g>`` for the augmented samples (``method``: exact ``"jvp"``, the cheap
-   ``"last_layer"`` closed form, or the exact ``"single_pass"`` forward with dual parameters),
-3. turns ``Π`` into weights and soft labels with :func:`saflex_data.functional.saflex_targets`, and
-4. returns ``(Σ_clean CE(y_j) + Σ_aug w_i CE(ỹ_i)) / B`` (a fixed normaliser, SPEC §2).
+1. refreshes the validation gradient ``g`` (every ``val_every`` steps; optionally smoothed),
+2. computes ``Π[i, k] = <∇θ ℓ_k(x_i), g>`` for the augmented samples (``method``: the cheap ``"last_layer"``
+   closed form, exact ``"jvp"``, or the exact ``"single_pass"`` forward with dual parameters),
+3. turns ``Π`` into weights and soft labels with its :class:`~saflex_data.functional.Rule`, and
+4. returns ``(Σ_clean CE(y_j) + Σ_aug w_i CE(ỹ_i)) / B`` (a fixed normaliser: docs/method.md).
+
+The same steps run in one process and under ``torch.distributed``; :class:`saflex_data.distributed.Sync` holds
+every collective.
 """
 
 from __future__ import annotations
 
-import contextlib
-import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import distributed as _dist
 from . import functional as SF
-from ._validation import ValidationStream
+from ._common import (
+    StepReport,
+    as_probabilities,
+    internal_pass,
+    model_device,
+    register_weak_hooks,
+    rng_preserved,
+    rng_state,
+    same_rng_state,
+    set_rng_state,
+    unwrap_model,
+)
+from ._stream import ValidationStream
 from .batch import SaflexTarget
+from .distributed import BatchLayout, GlobalTargets, Sync, forward_with_tangent
 
 __all__ = ["SaflexLoss"]
 
 LossMethod = Literal["jvp", "last_layer", "single_pass"]
 _METHODS = ("jvp", "last_layer", "single_pass")
-# The tempered validation loss: weight AUROC 0.74 -> 0.90 for wrong upstream labels (benchmarks/decision_quality.py).
-VAL_TEMPERATURE = 4.0
+_REFERENCES = ("heldout", "batch")
+VAL_TEMPERATURE = 4.0  # the tempered validation loss (see docs/method.md and the measured results)
+_MAX_CAPTURES = 4  # forwards remembered between two loss calls (a teacher pass, a second view, ...)
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The raw module behind ``DistributedDataParallel``/``DataParallel`` and ``torch.compile`` wrappers."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        else:
-            return model
-
-
-class _StepReport:
-    """What both SAFLEX losses share: the per-step ``stats``, the warn-once non-finite fallback counter and the
-    resumable state (``get_extra_state``/``set_extra_state``).
-
-    The host sets ``_last`` (tensors of the last step), ``step``, ``nonfinite_steps``, ``_warned_nonfinite``,
-    ``_fallback_keeps`` (what a fallback step keeps, for the warning), ``_generator``, ``_val`` (its
-    ``ValidationStream``) and ``_state_signal``: the state key and the attribute of its cached validation signal.
-    """
-
-    _last: dict[str, Tensor]
-    step: int
-    nonfinite_steps: int
-    _warned_nonfinite: bool
-    _fallback_keeps: str
-    _generator: torch.Generator
-    _val: Any
-    _state_signal: tuple[str, str]
-
-    @property
-    def stats(self) -> dict[str, float]:
-        """Statistics of the last step (fractions of its augmented samples) plus the non-finite fallback count."""
-        out = {k: float(v) for k, v in self._last.items()}
-        out["nonfinite_steps"] = float(self.nonfinite_steps)
-        out["step"] = float(self.step)
-        return out
-
-    def _nonfinite_fallback(self) -> None:
-        self.nonfinite_steps += 1
-        if not self._warned_nonfinite:
-            self._warned_nonfinite = True
-            warnings.warn(
-                f"{type(self).__name__}: non-finite inner products (NaN/inf in the validation gradient, the logits or "
-                f"their tangent); this step keeps {self._fallback_keeps} with weight 1. Counted in "
-                "stats['nonfinite_steps'].",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-
-    def get_extra_state(self) -> dict[str, Any]:
-        key, attr = self._state_signal
-        return {
-            "step": self.step,
-            "generator": self._generator.get_state(),
-            key: getattr(self, attr),
-            "nonfinite_steps": self.nonfinite_steps,
-            **self._val.state(),
-        }
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        key, attr = self._state_signal
-        self.step = int(state["step"])
-        self._generator.set_state(state["generator"])
-        setattr(self, attr, state.get(key))
-        self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
-        self._val.load_state(state)  # a fresh iterator, fast-forwarded to where the saved run was
-
-
-class SaflexLoss(_StepReport, nn.Module):
+class SaflexLoss(StepReport, nn.Module):
     """Cross-entropy with SAFLEX weights and soft labels for the augmented samples of each batch.
 
     Args:
         model: The model being trained (a ``DistributedDataParallel`` or ``torch.compile`` wrapper is unwrapped;
-            the extra passes always use the raw module). Held as a plain reference, not a submodule.
-        val_loader: Any iterable of ``(inputs, targets)`` validation batches (targets: class indices or
-            probabilities). It is cycled forever; batches are moved to the model's device.
+            the extra passes always use the raw module). Held as a plain reference, not a submodule; its forward
+            hooks hold the loss only weakly (deleting the loss removes them; copies and pickles of the model carry
+            none of it).
+        val_loader: Any iterable of validation batches: ``(inputs, targets)``, ``(inputs, targets, *extra)`` or
+            dicts (see ``val_keys``); targets are class indices or probabilities. It is cycled forever; batches
+            are moved to the model's device. ``None`` with ``reference="batch"``.
         method: How ``Π`` is computed: ``"last_layer"`` (default: closed form from the classifier's input features;
             nearly free), ``"jvp"`` (exact, one forward-mode pass over the augmented samples, or over the whole batch
-            when BatchNorm uses batch statistics) or ``"single_pass"`` (exact; the training forward itself carries
-            the tangent: call ``logits = criterion.forward_train(x)`` instead of ``model(x)``).
-        beta: The rule's margin or bonus (see ``saflex_targets``); ``None`` takes the rule's default (1.5 batch
-            standard deviations for ``"margin"``, 0.5 for ``"paper"``).
-        tau: Gumbel-softmax temperature for the relabelling rules; ``None`` for a deterministic argmax.
-        normalize: Scaling of ``Π`` before the bonus and the noise (``"paper"``/``"centered"``).
-        rule: Decision rule passed to ``saflex_targets``. Default ``"margin"``: drop an augmented sample whose
-            upstream label trails the best class by more than ``beta`` batch standard deviations of ``Π``, never
-            relabel (the rule that measured best in ``benchmarks/decision_quality.py``); ``"paper"`` is the paper's
-            exact rule (β bonus, Gumbel-softmax relabelling, ``w = 1[yᵀΠ ≥ 0]``).
-        val_every: Refresh the validation gradient every ``val_every`` steps (reuse it in between).
-        val_batches: Average the validation gradient over this many validation minibatches per refresh.
-        val_ema: If set, keep an exponential moving average of the validation gradient with this decay.
-        val_mode: ``"eval"`` (default: BatchNorm running statistics, no dropout; the objective a test-time model
-            is judged by) or ``"train"`` for the validation pass. Running statistics are never changed.
+            when BatchNorm uses batch statistics or the forward draws random numbers, e.g. dropout, whose masks are
+            then replayed) or ``"single_pass"`` (exact; the training forward itself carries the tangent: call
+            ``logits = criterion.forward_train(x)`` instead of ``model(x)``).
+        rule: The decision rule: a :class:`~saflex_data.functional.Rule` or its name. Default ``"margin"``: drop an
+            augmented sample whose upstream label trails the best class by more than ``beta`` batch standard
+            deviations of ``Π``, never relabel; ``"paper"`` is the paper's exact rule.
+        reference: Where the validation signal comes from: ``"heldout"`` (default: batches of ``val_loader``) or
+            ``"batch"``: the clean (non-augmented) rows of the current training batch, with no held-out split (with
+            ``last_layer`` no extra pass at all). A batch without a clean row then keeps every sample.
+        val_every: Refresh the validation signal every ``val_every`` steps (reuse it in between).
+        val_ema: If set, keep an exponential moving average of the validation signal with this decay.
         val_temperature: ``T`` of the tempered validation loss ``T · CE(z / T, y)`` whose gradient is the
             validation signal (``SF.validation_residual``; not in the paper; ``math.inf`` allowed). With ``T = 1``
             (the paper) the signal fades as the model fits the validation samples; a larger ``T`` keeps every
             validation sample voting for its class.
-        enabled: ``False`` makes the loss exactly plain (soft-label) cross-entropy; a switch for the train loop.
         prepare: Optional callable applied to validation inputs after the device move (normalisation,
             ``channels_last``, dtype), so that they look like the training inputs.
+        val_keys: ``(input_key, target_key)`` of dict validation batches; ``None`` tries the common names
+            (``image``/``inputs``/``pixel_values``/..., ``label``/``labels``/``target``/...).
         classifier: For ``"last_layer"``: the ``nn.Linear`` producing the logits, or its name; found automatically
             (timm's ``get_classifier()``, ``fc``, ``head``, ``classifier``, ... or the last ``nn.Linear``) if None.
         num_splits: Positional tagging for plain tensor targets (timm's ``--aug-splits``): the batch is
             ``[clean; aug_1; ...]`` in ``num_splits`` equal parts, the first clean.
-        precondition: Optional Adam/AdamW optimizer of the model: the tangent becomes ``-P g`` with
-            ``P = 1 / (sqrt(v̂) + eps)``, consistent with an Adam step (SPEC §4; not in the paper).
         label_smoothing: Passed to ``F.cross_entropy`` for every sample.
-        all_reduce: Under ``torch.distributed`` (DDP, ``torchrun``): average the validation gradient across ranks (one
-            all-reduce of parameter-sized tensors per refresh, as large as DDP's gradient all-reduce) and decide on
-            the global batch (an all-gather of the augmented rows' ``Π`` each step), so that every rank decides
-            exactly like one process on the concatenated batch and ``stats`` are global; ``False`` keeps all of it
-            per rank. See :mod:`saflex_data.distributed`. The ranks' settings are compared on the first training call.
-        seed: Seed of the Gumbel noise generator (part of ``state_dict``).
+        all_reduce: Under ``torch.distributed`` (DDP, ``torchrun``): average the validation signal across ranks and
+            decide on the global batch, so that every rank decides exactly like one process on the concatenated
+            batch and ``stats`` are global; ``False`` keeps all of it per rank. See :mod:`saflex_data.distributed`.
+        seed: Seed of the Gumbel noise generator of the relabelling rules (part of ``state_dict``).
+        enabled: ``False`` makes the loss exactly plain (soft-label) cross-entropy; a switch for the train loop
+            (also an attribute).
 
-    The validation loader's batch size matters: the decisions are made from one validation minibatch per refresh, and
-    128 samples measured clearly better than 32 (``benchmarks/decision_quality.py``).
+    SAFLEX acts only on training calls: grad enabled, ``logits.requires_grad`` and the model in train mode. Any
+    other call (``model.eval()``, ``torch.no_grad()``) is plain cross-entropy: no validation draw, ``step``
+    unchanged. The decisions always belong to the ``logits`` passed in: the loss remembers the model's last few
+    forwards and uses the one that produced them (a teacher pass or a second view in between is fine).
+
+    The validation loader's batch size matters: the decisions are made from one validation minibatch per refresh,
+    and 128 samples measured clearly better than 32 (``benchmarks/README.md``).
 
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
@@ -166,51 +115,46 @@ class SaflexLoss(_StepReport, nn.Module):
     def __init__(
         self,
         model: nn.Module,
-        val_loader: Iterable[Any],
+        val_loader: Iterable[Any] | None = None,
         *,
         method: LossMethod = "last_layer",
-        beta: float | None = None,
-        tau: float | None = 0.01,
-        normalize: SF.Normalize = "batch_max",
-        rule: SF.Rule = "margin",
+        rule: SF.Rule | str = "margin",
+        reference: Literal["heldout", "batch"] = "heldout",
         val_every: int = 1,
-        val_batches: int = 1,
         val_ema: float | None = None,
-        val_mode: Literal["eval", "train"] = "eval",
         val_temperature: float = VAL_TEMPERATURE,
-        enabled: bool = True,
+        val_keys: tuple[str, str] | None = None,
         prepare: Callable[[Tensor], Tensor] | None = None,
         classifier: nn.Module | str | None = None,
         num_splits: int | None = None,
-        precondition: torch.optim.Optimizer | None = None,
         label_smoothing: float = 0.0,
         all_reduce: bool = True,
         seed: int = 0,
+        enabled: bool = True,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, but got {type(model).__name__}.")
         if method not in _METHODS:
             raise ValueError(f"method must be one of {_METHODS}, but got {method!r}.")
-        if val_loader is None or not isinstance(val_loader, Iterable):
+        if reference not in _REFERENCES:
+            raise ValueError(f"reference must be one of {_REFERENCES}, but got {reference!r}.")
+        if reference == "heldout" and (val_loader is None or not isinstance(val_loader, Iterable)):
             raise TypeError(
-                f"val_loader must be an iterable of (inputs, targets) batches, but got {type(val_loader).__name__}."
+                "val_loader must be an iterable of (inputs, targets) batches (or None with reference='batch'), but "
+                f"got {type(val_loader).__name__}."
             )
-        for name, value in (("val_every", val_every), ("val_batches", val_batches)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, but got {value!r}.")
+        if reference == "batch" and method == "single_pass":
+            raise ValueError("reference='batch' needs the batch before its forward: use method='last_layer' or 'jvp'.")
+        if not isinstance(val_every, int) or isinstance(val_every, bool) or val_every < 1:
+            raise ValueError(f"val_every must be an int >= 1, but got {val_every!r}.")
         if val_ema is not None and not 0.0 <= val_ema < 1.0:
             raise ValueError(f"val_ema must be None or a decay in [0, 1), but got {val_ema!r}.")
-        if val_mode not in ("eval", "train"):
-            raise ValueError(f"val_mode must be 'eval' or 'train', but got {val_mode!r}.")
         SF.check_temperature(val_temperature, "val_temperature")
         if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 2):
             raise ValueError(f"num_splits must be None or an int >= 2 ([clean; augmented...]), but got {num_splits!r}.")
         if prepare is not None and not callable(prepare):
             raise TypeError(f"prepare must be a callable or None, but got {type(prepare).__name__}.")
-        # Validate the rule settings once, on a dummy problem, so a typo fails here and not mid-epoch.
-        SF.saflex_targets(torch.zeros(1, 2), torch.zeros(1, dtype=torch.long), beta=beta, tau=tau,
-                          normalize=normalize, rule=rule)
 
         # A plain attribute (not a submodule): the model's parameters must not appear in this loss's state_dict.
         self.__dict__["model"] = unwrap_model(model)
@@ -218,66 +162,116 @@ class SaflexLoss(_StepReport, nn.Module):
         # all-reduce in forward); the extra passes of the other methods use the raw module.
         ddp = _outer_ddp(model)
         self.__dict__["_train_model"] = self.model if ddp is None else ddp
-        self.val_loader = val_loader
-        self.method = method
-        self.beta = SF.default_beta(rule) if beta is None else beta  # a number from here on (state, DDP checks)
-        self.tau, self.normalize, self.rule = tau, normalize, rule
-        self.val_every, self.val_batches, self.val_ema, self.val_mode = val_every, val_batches, val_ema, val_mode
-        self.val_temperature = float(val_temperature)
-        self.enabled = enabled
-        self.prepare = prepare
-        self.num_splits = num_splits
-        self.precondition = precondition
-        self.label_smoothing = label_smoothing
-        self.all_reduce = all_reduce
-        self.seed = seed
-        self._ranks_checked = False  # [distributed] settings compared across ranks on the first call
-
+        self.method, self.rule, self.reference = method, SF.Rule.of(rule), reference
+        self.val_every, self.val_ema, self.val_temperature = val_every, val_ema, float(val_temperature)
+        self.prepare, self.num_splits, self.label_smoothing = prepare, num_splits, label_smoothing
+        self.seed, self.enabled = seed, enabled
+        self._sync = Sync(all_reduce, type(self).__name__)
+        self._val = None if reference == "batch" else ValidationStream(val_loader, type(self).__name__, keys=val_keys)
         self.step = 0
         self._generator = torch.Generator().manual_seed(seed)
-        self._val = ValidationStream(val_loader, type(self).__name__)
         self._signal: Any = None  # cached validation signal: dict (jvp) or (G_W, G_b) (last_layer)
-        self._busy = False  # True during the loss's own passes: the capture hooks ignore them
-        self._inputs: Tensor | None = None
-        self._features: Tensor | None = None
-        self._classifier_output: Tensor | None = None
-        self._tangent: Tensor | None = None
-        self._val_capture: tuple[Tensor, Tensor] | None = None
-        self._classifier_checked = False
+        self._captures: list[dict[str, Any]] = []  # the model's forwards since the last loss call, newest last
         self._warned_nonfinite = False
         self._fallback_keeps = "the upstream labels"
         self.last_step: dict[str, Tensor] = {}
         self.reset_stats()
 
         self.classifier_name: str | None = None
+        hooks = []
         if method == "last_layer":
             self.classifier_name, linear = SF.find_classifier(self.model, classifier)
             self.__dict__["_classifier"] = linear  # a plain reference, not a submodule (no state_dict entries)
-            self._handles = [linear.register_forward_hook(self._capture_features)]
+            hooks = [(linear, "post", "_on_classifier")]
         elif method == "jvp":
-            self._handles = [self.model.register_forward_pre_hook(self._capture_inputs)]
-        else:
-            self._handles = []
+            hooks = [(self.model, "pre", "_on_model_start"), (self.model, "post", "_on_model")]
+        self._hooks = register_weak_hooks(self, hooks)
+        self._rng_at_start: tuple | None = None
+
+    @property
+    def all_reduce(self) -> bool:
+        return self._sync.all_reduce
+
+    def settings(self) -> dict[str, Any]:
+        """The settings every rank must share (compared on the first training call under torch.distributed)."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return {
+            "method": self.method, "rule": self.rule.name, "beta": self.rule.beta, "tau": self.rule.tau,
+            "normalize": self.rule.normalize, "reference": self.reference, "val_every": self.val_every,
+            "val_ema": self.val_ema, "val_temperature": self.val_temperature, "enabled": bool(self.enabled),
+            "num_splits": self.num_splits, "label_smoothing": float(self.label_smoothing),
+            "all_reduce": self.all_reduce,
+            # Decisions on the global batch need the same Gumbel noise everywhere; per-rank decisions may differ.
+            "seed": self.seed if self.all_reduce else None, "step": self.step, "classifier": self.classifier_name,
+            "trainable_parameters": (len(params), sum(p.numel() for p in params)),
+        }
 
     # ------------------------------------------------------------------------------------------------------------
-    # hooks
+    # hooks: what each forward of the model produced, keyed by its output
     # ------------------------------------------------------------------------------------------------------------
-    def _capture_inputs(self, module: nn.Module, args: tuple) -> None:
-        if not self._busy and args:
-            self._inputs = args[0]
+    def _on_model_start(self, module: nn.Module, args: tuple) -> None:
+        # Inside torch.compile the random state cannot be read without a graph break: a compiled model's tangent
+        # pass draws its own dropout masks (documented limit).
+        if not torch.compiler.is_compiling():
+            self._rng_at_start = rng_state(_input_device(args, self.model))
 
-    def _capture_features(self, module: nn.Module, args: tuple, output: Tensor) -> None:
-        if self._busy:
-            self._val_capture = (args[0], output)
-        else:
-            # Detached: a forward without a loss call (a skipped step, an eval pass with grad) must not pin its graph.
-            self._features, self._classifier_output = args[0].detach(), output.detach()
+    def _on_model(self, module: nn.Module, args: tuple, output: Any) -> None:
+        start, self._rng_at_start = self._rng_at_start, None
+        if not args or not isinstance(args[0], Tensor):
+            return
+        stochastic = start is not None and not same_rng_state(start, rng_state(_input_device(args, self.model)))
+        self._remember(output, inputs=args[0], rng=start, stochastic=stochastic)
+
+    def _on_classifier(self, module: nn.Module, args: tuple, output: Tensor) -> None:
+        # Detached: a forward without a loss call (a skipped step, an eval pass with grad) must not pin its graph.
+        self._remember(output, features=args[0].detach())
+
+    def _remember(self, output: Any, **capture: Any) -> None:
+        output = _first_tensor(output)
+        if output is None:
+            return
+        # Detached, so that a forward without a loss call does not pin its graph; inside torch.compile a detach
+        # here breaks the graph, so the output is kept as is there (at most _MAX_CAPTURES of them).
+        output = output if torch.compiler.is_compiling() else output.detach()
+        self._captures = [*self._captures[-(_MAX_CAPTURES - 1):], {"output": output, **capture}]
+
+    def _capture_of(self, logits: Tensor) -> dict[str, Any]:
+        """The remembered forward that produced ``logits`` (every older one is forgotten)."""
+        found = None
+        for i in range(len(self._captures) - 1, -1, -1):
+            out = self._captures[i]["output"]
+            if out.shape == logits.shape and (_same_storage(out, logits) or _same_values(out, logits.detach())):
+                found = i
+                break
+        if found is None:
+            error = self._no_capture(logits)
+            self._captures = []
+            raise error
+        self._captures = self._captures[found:]  # kept: a second loss call on the same logits decides alike
+        return self._captures[0]
+
+    def _no_capture(self, logits: Tensor) -> Exception:
+        where = {"last_layer": f"the classifier {self.classifier_name!r}", "jvp": "the model",
+                 "single_pass": "forward_train"}[self.method]
+        if not self._captures:
+            return RuntimeError(
+                f"SaflexLoss(method={self.method!r}) saw no forward of {where} since the previous loss call; call the "
+                "model (or forward_train) on the batch, then the loss with its output. (A model compiled with "
+                "torch.compile and run before SaflexLoss was built keeps a graph without the loss's hooks: build "
+                "SaflexLoss before the first compiled forward, or call torch._dynamo.reset().)"
+            )
+        return RuntimeError(
+            f"SaflexLoss(method={self.method!r}): the logits passed to the loss (shape {tuple(logits.shape)}) are not "
+            f"the output of any of the last {len(self._captures)} forwards of {where} since the previous loss call. "
+            "Extra forwards between the training forward and the loss (a teacher or EMA pass, a second view) are "
+            "fine, but logits changed after the forward (scaled, sliced, post-processed) or made by another layer "
+            "are not: " + ("pass classifier=<the nn.Linear whose output is the logits> or use method='jvp'."
+                           if self.method == "last_layer" else "pass the model's output itself.")
+        )
 
     def remove_hooks(self) -> None:
-        """Detach the loss from the model (its forward hooks)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        """Detach the loss from the model (its forward hooks); deleting the loss does the same."""
+        self._hooks()
 
     # ------------------------------------------------------------------------------------------------------------
     # the loss
@@ -292,56 +286,29 @@ class SaflexLoss(_StepReport, nn.Module):
         """
         SF.check_logits(logits)
         labels, is_augmented, op = self._unpack(logits, target)
-        training = torch.is_grad_enabled() and logits.requires_grad
-        if training:  # [distributed] training calls only (no collective in an evaluation that may run on one rank),
-            self._check_ranks()  # also with enabled=False
+        training = torch.is_grad_enabled() and logits.requires_grad and self.model.training
+        if training:  # [distributed] compared on training calls only, also with enabled=False
+            self._sync.check_once(self.settings())
         if not (self.enabled and training):
-            return F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+            return F.cross_entropy(logits, labels if labels.dim() == 2 else labels.long(),
+                                   label_smoothing=self.label_smoothing)
         batch, num_classes = logits.shape
-        aug_index = is_augmented.nonzero().squeeze(1)
         dtype = torch.promote_types(logits.dtype, torch.float32)  # the solve and the loss in >= float32
-        targets = _soft(labels, num_classes, dtype)
+        aug_index = is_augmented.nonzero().squeeze(1)
+        capture = self._capture_of(logits)
+        layout = self._sync.layout(len(aug_index), batch, num_classes, logits.device)
         weights = torch.ones(batch, dtype=dtype, device=logits.device)
-        # [distributed] the ranks' counts first: all refresh and exchange iff the global batch has augmented rows
-        layout = None
-        if self._synced():
-            layout = _dist.batch_layout(len(aug_index), batch, num_classes, device=logits.device)
-        record = None
-        if aug_index.numel() or (layout is not None and layout.total_augmented):
-            with torch.autocast(device_type=logits.device.type, enabled=False):
-                if aug_index.numel():
-                    pi = self._inner_products(logits, aug_index)
-                else:  # [distributed] augmented rows on other ranks only: refresh with them, join the exchange
-                    if self.method != "single_pass":
-                        self._validation_signal()
-                    pi = logits.new_zeros((0, num_classes), dtype=dtype)
-                upstream = labels[aug_index]
-                finite = bool(torch.isfinite(pi).all())
-                if layout is not None:  # [distributed] decide on the global batch, keep this rank's rows
-                    aug_weights, aug_labels, finite, record = _dist.global_saflex_targets(
-                        pi, upstream, layout, op=None if op is None else op[aug_index], beta=self.beta,
-                        tau=self.tau, normalize=self.normalize, rule=self.rule, generator=self._generator,
-                    )
-                    if not finite:
-                        self._nonfinite_fallback()
-                elif finite:
-                    aug_weights, aug_labels = SF.saflex_targets(
-                        pi, upstream, beta=self.beta, tau=self.tau, normalize=self.normalize, rule=self.rule,
-                        generator=self._generator,
-                    )
-                else:
-                    self._nonfinite_fallback()
-                    aug_weights, aug_labels = torch.ones(len(aug_index), dtype=dtype), _soft(upstream, num_classes)
-            weights[aug_index] = aug_weights.to(device=logits.device, dtype=dtype)
-            targets[aug_index] = aug_labels.to(device=logits.device, dtype=dtype)
-        self._inputs = self._features = self._classifier_output = self._tangent = None
-        if record is None:
-            self._record(labels, is_augmented, op, weights, targets, num_classes)
-        else:  # [distributed] stats of the global batch (identical on every rank); last_step keeps this rank's rows
-            self._record(*record, num_classes)
-            upstream_index = labels if labels.dim() == 1 else labels.argmax(-1)
-            self.last_step = {"is_augmented": is_augmented, "weights": weights, "targets": targets,
-                              "upstream": upstream_index}
+        targets = as_probabilities(labels, num_classes, dtype, copy=True)
+        if layout.total_augmented:
+            decision = self._decide(capture, logits, labels, targets[aug_index], is_augmented, op, aug_index, layout)
+            if not decision.finite:
+                self._nonfinite_fallback()
+            weights[aug_index], targets[aug_index] = decision.weights, decision.soft_labels
+            self._record(*decision.record)
+        else:
+            self._record(targets[:0], weights[:0], targets[:0], None, sum(layout.batch_sizes))
+        self.last_step = {"is_augmented": is_augmented, "weights": weights, "targets": targets,
+                          "upstream": labels if labels.dim() == 1 else labels.argmax(-1)}
         self.step += 1
         per_sample = F.cross_entropy(logits.to(dtype), targets, reduction="none", label_smoothing=self.label_smoothing)
         return (weights * per_sample).sum() / batch
@@ -357,13 +324,14 @@ class SaflexLoss(_StepReport, nn.Module):
         """
         if self.method != "single_pass":
             raise RuntimeError(f"forward_train is for method='single_pass'; this loss uses method={self.method!r}.")
-        self._check_ranks()  # [distributed]
-        signal = self._validation_signal()
+        self._sync.check_once(self.settings())  # [distributed]
+        signal = self._validation_signal(None, None, None, None)
         train_model = self._train_model
         if model is not None:
             ddp = _outer_ddp(model)
             train_model = unwrap_model(model) if ddp is None else ddp
-        logits, self._tangent = _dist.forward_with_tangent(train_model, inputs, signal)
+        logits, tangent = forward_with_tangent(train_model, inputs, signal)
+        self._remember(logits, tangent=tangent)
         return logits
 
     # ------------------------------------------------------------------------------------------------------------
@@ -403,151 +371,132 @@ class SaflexLoss(_StepReport, nn.Module):
         SF.check_targets(labels, batch, num_classes, "target labels")
         return labels, is_augmented, op
 
-    def _inner_products(self, logits: Tensor, aug_index: Tensor) -> Tensor:
-        batch = logits.shape[0]
-        if self.method == "last_layer":
-            features = self._require(self._features, batch, "features of the classifier (its forward hook)")
-            if not self._classifier_checked:
-                out = self._classifier_output
-                if out is None or out.shape != logits.shape or not _same_values(out, logits.detach()):
-                    raise ValueError(
-                        f"the classifier {self.classifier_name!r} did not produce the logits passed to the loss; "
-                        "pass classifier=<the nn.Linear whose output is the logits> or use method='jvp'."
-                    )
-                self._classifier_checked = True
-            grad_weight, grad_bias = self._validation_signal()
-            return SF.last_layer_inner_products(
-                features[aug_index].flatten(1), logits[aug_index], grad_weight, grad_bias
-            )
+    def _decide(self, capture: dict[str, Any], logits: Tensor, labels: Tensor, upstream: Tensor, is_augmented: Tensor,
+                op: Tensor | None, aug_index: Tensor, layout: BatchLayout) -> GlobalTargets:
+        """Weights and soft labels of the augmented rows (of the global batch, under torch.distributed)."""
+        op = None if op is None else op[aug_index]
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            signal = None
+            if self.method != "single_pass":
+                signal = self._validation_signal(capture, logits, labels, is_augmented)
+                if signal is None:  # reference="batch", no clean row yet: nothing to compare with, keep all
+                    ones = upstream.new_ones(len(upstream))
+                    return GlobalTargets(ones, upstream, True, (upstream, ones, upstream, op, len(logits)))
+            pi = self._inner_products(capture, logits, aug_index, signal)
+            return self._sync.decide(pi, upstream, layout, rule=self.rule, generator=self._generator, op=op,
+                                     logits=logits[aug_index].detach())
+
+    def _inner_products(self, capture: dict[str, Any], logits: Tensor, aug_index: Tensor, signal: Any) -> Tensor:
+        """``Π`` `(n, K)` of the augmented rows (none on a rank without augmented rows; it still refreshed)."""
         if self.method == "single_pass":
-            tangent = self._require(self._tangent, batch, "logit tangent (call logits = criterion.forward_train(x))")
-            return SF.inner_products_from_tangent(logits[aug_index], tangent[aug_index])
-        inputs = self._require(self._inputs, batch, "inputs of the model's forward (its forward pre-hook)")
-        signal = self._validation_signal()
-        with self._own_pass():
-            if _batch_dependent(self.model):
-                # Train-mode BatchNorm normalises with the whole batch's statistics: forward the whole batch, as the
-                # training step did (the augmented rows alone see other statistics, and a single one fails).
+            return SF.inner_products_from_tangent(logits[aug_index], capture["tangent"][aug_index])
+        if self.method == "last_layer":
+            features = capture["features"]
+            return SF.last_layer_inner_products(
+                features[aug_index].flatten(1), logits[aug_index], signal[0], signal[1]
+            )
+        if not aug_index.numel():
+            return logits.new_zeros((0, logits.shape[1]))
+        inputs = capture["inputs"]
+        with internal_pass(), rng_preserved(inputs.device):
+            if capture["stochastic"] or _batch_dependent(self.model):
+                # Train-mode BatchNorm normalises with the whole batch's statistics, and dropout's masks are drawn for
+                # the whole batch: forward the whole batch with the training forward's random state, as the step did.
+                if capture["rng"] is not None:
+                    set_rng_state(capture["rng"], inputs.device)
                 return SF.grad_inner_products(self.model, inputs, signal, method="jvp")[aug_index]
             return SF.grad_inner_products(self.model, inputs[aug_index], signal, method="jvp")
-
-    def _require(self, value: Tensor | None, batch: int, what: str) -> Tensor:
-        if value is None:
-            raise RuntimeError(
-                f"SaflexLoss(method={self.method!r}) saw no {what} since the last call; call the model (or "
-                "forward_train) on the batch, then the loss, once per step. (A model compiled with torch.compile and "
-                "already run before SaflexLoss was built keeps a graph without the loss's hooks: build SaflexLoss "
-                "before the first compiled forward, or call torch._dynamo.reset().)"
-            )
-        if value.shape[0] != batch:
-            raise ValueError(
-                f"the {what} has batch size {value.shape[0]} but the logits have {batch}: the loss must be called "
-                "right after the model's forward on the same batch."
-            )
-        return value
-
-    @contextlib.contextmanager
-    def _own_pass(self) -> Iterator[None]:
-        self._busy = True
-        try:
-            yield
-        finally:
-            self._busy = False
 
     # ------------------------------------------------------------------------------------------------------------
     # the validation signal
     # ------------------------------------------------------------------------------------------------------------
-    def _validation_signal(self) -> Any:
+    def _validation_signal(self, capture: Any, logits: Tensor | None, labels: Any, is_augmented: Any) -> Any:
         if self._signal is not None and self.step % self.val_every != 0:
-            return self._precondition(self._signal)
-        fresh = [self._one_validation_signal() for _ in range(self.val_batches)]
-        signal = _tree_mean(fresh)
-        signal = self._all_reduce(signal)
+            return self._signal
+        if self.reference == "batch":
+            signal = self._batch_signal(capture, logits, labels, is_augmented)
+            if signal is None:
+                return self._signal
+        else:
+            signal = self._heldout_signal()
+        signal = self._sync.reduce(signal)
         if not _tree_finite(signal):
             # Used once (this step falls back, counted) but never cached nor averaged in: one bad validation batch
             # must not switch SAFLEX off for val_every steps, or for good through val_ema.
-            return self._precondition(signal)
+            return signal
         if self.val_ema is not None and self._signal is not None:
             signal = _tree_lerp(signal, self._signal, self.val_ema)
         self._signal = signal
-        return self._precondition(signal)
+        return signal
 
-    def _one_validation_signal(self) -> Any:
-        inputs, targets = self._val.next(_model_device(self.model), self.prepare)
+    def _heldout_signal(self) -> Any:
         model = self.model
+        inputs, targets = self._val.next(model_device(model), self.prepare)
         modes = [(m, m.training) for m in model.modules()]  # restored one by one: frozen submodules stay in eval
-        model.train(self.val_mode == "train")
+        model.eval()
         try:
-            with self._own_pass(), torch.autocast(device_type=inputs.device.type, enabled=False):
-                if self.method == "last_layer":
-                    self._val_capture = None
-                    with torch.no_grad(), SF._running_stats_frozen(model):
-                        logits = model(inputs)
-                    SF.check_logits(logits, "model(validation inputs)")
-                    features = self._val_capture[0].flatten(1)
-                    grad_weight, grad_bias = SF.last_layer_validation_gradient(
-                        features, logits, targets, temperature=self.val_temperature
-                    )
-                    linear = self._classifier
-                    if not linear.weight.requires_grad:
-                        raise ValueError(
-                            f"method='last_layer' needs a trainable classifier, but {self.classifier_name!r}.weight "
-                            "has requires_grad=False (a frozen head never moves, so its gradient says nothing about "
-                            "the step); use method='jvp', which counts the trainable parameters."
-                        )
-                    if linear.bias is None or not linear.bias.requires_grad:
-                        grad_bias = None  # only trainable parameters count
-                    return grad_weight, grad_bias
-                return SF.validation_gradient(model, inputs, targets, temperature=self.val_temperature)
+            with internal_pass(), rng_preserved(inputs.device), self._val.model_call(inputs):
+                with torch.autocast(device_type=inputs.device.type, enabled=False):
+                    if self.method != "last_layer":
+                        return SF.validation_gradient(model, inputs, targets, temperature=self.val_temperature)
+                    capture = SF._FeatureCapture(self._classifier)
+                    try:
+                        with torch.no_grad(), SF._running_stats_frozen(model):
+                            logits = model(inputs)
+                    finally:
+                        capture.remove()
+            SF.check_logits(logits, "model(validation inputs)")
+            return self._last_layer_signal(capture.features.flatten(1), logits, targets)
         finally:
             for module, training in modes:
                 module.training = training
 
-    @property
-    def _val_drawn(self) -> int:
-        return self._val.drawn
-
-    # [distributed] ------------------------------------------------------------------------------------------------
-    def _synced(self) -> bool:
-        """Whether the ranks share the validation gradient and decide on the global batch (saflex_data.distributed)."""
-        return self.all_reduce and _dist.is_distributed()
-
-    def _check_ranks(self) -> None:
-        """Once, on the first call under torch.distributed: the same ValueError on every rank if settings differ."""
-        if not self._ranks_checked and _dist.is_distributed():
-            _dist.check_consistent(_dist.loss_settings(self), name=type(self).__name__)
-            self._ranks_checked = True
-
-    def _all_reduce(self, signal: Any) -> Any:
-        """Average the validation gradient across ranks: one all-reduce of parameter-sized tensors per refresh."""
-        if not self._synced():
-            return signal
-        if isinstance(signal, dict):
-            return dict(zip(signal, _dist.all_reduce_mean(list(signal.values()))))
-        reduced = iter(_dist.all_reduce_mean([t for t in signal if t is not None]))
-        return tuple(None if t is None else next(reduced) for t in signal)
-    # [/distributed] -----------------------------------------------------------------------------------------------
-
-    def _precondition(self, signal: Any) -> Any:
-        """Scale the validation gradient by Adam's inverse second-moment estimate (identity before its first step)."""
-        optimizer = self.precondition
-        if optimizer is None:
-            return signal
-        params = dict(self.model.named_parameters())
+    def _batch_signal(self, capture: Any, logits: Tensor, labels: Tensor, is_augmented: Tensor) -> Any:
+        """The signal of the batch's clean rows (``reference="batch"``); ``None`` when it has none."""
+        clean = (~is_augmented).nonzero().squeeze(1)
+        if not clean.numel():
+            if not self._sync.active:
+                return None
+            # [distributed] every rank joins the all-reduce; a rank without clean rows contributes zero
+            zeros = {n: logits.new_zeros(shape, dtype=torch.promote_types(logits.dtype, torch.float32))
+                     for n, shape in self._signal_shapes().items()}
+            return (zeros["weight"], zeros.get("bias")) if self.method == "last_layer" else zeros
         if self.method == "last_layer":
-            name = self.classifier_name
-            keys = [f"{name}.weight" if name else "weight", f"{name}.bias" if name else "bias"]
-            pairs = list(zip(keys, signal))
-        else:
-            pairs = list(signal.items())
-        out = []
-        for key, grad in pairs:
-            p = params.get(key)
-            out.append(grad if grad is None or p is None else grad * _adam_preconditioner(optimizer, p))
-        return dict(zip(signal, out)) if isinstance(signal, dict) else tuple(out)
+            return self._last_layer_signal(capture["features"][clean].flatten(1), logits[clean].detach(), labels[clean])
+        modes = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+        try:
+            with internal_pass(), rng_preserved(logits.device):
+                return SF.validation_gradient(self.model, capture["inputs"][clean], labels[clean],
+                                              temperature=self.val_temperature)
+        finally:
+            for module, training in modes:
+                module.training = training
+
+    def _last_layer_signal(self, features: Tensor, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor | None]:
+        grad_weight, grad_bias = SF.last_layer_validation_gradient(
+            features, logits, targets, temperature=self.val_temperature
+        )
+        linear = self._classifier
+        if not linear.weight.requires_grad:
+            raise ValueError(
+                f"method='last_layer' needs a trainable classifier, but {self.classifier_name!r}.weight "
+                "has requires_grad=False (a frozen head never moves, so its gradient says nothing about "
+                "the step); use method='jvp', which counts the trainable parameters."
+            )
+        if linear.bias is None or not linear.bias.requires_grad:
+            grad_bias = None  # only trainable parameters count
+        return grad_weight, grad_bias
+
+    def _signal_shapes(self) -> dict[str, tuple[int, ...]]:
+        if self.method == "last_layer":
+            linear = self._classifier
+            bias = {} if linear.bias is None else {"bias": tuple(linear.bias.shape)}
+            return {"weight": tuple(linear.weight.shape), **bias}
+        return {n: tuple(p.shape) for n, p in self.model.named_parameters() if p.requires_grad}
 
     # ------------------------------------------------------------------------------------------------------------
-    # statistics, fallback, state
+    # statistics
     # ------------------------------------------------------------------------------------------------------------
     def reset_stats(self) -> None:
         """Clear the cumulative (per-op) statistics."""
@@ -557,34 +506,30 @@ class SaflexLoss(_StepReport, nn.Module):
         self.nonfinite_steps = 0
 
     @torch.no_grad()
-    def _record(
-        self, labels: Tensor, is_augmented: Tensor, op: Tensor | None, weights: Tensor, targets: Tensor, k: int
-    ) -> None:
-        aug = is_augmented
-        upstream = labels if labels.dim() == 1 else labels.argmax(-1)
-        relabeled = (targets.argmax(-1) != upstream) & aug
-        kept = (weights > 0) & aug
-        n_aug = aug.sum()
-        denom = n_aug.clamp_min(1).float()
+    def _record(self, upstream: Tensor, weights: Tensor, targets: Tensor, op: Tensor | None, batch: int) -> None:
+        """Statistics of the augmented rows ``upstream``/``weights``/``targets`` of a batch of ``batch`` rows."""
+        relabeled = targets.argmax(-1) != upstream.argmax(-1)
+        kept = weights > 0
+        n_aug = torch.tensor(float(len(weights)))
+        denom = n_aug.clamp_min(1)
         self._last = {
-            "augmented_fraction": n_aug.float() / len(aug),
+            "augmented_fraction": n_aug / batch,
             "kept_fraction": kept.sum().float() / denom,
             "relabeled_fraction": relabeled.sum().float() / denom,
-            "weight_mean": (weights * aug).sum() / denom,
+            "weight_mean": weights.sum().float() / denom,
         }
-        self.last_step = {"is_augmented": aug, "weights": weights, "targets": targets, "upstream": upstream}
-        if op is not None:
-            size = int(op.max()) + 1 if op.numel() else 0
-            if size > 0:
-                valid = aug & (op >= 0)
-                rows = op.clamp_min(0)
-                for name, mask in (("count", valid), ("kept", kept & valid), ("relabeled", relabeled & valid)):
-                    counts = torch.bincount(rows[mask], minlength=size).cpu()
-                    old = self._totals.get(name, torch.zeros(0, dtype=torch.long))
-                    if len(old) < size:
-                        old = torch.cat([old, old.new_zeros(size - len(old))])
-                    old[:size] += counts
-                    self._totals[name] = old
+        if op is None or not op.numel() or int(op.max()) < 0:
+            return
+        size = int(op.max()) + 1
+        valid = op >= 0
+        rows = op.clamp_min(0)
+        for name, mask in (("count", valid), ("kept", kept & valid), ("relabeled", relabeled & valid)):
+            counts = torch.bincount(rows[mask], minlength=size).cpu()
+            old = self._totals.get(name, torch.zeros(0, dtype=torch.long))
+            if len(old) < size:
+                old = torch.cat([old, old.new_zeros(size - len(old))])
+            old[:size] += counts
+            self._totals[name] = old
 
     def op_stats(self) -> dict[str, dict[str, float]]:
         """Cumulative keep/relabel rates per upstream op since the last ``reset_stats()``."""
@@ -605,8 +550,7 @@ class SaflexLoss(_StepReport, nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"method={self.method!r}, beta={self.beta}, tau={self.tau}, normalize={self.normalize!r}, "
-            f"rule={self.rule!r}, val_every={self.val_every}, val_mode={self.val_mode!r}, "
+            f"method={self.method!r}, rule={self.rule}, reference={self.reference!r}, val_every={self.val_every}, "
             f"val_temperature={self.val_temperature}, enabled={self.enabled}"
         )
 
@@ -621,16 +565,20 @@ def _outer_ddp(model: nn.Module) -> nn.parallel.DistributedDataParallel | None:
     return model
 
 
-def _soft(labels: Tensor, num_classes: int, dtype: torch.dtype = torch.float32) -> Tensor:
-    if labels.dim() == 2:
-        return labels.to(dtype).clone()
-    return F.one_hot(labels.long(), num_classes).to(dtype)
+def _first_tensor(output: Any) -> Tensor | None:
+    """The logits of a forward's output: the tensor itself, the first tensor of a tuple, or a dict's ``logits``."""
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, dict) or hasattr(output, "logits"):
+        value = output.get("logits") if isinstance(output, dict) else output.logits
+        return value if isinstance(value, Tensor) else None
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    return None
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
+def _input_device(args: tuple, model: nn.Module) -> torch.device:
+    return args[0].device if args and isinstance(args[0], Tensor) else model_device(model)
 
 
 def _batch_dependent(model: nn.Module) -> bool:
@@ -639,15 +587,6 @@ def _batch_dependent(model: nn.Module) -> bool:
         isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None)
         for m in model.modules()
     )
-
-
-def _tree_mean(items: list[Any]) -> Any:
-    if len(items) == 1:
-        return items[0]
-    first = items[0]
-    if isinstance(first, dict):
-        return {k: sum(it[k] for it in items) / len(items) for k in first}
-    return tuple(None if first[i] is None else sum(it[i] for it in items) / len(items) for i in range(len(first)))
 
 
 def _tree_lerp(new: Any, old: Any, decay: float) -> Any:
@@ -662,17 +601,10 @@ def _tree_finite(signal: Any) -> bool:
     return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()) if tensors else True
 
 
+def _same_storage(a: Tensor, b: Tensor) -> bool:
+    return a.data_ptr() == b.data_ptr() and a.stride() == b.stride() and a.dtype == b.dtype
+
+
 def _same_values(a: Tensor, b: Tensor) -> bool:
     """``torch.equal`` that also matches NaN with NaN (a non-finite step must fall back, not fail the check)."""
     return bool(((a == b) | (a.isnan() & b.isnan())).all())
-
-
-def _adam_preconditioner(optimizer: torch.optim.Optimizer, p: Tensor) -> Tensor | float:
-    state = optimizer.state.get(p, {})
-    if "exp_avg_sq" not in state:
-        return 1.0
-    group = next(g for g in optimizer.param_groups if any(q is p for q in g["params"]))
-    beta2 = group.get("betas", (0.9, 0.999))[1]
-    step = float(state.get("step", 1))
-    v_hat = state["exp_avg_sq"] / (1 - beta2**step)
-    return 1.0 / (v_hat.sqrt() + group.get("eps", 1e-8))

@@ -1,7 +1,8 @@
 """Pure-torch batch mixing that tells which rows it mixed and with which weight: MixUp, CutMix, TabularCutMix.
 
-timm and torchvision hide the per-row mixing weight ``lam`` (ECOSYSTEM §1, §2), so SAFLEX draws the mixing
-parameters itself. Each op follows kornia's split between sampling and applying::
+timm's ``Mixup`` and torchvision v2's ``MixUp``/``CutMix`` return only the mixed batch and soft targets, not the
+per-row mixing weight ``lam`` nor the partner of each row, so SAFLEX draws the mixing parameters itself. Each op
+follows kornia's split between sampling and applying::
 
     params = mix.forward_parameters(x.shape)        # MixParams(perm, lam, mask, region)
     x, target = mix(x, y, params=params)            # target: SaflexTarget with soft labels and tags
@@ -21,8 +22,9 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from saflex_data.batch import SaflexTarget
-from saflex_data.collate import draw_seed, seeded
+from ._common import as_probabilities, draw_seed, seeded
+from ._common import describe as _describe
+from .batch import SaflexTarget
 
 __all__ = ["MixParams", "MixUp", "CutMix", "TabularCutMix"]
 
@@ -150,12 +152,6 @@ class _BatchMix:
             raise ValueError(f"{type(self).__name__}: params must be MixParams for a batch of {batch}, but got {got}.")
         return params
 
-    def _soft(self, target: SaflexTarget, dtype: torch.dtype) -> Tensor:
-        if target.labels.dim() == 2:
-            return target.labels.to(dtype)
-        assert self.num_classes is not None
-        return torch.nn.functional.one_hot(target.labels.long(), self.num_classes).to(dtype)
-
     def _mixed_target(self, target: SaflexTarget, params: MixParams, soft_labels: bool = True) -> SaflexTarget:
         device = target.labels.device
         perm, lam, mask = (t.to(device) for t in params[:3])
@@ -164,7 +160,7 @@ class _BatchMix:
         if op_id == len(names):
             names = names + (self.op_name,)
         if soft_labels:
-            y = self._soft(target, torch.float32)
+            y = as_probabilities(target.labels, self.num_classes, torch.float32)
             lam_col = lam.to(y.dtype)[:, None]
             labels = torch.where(mask[:, None], lam_col * y + (1.0 - lam_col) * y[perm], y)
         else:
@@ -420,9 +416,3 @@ class TabularCutMix(_BatchMix):
             f"TabularCutMix(p={self.feature_p}, row_p={self.row_p}, categorical={list(self.categorical)}, "
             f"label_mode={self.label_mode!r})"
         )
-
-
-def _describe(value: object) -> str:
-    if isinstance(value, Tensor):
-        return f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
-    return f"an object of type {type(value).__name__}"

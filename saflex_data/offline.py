@@ -23,7 +23,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from saflex_data.collate import SaflexCollate, TaggedSample, mix_seed
+from ._common import mix_seed
+from .collate import SaflexCollate, TaggedSample
 from saflex_data.sampler import _split_key
 
 __all__ = ["OfflineAugmentations", "OfflineAugmentedDataset"]

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from saflex_data.collate import AugmentPipeline, SaflexCollate, TaggedSample, mix_seed
+from ._common import mix_seed
+from .collate import AugmentPipeline, SaflexCollate, TaggedSample
 
 __all__ = ["SaflexBatchSampler", "SaflexDataset"]
 

@@ -86,7 +86,6 @@ def build(method: str, *, num_workers: int = 0, val_shuffle: bool = False, seed:
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=5, gamma=0.5)
     criterion = SaflexLoss(
         model, val_loader(val_set, val_shuffle), method=method, val_every=2, seed=seed,
-        precondition=optimizer if method == "jvp" else None,
     )
     return {
         "model": model, "optimizer": optimizer, "scheduler": scheduler, "criterion": criterion, "sampler": sampler,

@@ -262,14 +262,11 @@ def bn_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
 
 class TestLossWithTimm:
     @pytest.mark.parametrize("method", ["last_layer", "jvp"])
-    @pytest.mark.parametrize("val_mode", ["eval", "train"])
-    def test_validation_stream_does_not_change_batchnorm_statistics(
-        self, data_dir: Path, method: str, val_mode: str
-    ) -> None:
+    def test_validation_stream_does_not_change_batchnorm_statistics(self, data_dir: Path, method: str) -> None:
         model = tiny_model()
         train = train_loader(data_dir, aug_prob=1.0)
         val = create_val_loader(dataset(data_dir, "holdout"), SIZE, 4, train_loader=train, num_workers=0)
-        criterion = SaflexLoss(model, val, method=method, val_mode=val_mode, prepare=ValPrepare.from_model(model))
+        criterion = SaflexLoss(model, val, method=method, prepare=ValPrepare.from_model(model))
         model.train()
         x, target = next(iter(train))
         output = model(x)  # the training forward updates BN, as it should

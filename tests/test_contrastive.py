@@ -1,4 +1,4 @@
-"""Tests of saflex_data.contrastive: SAFLEX for the symmetric CLIP loss (FLYP), SPEC §5.
+"""Tests of saflex_data.contrastive: SAFLEX for the symmetric CLIP loss (FLYP), docs/method.md#contrastive.
 
 The reference below is deliberately slow and obvious: float64, one ``torch.autograd.grad`` per (image, text) entry of
 the logit matrix, and the zero-shot validation gradient written out by hand.
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from saflex_data.contrastive import SaflexContrastiveLoss, clip_logits, clip_loss
-from saflex_data.functional import saflex_targets
+from saflex_data.functional import Rule, saflex_targets
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -199,7 +199,7 @@ class TestInnerProducts:
         pi = criterion.inner_products(images, texts)
         assert pi.dtype == torch.float64 and pi.shape == (6, 6)
         assert _relative_error(pi, expected) <= 1e-10
-        # Rows sum to zero under the softmax: Σ_j p_ij Π_ij = 0 (SPEC §2).
+        # Rows sum to zero under the softmax: Σ_j p_ij Π_ij = 0 (docs/method.md#zero-mean).
         p = torch.softmax(_reference_logits(image_tower, text_tower, log_scale, images, texts), 1).detach()
         torch.testing.assert_close((p * pi).sum(1), torch.zeros(6, dtype=torch.float64), atol=1e-12, rtol=0)
 
@@ -224,7 +224,8 @@ class TestInnerProducts:
         towers, images, texts, is_augmented, val = _problem(seed=2, batch=8)
         losses, targets = [], []
         for method in ("jvp", "single_pass"):
-            criterion = SaflexContrastiveLoss(towers, [val], PROMPTS, method=method, tau=None, init_logit_scale=2.0)
+            criterion = SaflexContrastiveLoss(towers, [val], PROMPTS, method=method, rule=Rule("paper", beta=0.5, tau=None),
+                                              init_logit_scale=2.0)
             losses.append(criterion(images, texts, is_augmented))
             targets.append(criterion.last_step["targets"])
         torch.testing.assert_close(losses[0], losses[1], rtol=1e-12, atol=0)
@@ -238,7 +239,7 @@ class TestOneStep:
         labels, by the first-order amount -lr/(2B) Σ_aug (w_i y_iᵀΠ_i - Π_ii) (within 5%)."""
         lr = 1e-4
         towers, images, texts, is_augmented, val = _problem(seed=seed, batch=12)
-        criterion = SaflexContrastiveLoss(towers, [val], PROMPTS, tau=None, beta=0.5, rule="paper")
+        criterion = SaflexContrastiveLoss(towers, [val], PROMPTS, rule=Rule("paper", beta=0.5, tau=None))
         named = {n: p for n, p in criterion.towers.named_parameters() if p.requires_grad}
         params = list(named.values())
 
@@ -281,7 +282,7 @@ class TestSaflexContrastiveLoss:
 
     def test_loss_equals_weighted_formula_and_clean_rows_keep_diagonal(self):
         towers, images, texts, is_augmented, val = _problem(seed=4, batch=8)
-        criterion = SaflexContrastiveLoss(towers, [val], PROMPTS, tau=None, beta=0.0, rule="paper")
+        criterion = SaflexContrastiveLoss(towers, [val], PROMPTS, rule=Rule("paper", beta=0.0, tau=None))
         loss = criterion(images, texts, is_augmented)
         pi = criterion.inner_products(images, texts)
         aug = is_augmented.nonzero().squeeze(1)
@@ -337,12 +338,11 @@ class TestSaflexContrastiveLoss:
             assert int(bn.num_batches_tracked) == int(reference.bn.num_batches_tracked)
             assert towers[0].training
 
-    @pytest.mark.parametrize("val_mode", ["eval", "train"])
-    def test_modes_are_restored_module_by_module(self, val_mode):
+    def test_modes_are_restored_module_by_module(self):
         towers, images, texts, is_augmented, val = _problem(seed=7, batchnorm=True)
         towers[0].eval()  # e.g. a frozen image tower
         expected = [m.training for t in towers for m in t.modules()]
-        criterion = SaflexContrastiveLoss(towers, [val], PROMPTS, val_mode=val_mode)
+        criterion = SaflexContrastiveLoss(towers, [val], PROMPTS)
         criterion(images, texts, is_augmented)
         assert [m.training for t in towers for m in t.modules()] == expected
 
@@ -350,7 +350,7 @@ class TestSaflexContrastiveLoss:
         towers, images, texts, is_augmented, val = _problem(seed=8)
         out = []
         for _ in range(2):
-            criterion = SaflexContrastiveLoss(towers, [val], PROMPTS, seed=3, beta=0.0)
+            criterion = SaflexContrastiveLoss(towers, [val], PROMPTS, seed=3, rule=Rule("paper", beta=0.0))
             criterion(images, texts, is_augmented)
             out.append(criterion.last_step["targets"])
         torch.testing.assert_close(out[0], out[1])
@@ -365,7 +365,7 @@ class TestSaflexContrastiveLoss:
 
     def test_repr(self):
         towers, *_, val = _problem(seed=0)
-        text = repr(SaflexContrastiveLoss(towers, [val], PROMPTS, beta=0.25))
+        text = repr(SaflexContrastiveLoss(towers, [val], PROMPTS, rule=Rule("paper", beta=0.25)))
         assert "beta=0.25" in text and "num_classes=5" in text and "method='jvp'" in text
 
 
@@ -391,10 +391,8 @@ class TestErrors:
         [
             ({"method": "last_layer"}, ValueError, r"method must be one of \('jvp', 'single_pass'\), but got 'last_"),
             ({"val_every": 0}, ValueError, r"val_every must be an int >= 1, but got 0"),
-            ({"val_mode": "test"}, ValueError, r"val_mode must be 'eval' or 'train', but got 'test'"),
             ({"val_temperature": -1}, ValueError, r"val_temperature must be a float > 0 \(math.inf allowed\), but"),
-            ({"tau": 0.0}, ValueError, r"tau must be a positive float or None"),
-            ({"beta": math.inf}, ValueError, r"beta must be a finite float"),
+            ({"rule": 3}, TypeError, r"rule must be a Rule or a rule name \(str\), but got int"),
             ({"prepare": 3}, TypeError, r"prepare must be a callable or None, but got int"),
         ],
     )

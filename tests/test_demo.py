@@ -34,7 +34,28 @@ def test_demo_quick_writes_pictures_and_table(tmp_path: Path) -> None:
     ops = summary["op_stats"]
     assert ops and all(0.0 <= s["kept"] <= 1.0 and 0.0 <= s["relabeled"] <= 1.0 for s in ops.values())
     assert set(ops) <= set(demo.strong_upstream().op_names)
-    assert json.loads((tmp_path / "demo_results.json").read_text())["test_accuracy"] == summary["test_accuracy"]
+    on_disk = json.loads((tmp_path / "demo_results.json").read_text())
+    assert on_disk["test_accuracy"] == summary["test_accuracy"]
+    assert on_disk["smoke_test"] is True and "cores" in on_disk["machine"]  # says it is a smoke test, names the machine
+
+
+def test_decision_kinds_and_sample_grid_in_proportion(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    import torch
+
+    from saflex_data import SaflexTarget
+
+    demo = _load_demo()
+    aug = torch.tensor([False, True, True, True, True])
+    upstream = torch.tensor([0, 1, 2, 3, 4])
+    targets = torch.nn.functional.one_hot(torch.tensor([0, 1, 5, 3, 4]), 10).float()
+    last = {"is_augmented": aug, "weights": torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0]), "targets": targets,
+            "upstream": upstream}  # fmt: skip
+    assert demo.decision_kinds(last) == ["kept", "relabeled", "dropped", "kept"]
+    target = SaflexTarget(upstream, aug)
+    demo.plot_samples(tmp_path / "grid.png", torch.zeros(5, 1, 28, 28), target, last, {"noaug": 90.0, "saflex": 91.0},
+                      quick=True, n=4)  # fmt: skip
+    assert (tmp_path / "grid.png").stat().st_size > 0
 
 
 def test_strong_upstream_ops_are_destructive_where_intended() -> None:

@@ -25,6 +25,7 @@ from torch.utils.data import DistributedSampler
 
 from saflex_data import SaflexLoss, SaflexTarget
 from saflex_data import distributed as sdist
+from saflex_data.functional import Rule
 from saflex_data.sampler import SaflexBatchSampler
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
@@ -123,9 +124,9 @@ def _problem() -> dict[str, torch.Tensor]:
 
 
 CONFIGS = [
-    dict(method="jvp", tau=None, normalize="batch_max", rule="paper", beta=1.5),
-    dict(method="jvp", tau=0.05, normalize="batch_max", rule="centered", beta=0.3),
-    dict(method="last_layer", tau=0.5, normalize="batch_max", rule="paper", beta=0.2, val_every=2),
+    dict(method="jvp", rule=Rule("paper", beta=1.5, tau=None)),
+    dict(method="jvp", rule=Rule("centered", beta=0.3, tau=0.05)),
+    dict(method="last_layer", rule=Rule("paper", beta=0.2, tau=0.5), val_every=2),
 ]
 
 
@@ -181,7 +182,7 @@ def equivalence(ranks: list[dict[str, Any]]) -> tuple[list, list]:
     return ranks, single
 
 
-@pytest.mark.parametrize("config", range(len(CONFIGS)), ids=[f"{c['method']}-{c['rule']}" for c in CONFIGS])
+@pytest.mark.parametrize("config", range(len(CONFIGS)), ids=[f"{c['method']}-{c['rule'].name}" for c in CONFIGS])
 def test_two_ranks_batch_b_match_one_process_batch_2b(equivalence: tuple, config: int) -> None:
     ranks, single = equivalence
     ref = single[config]
@@ -200,7 +201,7 @@ def test_two_ranks_batch_b_match_one_process_batch_2b(equivalence: tuple, config
             torch.testing.assert_close(got["labels"][s], ref["labels"][s][rows], rtol=1e-9, atol=1e-11)
 
 
-@pytest.mark.parametrize("config", range(len(CONFIGS)), ids=[f"{c['method']}-{c['rule']}" for c in CONFIGS])
+@pytest.mark.parametrize("config", range(len(CONFIGS)), ids=[f"{c['method']}-{c['rule'].name}" for c in CONFIGS])
 def test_stats_are_global_and_identical_on_every_rank(equivalence: tuple, config: int) -> None:
     ranks, single = equivalence
     ref = single[config]
@@ -220,7 +221,7 @@ def test_stats_are_global_and_identical_on_every_rank(equivalence: tuple, config
 # ----------------------------------------------------------------------------------------------------------------
 # method="single_pass": the training forward itself carries the tangent, so it must go through the DDP wrapper
 # ----------------------------------------------------------------------------------------------------------------
-SINGLE_PASS = dict(method="single_pass", tau=0.05, normalize="batch_max", rule="paper", beta=0.5)
+SINGLE_PASS = dict(method="single_pass", rule=Rule("paper", beta=0.5, tau=0.05))
 
 
 def _train_single_pass(model: nn.Module, criterion: SaflexLoss, data: dict, rows: slice, forward: Callable) -> list:
@@ -246,8 +247,9 @@ def _part_single_pass(rank: int) -> dict[str, list[torch.Tensor]]:
     criterion = SaflexLoss(ddp, val, **SINGLE_PASS)
 
     def through_wrapper(inputs: torch.Tensor) -> torch.Tensor:  # the fix proposed for SaflexLoss.forward_train
-        criterion._check_ranks()
-        logits, criterion._tangent = sdist.forward_with_tangent(ddp, inputs, criterion._validation_signal())
+        criterion._sync.check_once(criterion.settings())
+        logits, tangent = sdist.forward_with_tangent(ddp, inputs, criterion._validation_signal(None, None, None, None))
+        criterion._remember(logits, tangent=tangent)
         return logits
 
     out["through_wrapper"] = _train_single_pass(ddp, criterion, data, rows, through_wrapper)
@@ -438,7 +440,7 @@ def test_saflex_batch_sampler_over_distributed_sampler(ranks: list) -> None:
 # settings that differ across ranks
 # ----------------------------------------------------------------------------------------------------------------
 MISMATCHES = [
-    ({"beta": 0.5}, {"beta": 1.0}),
+    ({"rule": Rule(beta=0.5)}, {"rule": Rule(beta=1.0)}),
     ({"all_reduce": True}, {"all_reduce": False}),
     ({"val_every": 1, "method": "jvp"}, {"val_every": 3, "method": "last_layer"}),
     ({"enabled": True}, {"enabled": False}),
@@ -484,10 +486,10 @@ def test_is_distributed_is_false_without_a_process_group() -> None:
     assert not sdist.is_distributed()
     model = _model()
     criterion = SaflexLoss(model, [(torch.randn(3, FEATURES, dtype=torch.float64), torch.tensor([0, 1, 2]))])
-    assert not criterion._synced()
+    assert not criterion._sync.active
     criterion(model(torch.randn(4, FEATURES, dtype=torch.float64)),
               SaflexTarget(torch.tensor([0, 1, 2, 3]), torch.tensor([False, True, True, False]))).backward()
-    assert not criterion._ranks_checked  # no collective outside torch.distributed
+    assert not criterion._sync.checked  # no collective outside torch.distributed
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -118,3 +118,28 @@ def test_timm_train_on_cuda(data_dir: Path, extra: list[str]) -> None:
     ])
     assert summary["finite"] and len(summary["saflex"]) == 6
     assert summary["eval_after"]["loss"] < summary["eval_before"]["loss"]
+
+
+
+@pytest.mark.parametrize("extra, beta", [([], None), (["--beta", "0.5"], 0.5)], ids=["library-default", "given"])
+def test_timm_train_beta_is_the_library_s_unless_given(
+    data_dir: Path, extra: list[str], beta: float | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without --rule/--beta/--tau the script passes none of them: the library's default rule and its beta apply."""
+    import saflex_data.functional as SF
+    from saflex_data import SaflexLoss
+
+    made: list[SaflexLoss] = []
+
+    class Recording(SaflexLoss):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    example = load_example("timm_train")
+    monkeypatch.setattr(example, "SaflexLoss", Recording)
+    argv = ["--data-dir", str(data_dir), "--model", "test_resnet", "--img-size", "32", "-b", "8", "--steps", "1",
+            "--device", "cpu", "-j", "0", "--val-split", "", *extra]
+    example.main(argv)
+    default = SF.default_beta(made[0].rule.name)
+    assert made[0].rule.beta == (default if beta is None else beta) and default != 0.5

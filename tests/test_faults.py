@@ -122,11 +122,11 @@ class TestNonFinite:
         # loss is NaN exactly as plain cross-entropy is.
         model = _model()
         x, target = _batch()
-        reference = SaflexLoss(model, _val(), method=method, tau=None)
+        reference = SaflexLoss(model, _val(), method=method)
         _step(reference, model, x, target)
         x_bad = x.clone()
         x_bad[0, 0, 0, 0] = float("nan")
-        criterion = SaflexLoss(model, _val(), method=method, tau=None)
+        criterion = SaflexLoss(model, _val(), method=method)
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # no fallback: the augmented rows are finite
             loss = _step(criterion, model, x_bad, target)
@@ -144,10 +144,10 @@ class TestNonFinite:
         x, target = _batch(seed=6)
         x_bad, target_bad = _batch(seed=5)
         x_bad[6] = float("nan")
-        fresh = SaflexLoss(model, _val(), method=method, tau=None, val_every=3)
+        fresh = SaflexLoss(model, _val(), method=method, val_every=3)
         for _ in range(2):
             _step(fresh, model, x, target)
-        criterion = SaflexLoss(model, _val(), method=method, tau=None, val_every=3)
+        criterion = SaflexLoss(model, _val(), method=method, val_every=3)
         _step(criterion, model, x, target)
         with pytest.warns(RuntimeWarning):
             assert torch.isnan(_step(criterion, model, x_bad, target_bad))
@@ -278,7 +278,7 @@ class TestValidationLoader:
     def test_validation_forward_that_raises_restores_the_model(self):
         model = _model(batchnorm=True)
         bad = (torch.randn(4, 3, 6, 6), torch.zeros(4, dtype=torch.long))  # 3 channels for a 1-channel model
-        criterion = SaflexLoss(model, [bad] + _val(batches=1), val_mode="eval")
+        criterion = SaflexLoss(model, [bad] + _val(batches=1))
         x, target = _batch()
         with pytest.raises(RuntimeError, match="channels"):
             criterion(model(x), target)
@@ -317,13 +317,13 @@ class TestValidationLoader:
         model = _model()
         x_val, y_val = _val(batches=1, size=5)[0]
         loader = DataLoader(TensorDataset(x_val, y_val), batch_size=8)  # one short batch of 5
-        criterion = SaflexLoss(model, loader, method="jvp", tau=None)
+        criterion = SaflexLoss(model, loader, method="jvp")
         reference = SF.validation_gradient(model.eval(), x_val, y_val, temperature=criterion.val_temperature)
         model.train()
         for step in range(3):
             x, target = _batch(seed=step)
             assert torch.isfinite(criterion(model(x), target))
-        assert criterion._val_drawn == 3
+        assert criterion._val.drawn == 3
         for name, grad in criterion._signal.items():
             torch.testing.assert_close(grad, reference[name])
 
@@ -351,7 +351,7 @@ class TestDegenerateBatches:
         torch.testing.assert_close(loss, F.cross_entropy(logits, target.labels))
         assert criterion.step == 1 and criterion.stats["augmented_fraction"] == 0.0
         if method != "single_pass":  # single_pass needs the signal for its forward, before the tags are known
-            assert criterion._val_drawn == 0
+            assert criterion._val.drawn == 0
         loss.backward()
 
     @pytest.mark.parametrize("method", METHODS)
@@ -388,7 +388,7 @@ class TestDegenerateBatches:
         x, target = _batch()
         with pytest.raises(ValueError, match=r"at least 2 classes for SAFLEX, but got shape \(10, 1\)"):
             criterion(model(x), SaflexTarget(torch.zeros(10, dtype=torch.long), target.is_augmented))
-        assert criterion._val_drawn == 0
+        assert criterion._val.drawn == 0
 
     def test_soft_targets_of_another_label_space_raise(self):
         model = _model()
@@ -424,9 +424,12 @@ class TestBatchNormInTrainMode:
         decisions = {}
         for method in ("jvp", "single_pass"):
             model = make_model("mlp_bn", K).train()
-            # val_mode="train": both methods see the same validation statistics whatever the order of the passes.
+            # momentum 0: the running statistics the validation pass uses stay put, whatever the order of the passes.
+            for m in model.modules():
+                if isinstance(m, nn.BatchNorm1d):
+                    m.momentum = 0.0
             # tau=1: the soft labels are a smooth function of Π (same Gumbel draws), so they compare Π itself.
-            criterion = SaflexLoss(model, val, method=method, tau=1.0, normalize="none", val_mode="train")
+            criterion = SaflexLoss(model, val, method=method, rule=SF.Rule("paper", tau=1.0, normalize="none"))
             _step(criterion, model, x, target)
             decisions[method] = (criterion.last_step["weights"], criterion.last_step["targets"])
         assert torch.equal(decisions["jvp"][0], decisions["single_pass"][0])
@@ -442,7 +445,7 @@ class TestFrozenParameters:
         model = _model()
         model.conv.requires_grad_(False)
         val = _val(batches=1)
-        criterion = SaflexLoss(model, val, method=method, tau=None, normalize="none", rule="paper")
+        criterion = SaflexLoss(model, val, method=method, rule=SF.Rule("paper", tau=None, normalize="none"))
         x, target = _batch()
         _step(criterion, model, x, target)
         assert set(criterion._signal) == {"fc.weight", "fc.bias"}
@@ -497,7 +500,7 @@ class TestFrozenParameters:
         else:
             model.fc.bias.requires_grad_(False)
         val = _val(batches=1)
-        criterion = SaflexLoss(model, val, method="last_layer", tau=None, normalize="none", rule="paper")
+        criterion = SaflexLoss(model, val, method="last_layer", rule=SF.Rule("paper", tau=None, normalize="none"))
         x, target = _batch()
         criterion(model(x), target)
         model.eval()
@@ -528,7 +531,8 @@ class TestSeveralHeads:
         model = _FirstOutput(_TwoHeads())
         criterion = SaflexLoss(model, _val(), method="last_layer")  # picks the last nn.Linear: model.aux
         x, target = _batch()
-        with pytest.raises(ValueError, match="the classifier 'model.aux' did not produce the logits.*classifier="):
+        with pytest.raises(RuntimeError, match="not the output of any of the last 1 forwards of the classifier "
+                           "'model.aux'.*classifier="):
             criterion(model(x), target)
 
     def test_last_layer_with_the_head_named_works(self):
@@ -567,7 +571,7 @@ class TestDevices:
         for device in ("cpu", "cuda"):
             model = _model().double().to(device)
             val = [(vx.double(), vy) for vx, vy in _val()]  # left on the CPU: moved by the loss
-            criterion = SaflexLoss(model, val, method=method, tau=None)
+            criterion = SaflexLoss(model, val, method=method)
             loss = _step(criterion, model, x.double().to(device), target)  # target left on the CPU
             assert loss.device.type == device
             results.append({k: v.cpu() for k, v in criterion.last_step.items()})

@@ -1,4 +1,4 @@
-"""The pure SAFLEX math against slow float64 references (tests/_reference.py) and the facts of SPEC §2."""
+"""The pure SAFLEX math against slow float64 references (tests/_reference.py) and the facts of docs/method.md."""
 
 from __future__ import annotations
 
@@ -192,7 +192,7 @@ class TestGradInnerProducts:
         assert SF.grad_inner_products(model, x, g).shape == (batch, 4)
 
     def test_l2r_equivalence(self):
-        """Learning-to-Reweight's meta-gradient of sample i is -lr/B · Π[i, y_i] (SPEC §2)."""
+        """Learning-to-Reweight's meta-gradient of sample i is -lr/B · Π[i, y_i] (docs/method.md#l2r)."""
         model, x, xv, yv = _problem("mlp")
         y = torch.randint(0, 4, (7,), generator=torch.Generator().manual_seed(9))
         lr = 0.1
@@ -303,7 +303,7 @@ class TestSaflexTargets:
 
 class TestOneStepFirstOrder:
     """One SGD step with SAFLEX's weights and labels lowers the validation loss more than the upstream labels, by
-    the amount the first-order expansion predicts (SPEC §2)."""
+    the amount the first-order expansion predicts (docs/method.md#pi)."""
 
     @pytest.mark.parametrize("seed", range(10))
     @pytest.mark.parametrize("beta", [0.0, 0.5])

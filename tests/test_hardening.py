@@ -246,7 +246,7 @@ class TestMixedPrecision:
         for precision in ("float32", "bfloat16"):
             torch.manual_seed(0)
             model = SmallCNN(K)
-            criterion = SaflexLoss(model, _val(), method=method, tau=None)
+            criterion = SaflexLoss(model, _val(), method=method)
             solved_dtypes.clear()  # the constructor validates its settings on a dummy problem
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bfloat16"):
                 logits = _logits(criterion, model, x)
@@ -273,7 +273,7 @@ class TestMixedPrecision:
             model = SmallCNN(K).cuda()
             opt = torch.optim.SGD(model.parameters(), lr=0.01)
             scaler = torch.amp.GradScaler("cuda", enabled=precision == "float16")
-            criterion = SaflexLoss(model, _val(), method=method, tau=None)
+            criterion = SaflexLoss(model, _val(), method=method)
             with torch.autocast("cuda", dtype=torch.float16, enabled=precision == "float16"):
                 loss = criterion(_logits(criterion, model, x), target)
             assert loss.dtype == torch.float32
@@ -310,7 +310,7 @@ def _compiled_vs_eager(method: str, backend: str) -> None:
         torch.manual_seed(0)
         model = _CompiledNet(K)
         net = torch.compile(model, backend=backend) if compiled else model
-        criterion = SaflexLoss(net, _val(), method=method, tau=None)  # the compiled wrapper is unwrapped
+        criterion = SaflexLoss(net, _val(), method=method)  # the compiled wrapper is unwrapped
         for step in range(2):  # the second step reuses the compiled graph
             loss = criterion(net(x), target)
             loss.backward()
@@ -338,7 +338,7 @@ class TestCompile:
         x, target = _batch(batch=16)
         net(x)  # e.g. a sanity check before the training loop
         criterion = SaflexLoss(net, _val(), method="last_layer")
-        with pytest.raises(RuntimeError, match="saw no features of the classifier"):
+        with pytest.raises(RuntimeError, match="saw no forward of the classifier 'fc' since the previous loss call"):
             criterion(net(x), target)
         torch._dynamo.reset()  # the documented fix
         assert torch.isfinite(criterion(net(x), target))
@@ -362,7 +362,7 @@ class TestChannelsLast:
                 model = model.to(memory_format=torch.channels_last)
                 inputs = x.contiguous(memory_format=torch.channels_last)
                 prepare = lambda v: v.contiguous(memory_format=torch.channels_last)  # noqa: E731
-            criterion = SaflexLoss(model, val, method=method, tau=None, prepare=prepare)
+            criterion = SaflexLoss(model, val, method=method, prepare=prepare)
             loss = criterion(_logits(criterion, model, inputs), target)
             loss.backward()
             if channels_last:

@@ -38,3 +38,25 @@ def test_import_needs_only_torch():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_library_imports_no_numpy():
+    # numpy is not a dependency: with it made unimportable, torch and every module of the library but the adapters
+    # still import, and nothing tries to pull numpy in behind the user's back
+    code = (
+        "import importlib, importlib.abc, pkgutil, sys\n"
+        "class NoNumpy(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'numpy':\n"
+        "            raise ModuleNotFoundError(f'numpy is blocked (asked for {name})', name=name)\n"
+        "sys.meta_path.insert(0, NoNumpy())\n"
+        "import torch, saflex_data\n"
+        "names = [m.name for m in pkgutil.iter_modules(saflex_data.__path__, 'saflex_data.')]\n"
+        "names = [n for n in names if n != 'saflex_data.adapters']\n"
+        "assert len(names) >= 10, names\n"
+        "for name in names:\n"
+        "    importlib.import_module(name)\n"
+        "assert not [m for m in sys.modules if m.split('.')[0] == 'numpy']\n"
+        "assert not hasattr(saflex_data, 'datasets')\n"
+    )
+    subprocess.run([sys.executable, "-W", "ignore", "-c", code], check=True)

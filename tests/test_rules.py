@@ -1,7 +1,7 @@
 """Rules of ``functional.saflex_targets`` beyond the paper's: the margin rules and the gain rules.
 
 The paper rule's own behaviour is pinned in ``test_functional.py``; here it is checked only to stay exactly the
-SPEC §2 rule when the new ``beta=None`` default is used.
+paper's rule (docs/method.md#rule-paper) when the new ``beta=None`` default is used.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import saflex_data.functional as SF
 
 
 def _paper_reference(pi, targets, beta, tau, gumbel=None):
-    """SPEC §2, written out: batch_max normalisation, bonus, Gumbel-softmax (or argmax), weight on raw Π."""
+    """The paper's rule (docs/method.md#rule-paper), written out: batch_max normalisation, bonus, Gumbel-softmax (or
+    argmax), weight on raw Π."""
     k = pi.shape[1]
     y_aug = F.one_hot(targets, k).to(pi.dtype)
     score = pi / pi.abs().amax(-1).mean() + beta * y_aug

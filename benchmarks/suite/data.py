@@ -11,7 +11,7 @@ import functools
 
 import numpy as np
 
-from saflex_data.datasets import load_fashion_mnist, load_mnist_5k, load_tabular
+from benchmarks.datasets import load_fashion_mnist, load_mnist_5k, load_tabular
 
 IMAGE_SETS = ("fmnist", "mnist", "digits")
 TABLE_SETS = ("hpc", "churn")

@@ -162,7 +162,7 @@ def run(s: Stream, v: Variant, seed: int, steps: int) -> dict:
             if (step >= record_from and step % SCORE_EVERY == 0) or step == 0:
                 h_aug, logits_aug = h[is_aug].detach(), logits[is_aug].detach()
                 score, check, score_pi = _saflex_scores(criterion, model, ref, h_aug, logits_aug, ya, xc, yc)
-                if criterion.rule in ("paper", "centered", "margin_relabel"):  # Gumbel noise: not comparable
+                if criterion.rule.name in ("paper", "centered", "margin_relabel"):  # Gumbel noise: not comparable
                     mismatches = None
                 else:
                     mismatches += int((check != w).sum())
@@ -219,9 +219,10 @@ def _saflex_scores(criterion, model, ref, h_aug, logits_aug, ya, xc, yc) -> tupl
             xv_logits = model.fc(hv)
     gw, gb = SF.last_layer_validation_gradient(hv, xv_logits, yv, temperature=criterion.val_temperature)
     pi = SF.last_layer_inner_products(h_aug, logits_aug, gw, gb)
-    score = SF.weight_scores(pi, ya, rule=criterion.rule)
-    w, _ = SF.saflex_targets(pi, ya, beta=criterion.beta, tau=criterion.tau, normalize=criterion.normalize,
-                             rule=criterion.rule, generator=torch.Generator().manual_seed(0))
+    rule = criterion.rule
+    score = SF.weight_scores(pi, ya, rule=rule.name, logits=logits_aug)
+    w, _ = SF.saflex_targets(pi, ya, beta=rule.beta, tau=rule.tau, normalize=rule.normalize, rule=rule.name,
+                             generator=torch.Generator().manual_seed(0), logits=logits_aug)
     return score, w, pi
 
 

@@ -1,6 +1,6 @@
 """albumentations adapter: read ``applied_transforms`` to tag each sample; reseed per worker.
 
-``A.Compose(..., save_applied_params=True)`` lists, per call, the transforms that actually fired (ECOSYSTEM §4). A
+``A.Compose(..., save_applied_params=True)`` lists, per call, the transforms that actually fired. A
 sample is augmented when any of them lies outside a no-op set of fixed transforms (``Normalize``, ``ToTensorV2``,
 deterministic resizes and crops); its op id is the first such transform. The clean sample is the compose's
 top-level fixed transforms alone, so a sample tagged clean is bit-identical to it.
@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import get_worker_info
 
 from saflex_data._deps import require
-from saflex_data.collate import draw_seed
+from saflex_data._common import draw_seed
 
 A = require("albumentations")
 

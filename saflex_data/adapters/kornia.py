@@ -2,7 +2,7 @@
 
 For every kornia op or container, :class:`KorniaTagger` samples ``params = module.forward_parameters(x.shape)``,
 ORs the ``batch_prob`` leaves of each (nested) ``ParamItem`` into a per-row mask, and runs
-``module(x, params=params)`` (ECOSYSTEM §3: the mask equals the rows whose pixels changed). Rows outside the mask
+``module(x, params=params)`` (the mask equals the rows whose pixels changed; tested). Rows outside the mask
 are copied back from the input, so they are bit-identical to it. Mix ops (``RandomMixUpV2``, ``RandomCutMixV2``)
 return kornia's label record ``(B, 3)`` / ``(num_mix, B, 3)`` ``(label, partner_label, lam)``; it becomes soft
 labels (see :func:`kornia_record_to_soft`).
@@ -29,6 +29,8 @@ from saflex_data.device import DeviceAugment, Mode, _with_names, as_target
 kornia = require("kornia")
 import kornia.augmentation as K  # noqa: E402
 from kornia.augmentation._2d.mix.base import MixAugmentationBaseV2  # noqa: E402
+
+from saflex_data._common import describe as _describe  # noqa: E402
 
 __all__ = ["KorniaTagger", "KorniaAugment", "kornia_record_to_soft", "batch_prob_mask"]
 
@@ -214,9 +216,3 @@ class KorniaAugment(DeviceAugment):
 
 def _is_policy(module: nn.Module) -> bool:
     return any(c.__name__ == "PolicyAugmentBase" for c in type(module).__mro__)
-
-
-def _describe(value: object) -> str:
-    if isinstance(value, Tensor):
-        return f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
-    return f"an object of type {type(value).__name__}"

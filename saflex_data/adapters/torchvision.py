@@ -1,6 +1,6 @@
 """torchvision.transforms.v2 adapters: per-sample transforms that report what they applied, and tagged MixUp/CutMix.
 
-torchvision v2 keeps no record of what it did (ECOSYSTEM §2), so:
+torchvision v2 transforms return only their output, with no record of which random op fired or whether any did, so:
 
 * :class:`TaggedRandomApply` / :class:`TaggedRandomChoice` own the coin flip (v2's ``RandomApply`` drops it);
 * :class:`TaggedAutoAugment` wraps ``RandAugment``, ``TrivialAugmentWide`` or ``AutoAugment`` and records the ops
@@ -25,12 +25,14 @@ from torch import Tensor
 
 from saflex_data._deps import require
 from saflex_data.batch import SaflexTarget
-from saflex_data.collate import draw_seed, seeded
+from saflex_data._common import draw_seed, seeded
 from saflex_data.device import as_target
 from saflex_data.mixing import MixParams
 
 require("torchvision", extra="torchvision")
 from torchvision.transforms import v2  # noqa: E402
+
+from saflex_data._common import describe as _describe  # noqa: E402
 
 __all__ = ["TaggedRandomApply", "TaggedRandomChoice", "TaggedAutoAugment", "TaggedMixUp", "TaggedCutMix"]
 
@@ -279,9 +281,3 @@ class TaggedCutMix(_TaggedMixMixin, v2.CutMix):
     """
 
     _default_op_name = "cutmix"
-
-
-def _describe(value: object) -> str:
-    if isinstance(value, Tensor):
-        return f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
-    return f"an object of type {type(value).__name__}"

