@@ -871,6 +871,7 @@ def saflex_targets(
     - ``"margin_fix"``: the samples ``"margin"`` drops (``m_i < -β``) are relabelled to their best class instead
       when it also leads the runner-up class by at least ``β / 2`` (a clear winner), and dropped otherwise. Fewer
       relabels than ``"margin_relabel"``, but more of them right. ``tau`` and ``normalize`` are not used.
+
     - ``"gain"`` (drop, never relabel; acts when the labels are right but a sample does not help): the score is the
       batch z-score of the own-label gain ``y_iᵀΠ_i - mean_k Π_ik`` (:func:`own_label_gain`, which does not fade
       once the model fits the sample); ``w_i = 1[score_i ≥ -β]``.
@@ -891,7 +892,8 @@ def saflex_targets(
             for ``gain_auto`` the separation needed to drop anything (default 0.7).
         tau: Gumbel-softmax temperature; ``None`` means a deterministic argmax.
         normalize: How ``Π`` is scaled before the bonus and the noise (``paper``/``centered``).
-        rule: ``"margin"`` (default), ``"paper"``, ``"centered"``, ``"margin_relabel"`` or ``"margin_fix"``.
+        rule: ``"margin"`` (default), ``"paper"``, ``"centered"``, ``"margin_relabel"``, ``"margin_fix"``, ``"gain"``,
+            ``"gain_auto"`` or ``"gain_loss"``.
         generator: Random generator for the Gumbel noise (drawn on the generator's device).
         logits: The augmented rows' detached training logits `(B, K)`, for the rules that combine ``Π`` with the
             model's own prediction (``gain_loss``); the other rules ignore them.

@@ -162,7 +162,7 @@ def run(s: Stream, v: Variant, seed: int, steps: int) -> dict:
             if (step >= record_from and step % SCORE_EVERY == 0) or step == 0:
                 h_aug, logits_aug = h[is_aug].detach(), logits[is_aug].detach()
                 score, check, score_pi = _saflex_scores(criterion, model, ref, h_aug, logits_aug, ya, xc, yc)
-                if criterion.rule in ("paper", "centered", "margin_relabel"):  # Gumbel noise: not comparable
+                if criterion.rule.name in ("paper", "centered", "margin_relabel"):  # Gumbel noise: not comparable
                     mismatches = None
                 else:
                     mismatches += int((check != w).sum())

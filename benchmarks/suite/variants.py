@@ -30,7 +30,7 @@ class Variant:
     free: bool = True  # a peer that is not told the truth
 
     def loss_kwargs(self) -> dict:
-        return {"rule": Rule(self.rule, beta=self.beta)}
+        return {"rule": SF.Rule(self.rule, beta=self.beta)}
 
 
 DEFAULT = "SAFLEX default (margin β=1.5)"
