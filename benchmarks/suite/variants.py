@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import saflex_data.functional as SF
-from saflex_data.functional import Rule
 
 
 @dataclass(frozen=True)
