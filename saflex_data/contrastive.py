@@ -370,6 +370,7 @@ class SaflexContrastiveLoss(StepReport, nn.Module):
         if (
             not self.enabled
             or not torch.is_grad_enabled()
+            or not any(m.training for m in self.towers.children())  # model.eval(): plain CLIP loss
             or is_augmented is None
             or not bool(is_augmented.any())
         ):
@@ -384,7 +385,9 @@ class SaflexContrastiveLoss(StepReport, nn.Module):
                 pi = inner_products_from_tangent(logits[augmented], tangent[augmented])
         else:
             # Row i of L depends on image i and every text, so the tangent pass needs only the augmented images.
-            with torch.autocast(device_type=images.device.type, enabled=False), _math_attention():
+            # Its own random state (dropout draws its own masks here), so the training forward's is left as it was.
+            with torch.autocast(device_type=images.device.type, enabled=False), _math_attention(), \
+                    rng_preserved(images.device):
                 pi = grad_inner_products(self.towers, (images[augmented], texts), signal, method="jvp")
             logits = self.towers((images, texts))
 

@@ -480,3 +480,22 @@ class TestOpenClip:
         towers = (model.encode_image, model.encode_text)
         expected = _reference_pi(*towers, model.logit_scale, images, texts, val_grad, params)
         assert _relative_error(pi, expected) <= 1e-10
+
+
+class TestTrainingLoop:
+    def test_eval_mode_is_the_plain_clip_loss(self):
+        towers, images, texts, is_augmented, val = _problem(seed=11)
+        criterion = SaflexContrastiveLoss(towers, [val], PROMPTS)
+        for tower in towers:
+            tower.eval()
+        loss = criterion(images, texts, is_augmented)
+        assert torch.equal(loss, clip_loss(criterion.towers((images, texts))))
+        assert criterion.step == 0 and criterion._val.drawn == 0
+
+    @pytest.mark.parametrize("method", ["jvp", "single_pass"])
+    def test_global_random_state_is_untouched(self, method):
+        towers, images, texts, is_augmented, val = _problem(seed=12)
+        before = torch.get_rng_state()
+        criterion = SaflexContrastiveLoss(towers, [val], PROMPTS, method=method)
+        criterion(images, texts, is_augmented).backward()
+        assert torch.equal(torch.get_rng_state(), before)
