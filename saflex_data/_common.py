@@ -176,6 +176,21 @@ def rng_preserved(device: torch.device) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def validation_pass(model: nn.Module, device: torch.device) -> Iterator[None]:
+    """SAFLEX's own validation forward: ``model`` in eval mode (every submodule's flag restored one by one
+    afterwards, so a frozen submodule stays in eval), ignored by SAFLEX's hooks, outside autocast, and torch's global
+    random state left as it was."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with internal_pass(), rng_preserved(device), torch.autocast(device_type=device.type, enabled=False):
+            yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
 def rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
     """Torch's global random state for a forward on ``device`` (CPU, plus the CUDA generator there)."""
     cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None

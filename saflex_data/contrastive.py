@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._common import StepReport, describe, internal_pass, rng_preserved, unwrap_model
+from ._common import StepReport, describe, rng_preserved, unwrap_model, validation_pass
 from ._stream import ValidationStream
 from .functional import (
     Rule,
@@ -308,16 +308,8 @@ class SaflexContrastiveLoss(StepReport, nn.Module):
         images, labels = self._next_val_batch()
         towers = self.towers
         towers.class_prompts = towers.class_prompts.to(images.device)
-        # Restore every module's own flag afterwards (a model may keep, e.g., a frozen tower in eval mode).
-        modes = [(module, module.training) for module in towers.modules()]
-        towers.eval()
-        try:
-            with internal_pass(), rng_preserved(images.device), self._val.model_call(images):
-                with torch.autocast(device_type=images.device.type, enabled=False):
-                    self.val_grad = validation_gradient(towers, images, labels, temperature=self.val_temperature)
-        finally:
-            for module, training in modes:
-                module.training = training
+        with validation_pass(towers, images.device), self._val.model_call(images):
+            self.val_grad = validation_gradient(towers, images, labels, temperature=self.val_temperature)
         return self.val_grad
 
     def _validation_signal(self) -> dict[str, Tensor]:

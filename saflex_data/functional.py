@@ -416,6 +416,19 @@ def _uses_batch_stats(module: nn.Module) -> bool:
     return isinstance(module, nn.modules.batchnorm._BatchNorm) and (module.training or module.running_mean is None)
 
 
+def _batch_statistics(module: nn.Module, args: tuple) -> tuple[Tensor, Tensor] | None:
+    """``(mean, biased variance)`` a BatchNorm normalised its input ``args[0]`` with, detached; ``None`` when it used
+    its running statistics or ran inside :func:`_fixed_batch_stats`."""
+    fixed = getattr(module.__dict__.get("forward"), "fixed_batch_stats", False)
+    if fixed or not args or not _uses_batch_stats(module):
+        return None
+    with torch.no_grad():
+        x = args[0].detach()
+        x = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        var, mean = torch.var_mean(x, dim=[0, *range(2, x.dim())], correction=0)
+    return mean, var
+
+
 class BatchStatsCapture:
     """Forward hooks that record the batch statistics each BatchNorm of ``model`` normalises with.
 
@@ -448,15 +461,10 @@ class BatchStatsCapture:
         ]
 
     def _record(self, name: str, module: nn.Module, args: tuple, output: Tensor) -> None:
-        fixed = getattr(module.__dict__.get("forward"), "fixed_batch_stats", False)  # inside _fixed_batch_stats
-        if fixed or not args or not _uses_batch_stats(module) or (self._skip is not None and self._skip()):
-            return
-        with torch.no_grad():
-            x = args[0].detach()
-            x = x if x.dtype in (torch.float32, torch.float64) else x.float()
-            var, mean = torch.var_mean(x, dim=[0, *range(2, x.dim())], correction=0)
-        self.stats[name] = (mean, var)
-        self.batch_size = x.shape[0]
+        stats = None if self._skip is not None and self._skip() else _batch_statistics(module, args)
+        if stats is not None:
+            self.stats[name] = stats
+            self.batch_size = args[0].shape[0]
 
     def pop(self) -> dict[str, tuple[Tensor, Tensor]]:
         """The statistics recorded since the last ``pop()`` (and forget them)."""

@@ -34,6 +34,7 @@ from ._common import (
     same_rng_state,
     set_rng_state,
     unwrap_model,
+    validation_pass,
 )
 from ._stream import ValidationStream
 from .batch import SaflexTarget
@@ -233,12 +234,9 @@ class SaflexLoss(StepReport, nn.Module):
 
     def _on_batchnorm(self, module: nn.Module, args: tuple, output: Tensor) -> None:
         """``method="jvp_frozen_stats"``: the batch statistics a train-mode BatchNorm normalised with."""
-        if args and SF._uses_batch_stats(module) and not getattr(module.__dict__.get("forward"), "fixed_batch_stats", 0):
-            with torch.no_grad():
-                x = args[0].detach()
-                x = x if x.dtype in (torch.float32, torch.float64) else x.float()
-                var, mean = torch.var_mean(x, dim=[0, *range(2, x.dim())], correction=0)
-            self._bn_stats[self._bn_names[module]] = (mean, var)
+        stats = SF._batch_statistics(module, args)
+        if stats is not None:
+            self._bn_stats[self._bn_names[module]] = stats
 
     def _on_classifier(self, module: nn.Module, args: tuple, output: Tensor) -> None:
         # Detached: a forward without a loss call (a skipped step, an eval pass with grad) must not pin its graph.
@@ -313,12 +311,11 @@ class SaflexLoss(StepReport, nn.Module):
         batch, num_classes = logits.shape
         dtype = torch.promote_types(logits.dtype, torch.float32)  # the solve and the loss in >= float32
         aug_index = is_augmented.nonzero().squeeze(1)
-        capture = self._capture_of(logits)
         layout = self._sync.layout(len(aug_index), batch, num_classes, logits.device)
         weights = torch.ones(batch, dtype=dtype, device=logits.device)
         targets = as_probabilities(labels, num_classes, dtype, copy=True)
         if layout.total_augmented:
-            decision = self._decide(capture, logits, labels, targets[aug_index], is_augmented, op, aug_index, layout)
+            decision = self._decide(logits, labels, targets[aug_index], is_augmented, op, aug_index, layout)
             if not decision.finite:
                 self._nonfinite_fallback()
             weights[aug_index], targets[aug_index] = decision.weights, decision.soft_labels
@@ -389,9 +386,10 @@ class SaflexLoss(StepReport, nn.Module):
         SF.check_targets(labels, batch, num_classes, "target labels")
         return labels, is_augmented, op
 
-    def _decide(self, capture: dict[str, Any], logits: Tensor, labels: Tensor, upstream: Tensor, is_augmented: Tensor,
-                op: Tensor | None, aug_index: Tensor, layout: BatchLayout) -> GlobalTargets:
+    def _decide(self, logits: Tensor, labels: Tensor, upstream: Tensor, is_augmented: Tensor, op: Tensor | None,
+                aug_index: Tensor, layout: BatchLayout) -> GlobalTargets:
         """Weights and soft labels of the augmented rows (of the global batch, under torch.distributed)."""
+        capture = self._capture_of(logits)
         op = None if op is None else op[aug_index]
         with torch.autocast(device_type=logits.device.type, enabled=False):
             signal = None
@@ -453,24 +451,17 @@ class SaflexLoss(StepReport, nn.Module):
     def _heldout_signal(self) -> Any:
         model = self.model
         inputs, targets = self._val.next(model_device(model), self.prepare)
-        modes = [(m, m.training) for m in model.modules()]  # restored one by one: frozen submodules stay in eval
-        model.eval()
-        try:
-            with internal_pass(), rng_preserved(inputs.device), self._val.model_call(inputs):
-                with torch.autocast(device_type=inputs.device.type, enabled=False):
-                    if self.method != "last_layer":
-                        return SF.validation_gradient(model, inputs, targets, temperature=self.val_temperature)
-                    capture = SF._FeatureCapture(self._classifier)
-                    try:
-                        with torch.no_grad(), SF._running_stats_frozen(model):
-                            logits = model(inputs)
-                    finally:
-                        capture.remove()
-            SF.check_logits(logits, "model(validation inputs)")
-            return self._last_layer_signal(capture.features.flatten(1), logits, targets)
-        finally:
-            for module, training in modes:
-                module.training = training
+        with validation_pass(model, inputs.device), self._val.model_call(inputs):
+            if self.method != "last_layer":
+                return SF.validation_gradient(model, inputs, targets, temperature=self.val_temperature)
+            capture = SF._FeatureCapture(self._classifier)
+            try:
+                with torch.no_grad(), SF._running_stats_frozen(model):
+                    logits = model(inputs)
+            finally:
+                capture.remove()
+        SF.check_logits(logits, "model(validation inputs)")
+        return self._last_layer_signal(capture.features.flatten(1), logits, targets)
 
     def _batch_signal(self, capture: Any, logits: Tensor, labels: Tensor, is_augmented: Tensor) -> Any:
         """The signal of the batch's clean rows (``reference="batch"``); ``None`` when it has none."""
@@ -484,15 +475,9 @@ class SaflexLoss(StepReport, nn.Module):
             return (zeros["weight"], zeros.get("bias")) if self.method == "last_layer" else zeros
         if self.method == "last_layer":
             return self._last_layer_signal(capture["features"][clean].flatten(1), logits[clean].detach(), labels[clean])
-        modes = [(m, m.training) for m in self.model.modules()]
-        self.model.eval()
-        try:
-            with internal_pass(), rng_preserved(logits.device):
-                return SF.validation_gradient(self.model, capture["inputs"][clean], labels[clean],
-                                              temperature=self.val_temperature)
-        finally:
-            for module, training in modes:
-                module.training = training
+        with validation_pass(self.model, logits.device):
+            return SF.validation_gradient(self.model, capture["inputs"][clean], labels[clean],
+                                          temperature=self.val_temperature)
 
     def _last_layer_signal(self, features: Tensor, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor | None]:
         grad_weight, grad_bias = SF.last_layer_validation_gradient(
@@ -604,10 +589,7 @@ def _input_device(args: tuple, model: nn.Module) -> torch.device:
 
 def _batch_dependent(model: nn.Module) -> bool:
     """Whether a sample's output depends on the rest of the batch (BatchNorm using batch statistics)."""
-    return any(
-        isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None)
-        for m in model.modules()
-    )
+    return any(SF._uses_batch_stats(m) for m in model.modules())
 
 
 def _tree_lerp(new: Any, old: Any, decay: float) -> Any:
