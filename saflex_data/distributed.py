@@ -193,6 +193,8 @@ class GlobalTargets(NamedTuple):
     record: tuple[Tensor, Tensor, Tensor, Tensor | None, int]
     """The global batch for statistics: ``(upstream (N, K), weights (N,), soft_labels (N, K), op (N,) | None,
     batch size)`` over the augmented rows of all ranks, in rank order, and the number of rows of all ranks."""
+    state: dict[str, Tensor] | None = None
+    """A stateful rule's state after this step (the same on every rank); ``None`` for the other rules."""
 
 
 def global_saflex_targets(
@@ -204,6 +206,8 @@ def global_saflex_targets(
     op: Tensor | None = None,
     generator: torch.Generator | None = None,
     logits: Tensor | None = None,
+    state: dict[str, Tensor] | None = None,
+    reference: Tensor | None = None,
     group: Any = None,
 ) -> GlobalTargets:
     """:func:`~saflex_data.functional.saflex_targets` on the augmented rows of all ranks; returns this rank's rows.
@@ -225,6 +229,8 @@ def global_saflex_targets(
         op: Optional op ids `(n,)` of the augmented rows, for the per-op statistics.
         generator: Gumbel noise generator, in the same state on every rank.
         logits: Optional detached training logits `(n, K)` of the augmented rows, for rules that use them.
+        state: A stateful rule's state (:mod:`saflex_data.rules`), the same on every rank; required by those rules.
+        reference: For a stateful rule: ``[Σ yᵀΠ, count]`` `(2,)` of this rank's clean rows (summed over ranks here).
         group: Process group; the default group if ``None``.
     """
     rule = SF.Rule.of(rule)
@@ -256,9 +262,25 @@ def global_saflex_targets(
         logits_all = every[:, 2 * num_classes : 3 * num_classes] if len(columns) == 3 else None
         op_all = every[:, -1].long()
         op_all = op_all if bool((op_all >= 0).any()) else None
+    if rule.stateful:  # [gated rules] the clean rows' own-label gain of the global batch
+        if state is None or reference is None or logits_all is None:
+            raise ValueError(f"rule {rule.name!r} keeps state: pass state=, reference= and logits=, but got "
+                             f"state={type(state).__name__}, reference={type(reference).__name__}, "
+                             f"logits={type(logits).__name__}.")
+        reference = reference.to(device=device, dtype=dtype)
+        if len(sizes) > 1:
+            reference = reference.clone()
+            dist.all_reduce(reference, group=group)
+    new_state = state
     # Every rank sees the same gathered Π, so every rank takes the same fallback decision.
     finite = bool(torch.isfinite(pi_all).all())
-    if finite and total_aug:
+    if finite and total_aug and rule.stateful:
+        from .rules import gated_targets
+
+        weights_all, labels_all, new_state = gated_targets(
+            pi_all, up_all, state, rule=rule.name, threshold=rule.beta, decay=rule.decay, reference=reference,
+            logits=logits_all)  # fmt: skip
+    elif finite and total_aug:
         weights_all, labels_all = rule(pi_all, up_all, generator=generator, logits=logits_all)
         weights_all, labels_all = weights_all.to(device=device, dtype=dtype), labels_all.to(device=device, dtype=dtype)
     else:
@@ -266,7 +288,7 @@ def global_saflex_targets(
     offset = sum(sizes[: layout.rank])
     mine = slice(offset, offset + n)
     record = (up_all, weights_all, labels_all, op_all, sum(layout.batch_sizes))
-    return GlobalTargets(weights_all[mine], labels_all[mine], finite, record)
+    return GlobalTargets(weights_all[mine], labels_all[mine], finite, record, new_state)
 
 
 class Sync:

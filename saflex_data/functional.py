@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from torch.autograd import forward_ad as fwAD
 from torch.func import functional_call
 
+from . import rules as _rules
 from ._common import as_probabilities as _as_probabilities
 
 __all__ = [
@@ -74,7 +75,7 @@ Normalize = Literal["batch_max", "row_max", "none"]
 _RULES = ("paper", "centered", "margin", "margin_relabel", "margin_fix", "gain", "gain_auto", "gain_loss")
 _MARGIN_RULES = ("margin", "margin_relabel", "margin_fix")
 _GAIN_RULES = ("gain", "gain_auto", "gain_loss")
-_RULES_USING_LOGITS: tuple[str, ...] = ("gain_loss",)  # rules that read saflex_targets(..., logits=); exchanged under DDP
+_RULES_USING_LOGITS: tuple[str, ...] = ("gain_loss", *_rules.GATED_RULES)  # rules that read saflex_targets(..., logits=); exchanged under DDP
 _NORMALIZE = ("batch_max", "row_max", "none")
 _CLASSIFIER_ATTRS = ("fc", "classifier", "head", "last_linear", "linear", "out", "output")
 
@@ -846,6 +847,18 @@ def _check_rule_settings(rule: str, beta: float | None, tau: float | None, norma
     return float(beta)
 
 
+def _check_gate_settings(rule: str, beta: float | None, decay: float | None) -> tuple[float, float]:
+    """The gated rules' settings: ``beta`` (threshold in standard errors, > 0) and ``decay`` in ``(0, 1)``."""
+    beta = _rules.DEFAULT_THRESHOLD if beta is None else beta
+    decay = _rules.DEFAULT_DECAY if decay is None else decay
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not (math.isfinite(beta) and beta > 0):
+        raise ValueError(f"beta of rule {rule!r} is the gate's threshold in standard errors, a finite float > 0, "
+                         f"but got {beta!r}.")
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 < decay < 1.0:
+        raise ValueError(f"decay of rule {rule!r} must be a float in (0, 1), but got {decay!r}.")
+    return float(beta), float(decay)
+
+
 def saflex_targets(
     pi: Tensor,
     targets: Tensor,
@@ -989,9 +1002,27 @@ class Rule:
     beta: float | None = None
     tau: float | None = 0.01
     normalize: str = "batch_max"
+    decay: float | None = None
 
     def __post_init__(self) -> None:
+        if self.name in _rules.GATED_RULES:  # stateful: beta = the gate's threshold in SEs, decay = its EMA's
+            object.__setattr__(self, "beta", _check_gate_settings(self.name, self.beta, self.decay)[0])
+            object.__setattr__(self, "decay", _check_gate_settings(self.name, self.beta, self.decay)[1])
+            return
+        if self.decay is not None:
+            raise ValueError(f"decay is a setting of the gated rules {_rules.GATED_RULES}; rule {self.name!r} takes "
+                             f"decay=None, but got {self.decay!r}.")
         object.__setattr__(self, "beta", _check_rule_settings(self.name, self.beta, self.tau, self.normalize))
+
+    def __repr__(self) -> str:
+        extra = "" if self.decay is None else f", decay={self.decay!r}"
+        return (f"Rule(name={self.name!r}, beta={self.beta!r}, tau={self.tau!r}, normalize={self.normalize!r}"
+                f"{extra})")
+
+    @property
+    def stateful(self) -> bool:
+        """Whether the rule keeps state across steps (the gated rules: :mod:`saflex_data.rules`)."""
+        return self.name in _rules.GATED_RULES
 
     @classmethod
     def of(cls, rule: Rule | str) -> Rule:
@@ -1006,5 +1037,10 @@ class Rule:
         self, pi: Tensor, targets: Tensor, *, generator: torch.Generator | None = None, logits: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         """``saflex_targets(pi, targets, ...)`` with this rule's settings."""
+        if self.stateful:
+            raise TypeError(
+                f"rule {self.name!r} keeps state across steps: use it through SaflexLoss, or call "
+                "saflex_data.rules.gated_targets with its state."
+            )
         return saflex_targets(pi, targets, beta=self.beta, tau=self.tau, normalize=self.normalize, rule=self.name,
                               generator=generator, logits=logits)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import functional as SF
+from . import rules as _rules
 from ._common import (
     StepReport,
     as_probabilities,
@@ -196,17 +197,43 @@ class SaflexLoss(StepReport, nn.Module):
         self._bn_stats: dict[str, tuple[Tensor, Tensor]] = {}
         self._hooks = register_weak_hooks(self, hooks)
         self._rng_at_start: tuple | None = None
+        # [gated rules] the gate's state: kept across steps, saved in state_dict, reset only by reset_rule_state()
+        self._rule_state: dict[str, Tensor] | None = _rules.init_state() if self.rule.stateful else None
 
     @property
     def all_reduce(self) -> bool:
         return self._sync.all_reduce
+
+    # [gated rules] ---------------------------------------------------------------------------------------------
+    @property
+    def rule_state(self) -> dict[str, Tensor] | None:
+        """A stateful rule's state (the gate of :mod:`saflex_data.rules`: its EMA sums and last ``strength``);
+        ``None`` for the other rules. Part of ``state_dict``; identical on every rank under torch.distributed."""
+        return self._rule_state
+
+    def reset_rule_state(self) -> None:
+        """Forget the gate's evidence (nothing else resets it: not ``reset_stats``, not ``enabled``)."""
+        self._rule_state = _rules.init_state() if self.rule.stateful else None
+
+    def get_extra_state(self) -> dict[str, Any]:
+        state = super().get_extra_state()
+        if self._rule_state is not None:
+            state["rule_state"] = {k: v.detach().clone() for k, v in self._rule_state.items()}
+        return state
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        super().set_extra_state(state)
+        if self.rule.stateful:
+            saved = state.get("rule_state")
+            self._rule_state = _rules.init_state() if saved is None else {
+                k: v.clone() for k, v in _rules.check_state(saved, "state_dict's rule_state").items()}
 
     def settings(self) -> dict[str, Any]:
         """The settings every rank must share (compared on the first training call under torch.distributed)."""
         params = [p for p in self.model.parameters() if p.requires_grad]
         return {
             "method": self.method, "rule": self.rule.name, "beta": self.rule.beta, "tau": self.rule.tau,
-            "normalize": self.rule.normalize, "reference": self.reference, "val_every": self.val_every,
+            "normalize": self.rule.normalize, "decay": self.rule.decay, "reference": self.reference, "val_every": self.val_every,
             "val_ema": self.val_ema, "val_temperature": self.val_temperature, "enabled": bool(self.enabled),
             "num_splits": self.num_splits, "label_smoothing": float(self.label_smoothing),
             "all_reduce": self.all_reduce,
@@ -399,8 +426,28 @@ class SaflexLoss(StepReport, nn.Module):
                     ones = upstream.new_ones(len(upstream))
                     return GlobalTargets(ones, upstream, True, (upstream, ones, upstream, op, len(logits)))
             pi = self._inner_products(capture, logits, aug_index, signal)
-            return self._sync.decide(pi, upstream, layout, rule=self.rule, generator=self._generator, op=op,
-                                     logits=logits[aug_index].detach())
+            gate = {}
+            if self.rule.stateful:  # [gated rules] the same batch's clean rows' own-label gain, from the same Π
+                gate = {"state": self._rule_state, "reference": self._clean_gain(capture, logits, labels,
+                                                                                 is_augmented, signal)}
+            decision = self._sync.decide(pi, upstream, layout, rule=self.rule, generator=self._generator, op=op,
+                                         logits=logits[aug_index].detach(), **gate)
+            if decision.state is not None:
+                self._rule_state = decision.state
+            return decision
+
+    def _clean_gain(self, capture: dict[str, Any], logits: Tensor, labels: Tensor, is_augmented: Tensor,
+                    signal: Any) -> Tensor:
+        """``[Σ_clean yᵀΠ, number of clean rows]`` of this rank's batch (masked sums: nothing read back)."""
+        if self.method == "last_layer":  # the closed form over all rows: a (B, K) product, nearly free
+            features = capture["features"]
+            pi = SF.last_layer_inner_products(features.flatten(1), logits.detach(), signal[0], signal[1])
+        else:  # Π of every row (one more pass over the batch for jvp; the tangent already has them for single_pass)
+            pi = self._inner_products(capture, logits, torch.arange(len(logits), device=logits.device), signal)
+        dtype = torch.promote_types(pi.dtype, torch.float32)
+        clean = (~is_augmented).to(dtype)
+        gain = (as_probabilities(labels, logits.shape[1], dtype) * pi.to(dtype)).sum(-1)
+        return torch.stack([(gain * clean).sum(), clean.sum()])
 
     def _inner_products(self, capture: dict[str, Any], logits: Tensor, aug_index: Tensor, signal: Any) -> Tensor:
         """``Π`` `(n, K)` of the augmented rows (none on a rank without augmented rows; it still refreshed)."""

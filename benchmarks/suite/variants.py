@@ -27,9 +27,10 @@ class Variant:
     beta: float | None = None
     q: float = 0.3  # small-loss filter: share of the augmented rows dropped
     free: bool = True  # a peer that is not told the truth
+    decay: float | None = None  # the gated rules' EMA decay
 
     def loss_kwargs(self) -> dict:
-        return {"rule": SF.Rule(self.rule, beta=self.beta)}
+        return {"rule": SF.Rule(self.rule, beta=self.beta, decay=self.decay)}
 
 
 DEFAULT = "SAFLEX default (margin β=1.5)"
@@ -49,6 +50,11 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("SAFLEX margin, val both ways", "saflex", "saflex", trains_on="train+val", reference="heldout"),
     Variant("SAFLEX margin, reference=batch", "saflex", "saflex", trains_on="train+val", reference="batch"),
     Variant("SAFLEX margin, reference=train", "saflex", "saflex", trains_on="train+val", reference="train"),
+    # issue 20: the gated rules (saflex_data.rules); settings probed on half A only
+    *(Variant(f"SAFLEX {r}{'' if b is None else f' β={b}'}{'' if d is None else f' ρ={d}'}", "saflex", "saflex",
+              reference="heldout", rule=r, beta=b, decay=d)
+      for r in ("gated", "gated_margin", "gated_product", "gated_soft", "gated_relabel")
+      for b, d in ((None, None), (1.0, None), (None, 0.9), (1.0, 0.9), (None, 0.98), (3.0, None))),
 )  # fmt: skip
 BY_NAME = {v.name: v for v in VARIANTS}
 QUICK = ("upstream", "upstream, train+val", "oracle", "small-loss q=30%", DEFAULT,

@@ -1,0 +1,206 @@
+"""Stateful decision rules: a gate that decides *whether* the augmented rows hurt, soft weights that decide *how much*.
+
+Pure maths: tensors in, tensors out; the state is a small dict of 0-d tensors that the caller keeps (``SaflexLoss``
+holds it in its ``state_dict``). Nothing here reads a tensor back to Python (no ``.item()``, no data-dependent
+branches), so the gate stays on the device.
+
+The gate (docs/method.md, "The gated rules"). Each step, with ``Π`` the inner products of the augmented rows and
+``y`` their upstream labels, the own-label gain of a row is ``yᵢᵀΠᵢ`` (``Π[i, yᵢ]`` for a hard label). The step's
+statistic compares the augmented rows with the same batch's clean rows, whose gain comes from the same ``Π``
+formula::
+
+    d_t = (mean_aug yᵀΠ − mean_clean yᵀΠ) / mean_aug |yᵀΠ|
+
+``d_t < 0``: by the validation signal, the augmented rows help less than the clean rows of the same step. The
+state keeps exponentially weighted sums of ``d`` and ``d²`` (decay ``ρ``) and of the weights themselves, so that
+the mean is bias-corrected (``Σw d / Σw``) and its standard error uses the effective number of steps
+``n_eff = (Σw)² / Σw²``: ``SE = sqrt(var / (n_eff − 1))``. The evidence is ``z = −mean / SE``; the gate is on
+while ``z > β`` (β standard errors; ``gated_soft``: a strength that grows linearly from 0 at ``z = β/2`` to 1 at
+``z = 3β/2``). Off, every augmented row keeps weight 1 and its label; on, the weights are soft, in ``[0, 1]``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "GATED_RULES",
+    "DEFAULT_DECAY",
+    "init_state",
+    "check_state",
+    "gate_statistic",
+    "update_gate",
+    "gate_evidence",
+    "gate_strength",
+    "soft_weights",
+    "gated_targets",
+]
+
+# rule name -> (weights while on, continuous gate, relabel)
+_GATED = {
+    "gated": ("p", False, False),  # the model's p[y]
+    "gated_margin": ("margin", False, False),  # a sigmoid of SAFLEX's standardised margin
+    "gated_product": ("product", False, False),  # their product
+    "gated_soft": ("p", True, False),  # p[y], mixed in with a strength that grows with the evidence
+    "gated_relabel": ("p", False, True),  # p[y], plus a soft move of the label towards SAFLEX's winning class
+}
+GATED_RULES: tuple[str, ...] = tuple(_GATED)
+DEFAULT_DECAY = 0.95
+DEFAULT_THRESHOLD = 2.0
+MARGIN_CENTRE = 1.5  # the margin rule's β: a row whose label trails the best class by 1.5 batch SDs gets weight 1/2
+MARGIN_WIDTH = 0.5
+MIN_EFFECTIVE_STEPS = 8.0  # no verdict before the EMA holds the weight of 8 steps (an SE from 2 steps means nothing)
+_STATE_KEYS = ("weight", "weight_sq", "mean", "square", "strength")
+
+
+def init_state(device: torch.device | str | None = None) -> dict[str, Tensor]:
+    """A fresh gate: no evidence yet (the gate is off). 0-d float32 tensors on ``device``."""
+    return {k: torch.zeros((), dtype=torch.float32, device=device) for k in _STATE_KEYS}
+
+
+def check_state(state: object, name: str = "state") -> dict[str, Tensor]:
+    """``state`` if it is a gate state (the keys of :func:`init_state`, 0-d float tensors); a ``ValueError`` else."""
+    if not isinstance(state, dict) or set(state) != set(_STATE_KEYS):
+        got = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"{name} must be a gate state with keys {sorted(_STATE_KEYS)}, but got {got}.")
+    for k, v in state.items():
+        if not isinstance(v, Tensor) or v.dim() != 0 or not v.is_floating_point():
+            raise ValueError(f"{name}[{k!r}] must be a 0-d float tensor, but got {v!r}.")
+    return state
+
+
+def gate_statistic(pi: Tensor, upstream: Tensor, reference: Tensor) -> tuple[Tensor, Tensor]:
+    """``(d, valid)``: this step's normalised difference of own-label gains, augmented minus clean rows.
+
+    Args:
+        pi: Inner products of the augmented rows `(n, K)`.
+        upstream: Their upstream labels as probabilities `(n, K)`.
+        reference: ``[Σ_clean yᵀΠ, number of clean rows]`` `(2,)` (summed over ranks under torch.distributed).
+
+    Returns:
+        0-d tensors: ``d`` (0 where not valid) and ``valid`` (bool: augmented and clean rows, a finite ``d``).
+    """
+    dtype = torch.promote_types(pi.dtype, torch.float32)
+    gain = (upstream.to(dtype) * pi.to(dtype)).sum(-1)
+    n = gain.new_tensor(float(gain.shape[0]))
+    aug_mean = gain.sum() / n.clamp_min(1)
+    scale = gain.abs().sum() / n.clamp_min(1)
+    ref = reference.to(device=gain.device, dtype=dtype)
+    clean_mean = ref[0] / ref[1].clamp_min(1)
+    d = (aug_mean - clean_mean) / scale.clamp_min(torch.finfo(dtype).tiny)
+    valid = (n > 0) & (ref[1] > 0) & (scale > 0) & torch.isfinite(d)
+    return torch.where(valid, d, torch.zeros_like(d)), valid
+
+
+def update_gate(state: dict[str, Tensor], d: Tensor, valid: Tensor, decay: float) -> dict[str, Tensor]:
+    """The state after one step with statistic ``d`` (unchanged where ``valid`` is False). ``strength`` is kept."""
+    new = {
+        "weight": decay * state["weight"] + (1 - decay),
+        "weight_sq": decay**2 * state["weight_sq"] + (1 - decay) ** 2,
+        "mean": decay * state["mean"] + (1 - decay) * d,
+        "square": decay * state["square"] + (1 - decay) * d * d,
+    }
+    out = {k: torch.where(valid, v.to(state[k].dtype), state[k]) for k, v in new.items()}
+    out["strength"] = state["strength"]
+    return out
+
+
+def gate_evidence(state: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """``(mean, se, z)``: the bias-corrected EMA of ``d``, its standard error and ``z = −mean / se``.
+
+    ``se`` is infinite (and ``z`` 0) until the effective number of steps ``n_eff`` reaches
+    :data:`MIN_EFFECTIVE_STEPS`.
+    """
+    w, w2 = state["weight"], state["weight_sq"]
+    tiny = torch.finfo(w.dtype).tiny
+    mean = state["mean"] / w.clamp_min(tiny)
+    var = (state["square"] / w.clamp_min(tiny) - mean * mean).clamp_min(0)
+    n_eff = w * w / w2.clamp_min(tiny)
+    enough = (w > 0) & (n_eff >= MIN_EFFECTIVE_STEPS)
+    se = torch.where(enough, (var / (n_eff - 1).clamp_min(1e-6)).sqrt(), torch.full_like(w, math.inf))
+    z = torch.where(enough, -mean / se.clamp_min(tiny), torch.zeros_like(mean))
+    return mean, se, z
+
+
+def gate_strength(z: Tensor, threshold: float, continuous: bool) -> Tensor:
+    """How much the soft weights apply, in ``[0, 1]``: ``1[z > β]``, or ``clamp((z − β/2) / β, 0, 1)``."""
+    if continuous:
+        return ((z - threshold / 2) / threshold).clamp(0, 1)
+    return (z > threshold).to(z.dtype)
+
+
+def soft_weights(kind: str, pi: Tensor, upstream: Tensor, logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(weights in [0, 1], margin weight, SAFLEX's winning class)`` of the augmented rows.
+
+    ``kind``: ``"p"`` (the model's ``p[y] = yᵀ softmax(logits)``), ``"margin"`` (``σ((m + 1.5) / 0.5)`` of the
+    standardised margin ``m = yᵀZ − max_k Z_k ≤ 0``, ``Z`` the column z-score of ``Π``) or ``"product"``.
+    """
+    from .functional import standardize_inner_products
+
+    dtype = torch.promote_types(pi.dtype, torch.float32)
+    y = upstream.to(dtype)
+    p = (y * torch.softmax(logits.detach().to(dtype), -1)).sum(-1)
+    z = standardize_inner_products(pi.to(dtype))
+    margin = (y * z).sum(-1) - z.amax(-1)
+    w_margin = torch.sigmoid((margin + MARGIN_CENTRE) / MARGIN_WIDTH)
+    winner = z.argmax(-1)
+    if kind == "p":
+        return p, w_margin, winner
+    if kind == "margin":
+        return w_margin, w_margin, winner
+    if kind == "product":
+        return p * w_margin, w_margin, winner
+    raise ValueError(f"kind must be 'p', 'margin' or 'product', but got {kind!r}.")
+
+
+def gated_targets(
+    pi: Tensor,
+    upstream: Tensor,
+    state: dict[str, Tensor],
+    *,
+    rule: str,
+    threshold: float,
+    decay: float,
+    reference: Tensor,
+    logits: Tensor,
+) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """One step of a gated rule: ``(weights (n,), soft labels (n, K), new state)``.
+
+    The state is first updated with this step's statistic (:func:`gate_statistic`), then the gate's strength ``s``
+    (:func:`gate_strength`) mixes the soft weights in: ``w = (1 − s) + s · w_soft``. ``gated_relabel`` also moves
+    each label towards SAFLEX's winning class ``c`` by ``a = s · (1 − w_margin)`` (``ỹ = (1 − a) y + a e_c``) and
+    raises the weight by the same share (``w + (1 − w) a``).
+
+    Args:
+        pi: Inner products of the augmented rows `(n, K)` (of the global batch).
+        upstream: Their upstream labels as probabilities `(n, K)`.
+        state: The gate state (:func:`init_state`), on ``pi``'s device.
+        rule: One of :data:`GATED_RULES`.
+        threshold: ``β``, in standard errors of the gate's mean.
+        decay: ``ρ`` of the exponential weights, in ``(0, 1)``.
+        reference: ``[Σ_clean yᵀΠ, number of clean rows]`` of the same batch.
+        logits: The augmented rows' detached training logits `(n, K)`.
+    """
+    if rule not in _GATED:
+        raise ValueError(f"rule must be one of {GATED_RULES}, but got {rule!r}.")
+    kind, continuous, relabel = _GATED[rule]
+    dtype = torch.promote_types(pi.dtype, torch.float32)
+    d, valid = gate_statistic(pi, upstream, reference)
+    state = {k: v.to(device=pi.device) for k, v in state.items()}
+    state = update_gate(state, d.to(state["mean"].dtype), valid, decay)
+    _, _, z = gate_evidence(state)
+    s = gate_strength(z, threshold, continuous)
+    state["strength"] = s.to(state["strength"].dtype)
+    s = s.to(dtype)
+    y = upstream.to(dtype)
+    w_soft, w_margin, winner = soft_weights(kind, pi, y, logits)
+    weights = (1 - s) + s * w_soft
+    if not relabel:
+        return weights, y.clone(), state
+    a = (s * (1 - w_margin))[:, None]
+    labels = (1 - a) * y + a * F.one_hot(winner, pi.shape[1]).to(dtype)
+    return weights + (1 - weights) * a.squeeze(1), labels, state
