@@ -86,7 +86,7 @@ def gate_statistic(pi: Tensor, upstream: Tensor, reference: Tensor) -> tuple[Ten
     """
     dtype = torch.promote_types(pi.dtype, torch.float32)
     gain = (upstream.to(dtype) * pi.to(dtype)).sum(-1)
-    n = gain.new_tensor(float(gain.shape[0]))
+    n = torch.full((), gain.shape[0], dtype=dtype, device=gain.device)
     aug_mean = gain.sum() / n.clamp_min(1)
     scale = gain.abs().sum() / n.clamp_min(1)
     ref = reference.to(device=gain.device, dtype=dtype)
