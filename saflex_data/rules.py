@@ -43,10 +43,14 @@ __all__ = [
 # rule name -> (weights while on, continuous gate, relabel)
 _GATED = {
     "gated": ("p", False, False),  # the model's p[y]
+    "gated_prior": ("p", False, False),  # p[y], on until the evidence has a verdict (then as "gated")
+    "gated_hold": ("p", False, False),  # p[y], on until the evidence says the augmented rows help (hysteresis)
+    "gated_latch": ("p", False, False),  # as gated_hold, but once the evidence said "harmful" it stays on
     "gated_margin": ("margin", False, False),  # a sigmoid of SAFLEX's standardised margin
     "gated_product": ("product", False, False),  # their product
     "gated_soft": ("p", True, False),  # p[y], mixed in with a strength that grows with the evidence
     "gated_relabel": ("p", False, True),  # p[y], plus a soft move of the label towards SAFLEX's winning class
+    "gated_prior_relabel": ("p", False, True),  # gated_prior, plus that move of the label
 }
 GATED_RULES: tuple[str, ...] = tuple(_GATED)
 DEFAULT_DECAY = 0.95
@@ -54,7 +58,7 @@ DEFAULT_THRESHOLD = 2.0
 MARGIN_CENTRE = 1.5  # the margin rule's β: a row whose label trails the best class by 1.5 batch SDs gets weight 1/2
 MARGIN_WIDTH = 0.5
 MIN_EFFECTIVE_STEPS = 8.0  # no verdict before the EMA holds the weight of 8 steps (an SE from 2 steps means nothing)
-_STATE_KEYS = ("weight", "weight_sq", "mean", "square", "strength")
+_STATE_KEYS = ("weight", "weight_sq", "mean", "square", "strength", "latched")
 
 
 def init_state(device: torch.device | str | None = None) -> dict[str, Tensor]:
@@ -105,7 +109,7 @@ def update_gate(state: dict[str, Tensor], d: Tensor, valid: Tensor, decay: float
         "square": decay * state["square"] + (1 - decay) * d * d,
     }
     out = {k: torch.where(valid, v.to(state[k].dtype), state[k]) for k, v in new.items()}
-    out["strength"] = state["strength"]
+    out["strength"], out["latched"] = state["strength"], state["latched"]
     return out
 
 
@@ -188,12 +192,23 @@ def gated_targets(
     if rule not in _GATED:
         raise ValueError(f"rule must be one of {GATED_RULES}, but got {rule!r}.")
     kind, continuous, relabel = _GATED[rule]
+    prior_on = rule in ("gated_prior", "gated_prior_relabel", "gated_hold", "gated_latch")
+    previous = state["strength"]
     dtype = torch.promote_types(pi.dtype, torch.float32)
     d, valid = gate_statistic(pi, upstream, reference)
     state = {k: v.to(device=pi.device) for k, v in state.items()}
     state = update_gate(state, d.to(state["mean"].dtype), valid, decay)
-    _, _, z = gate_evidence(state)
+    _, se, z = gate_evidence(state)
     s = gate_strength(z, threshold, continuous)
+    if rule in ("gated_hold", "gated_latch"):  # on until z < -β (the augmented rows help), off until z > β: the last verdict holds
+        held = torch.where(state["weight"] > 0, previous.to(z.dtype), torch.ones_like(z))  # fresh state: on
+        s = torch.where(z > threshold, torch.ones_like(z), torch.where(z < -threshold, torch.zeros_like(z), held))
+    if rule == "gated_latch":  # once z > β was seen, on for good (until the user resets the state)
+        latched = (state["latched"] > 0) | (z > threshold)
+        state["latched"] = latched.to(state["latched"].dtype)
+        s = torch.where(latched, torch.ones_like(s), s)
+    if prior_on:  # no verdict yet (too few steps): on
+        s = torch.where(torch.isinf(se), torch.ones_like(s), s)
     state["strength"] = s.to(state["strength"].dtype)
     s = s.to(dtype)
     y = upstream.to(dtype)

@@ -22,6 +22,7 @@ K = 4
 STEPS = 30
 METHODS = ("jvp", "last_layer", "single_pass")
 RULES = ("paper", "centered", "margin", "margin_relabel", "margin_fix")
+GATED = ("gated", "gated_soft", "gated_relabel")  # stateful (issue 20): beta=1.0, decay=0.8, so the gate moves in 30 steps
 # (name, extra SaflexLoss options, soft upstream labels)
 SETTINGS = (
     ("default", {}, False),
@@ -35,6 +36,8 @@ def _cases():
         if name != "default" and rule not in ("paper", "margin"):
             continue
         yield f"{method}/{rule}/{name}", method, rule, options, soft
+    for method, rule in itertools.product(METHODS, GATED):
+        yield f"{method}/{rule}/default", method, rule, {}, False
 
 
 def run_case(method: str, rule: str, options: dict, soft: bool) -> dict[str, torch.Tensor]:
@@ -42,8 +45,11 @@ def run_case(method: str, rule: str, options: dict, soft: bool) -> dict[str, tor
     model = SmallCNN(K).train()
     g = torch.Generator().manual_seed(1)
     val = [(torch.randn(8, 1, 6, 6, generator=g), torch.randint(0, K, (8,), generator=g)) for _ in range(3)]
-    criterion = SaflexLoss(model, val, method=method, rule=Rule(rule, beta=0.7 if rule == "paper" else None), seed=3,
-                           **options)
+    if rule in GATED:
+        config = Rule(rule, beta=1.0, decay=0.8)
+    else:
+        config = Rule(rule, beta=0.7 if rule == "paper" else None)
+    criterion = SaflexLoss(model, val, method=method, rule=config, seed=3, **options)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     losses, weights, targets = [], [], []
     for step in range(STEPS):
@@ -61,20 +67,31 @@ def run_case(method: str, rule: str, options: dict, soft: bool) -> dict[str, tor
         weights.append(criterion.last_step["weights"])
         targets.append(criterion.last_step["targets"])
     out = {"loss": torch.stack(losses), "weights": torch.stack(weights), "targets": torch.stack(targets)}
+    if criterion.rule_state is not None:
+        out.update({f"rule_state.{k}": v.clone() for k, v in criterion.rule_state.items()})
     out.update({f"param.{k}": v.detach().clone() for k, v in model.state_dict().items()})
     return out
 
 
-def generate() -> dict[str, dict[str, torch.Tensor]]:
+def generate(only: str | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """Every case (or those whose rule is ``only``), each run with one thread: bit-reproducible."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one thread: bit-reproducible
+    torch.set_num_threads(1)
     try:
-        return {key: run_case(method, rule, options, soft) for key, method, rule, options, soft in _cases()}
+        return {key: run_case(method, rule, options, soft) for key, method, rule, options, soft in _cases()
+                if only is None or rule == only}  # fmt: skip
     finally:
         torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":
+    import sys
+
     PATH.parent.mkdir(exist_ok=True)
-    torch.save(generate(), PATH)
+    if sys.argv[1:2] == ["--add"]:  # python -m tests._golden --add RULE: (re)write only that rule's cases
+        golden = torch.load(PATH)
+        golden.update(generate(only=sys.argv[2]))
+        torch.save(golden, PATH)
+    else:
+        torch.save(generate(), PATH)
     print(f"wrote {PATH}")

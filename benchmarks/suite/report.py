@@ -252,3 +252,42 @@ def plot(doc: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# issue 20: the goals for a new default (Δ vs the upstream on train ∪ val, paired by seed)
+# ---------------------------------------------------------------------------------------------------------------
+PY_PEER = "confidence weight p[y]"
+
+
+def goals_default(doc: dict, row: str, peer: str = PY_PEER) -> dict:
+    """Issue 20's goals 1–5 for ``row`` as the library default, over every stream of ``doc`` that has it.
+
+    1. mean Δ ≥ +1.5 and ≥ the ``peer``'s mean (same streams); 2. no stream worse by ≥ 2 SE and ≥ 1 point;
+    3. clean streams ≥ −1 SE; 4. ≥ 2 SE better on at least 5 streams; 5. half B and the new streams: mean Δ ≥ +1.0.
+    """
+    idx = index(doc)
+    per = {}
+    for s, rows in idx.items():
+        if row in rows and TV in rows:
+            d, se = delta(rows[row], rows[TV])
+            p = delta(rows[peer], rows[TV]) if peer in rows else (float("nan"), float("nan"))
+            per[s] = {"delta": [d, se], "peer": list(p), "half": doc["streams"][s]["half"],
+                      "family": doc["streams"][s]["family"]}  # fmt: skip
+    if not per:
+        return {}
+    mean = float(np.mean([v["delta"][0] for v in per.values()]))
+    peer_mean = float(np.mean([v["peer"][0] for v in per.values()]))
+    worse = [s for s, v in per.items() if v["delta"][0] <= -1 and v["delta"][0] <= -2 * v["delta"][1]]
+    clean = {s: v["delta"] for s, v in per.items() if v["family"] == "clean"}
+    better = [s for s, v in per.items() if v["delta"][0] >= 2 * v["delta"][1] and v["delta"][0] > 0]
+    halves = {h: float(np.mean([v["delta"][0] for v in per.values() if v["half"] == h]))
+              for h in ("A", "B", "new") if any(v["half"] == h for v in per.values())}  # fmt: skip
+    return {
+        "row": row, "peer": peer, "streams": per,
+        "1": {"mean": mean, "peer_mean": peer_mean, "met": mean >= 1.5 and mean >= peer_mean},
+        "2": {"worse": worse, "met": not worse},
+        "3": {"clean": clean, "met": all(d >= -se for d, se in clean.values())},
+        "4": {"better": better, "n": len(better), "met": len(better) >= 5},
+        "5": {"halves": halves, "met": all(halves.get(h, -math.inf) >= 1.0 for h in ("B", "new"))},
+    }
