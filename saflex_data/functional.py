@@ -980,12 +980,19 @@ class Rule:
     ``SaflexLoss(rule=...)`` takes a ``Rule`` or just its name (``rule="paper"`` is ``Rule("paper")``).
     See :func:`saflex_targets` for what each rule does and what its settings mean.
 
+    The gated rules (:mod:`saflex_data.rules`: ``"gated"``, ``"gated_prior"``, ``"gated_hold"``, ``"gated_latch"``,
+    ``"gated_soft"``, ``"gated_margin"``, ``"gated_product"``, ``"gated_relabel"``, ``"gated_prior_relabel"``) keep
+    state across steps: they run inside ``SaflexLoss``, which holds their state (``docs/method.md#gated-rules``);
+    calling such a ``Rule`` directly raises ``TypeError``.
+
     Args:
         name: ``"margin"`` (default), ``"paper"``, ``"centered"``, ``"margin_relabel"``, ``"margin_fix"``,
-            ``"gain"``, ``"gain_auto"`` or ``"gain_loss"``.
-        beta: The rule's margin or bonus; ``None`` takes the rule's default (:func:`default_beta`). Stored resolved.
+            ``"gain"``, ``"gain_auto"``, ``"gain_loss"`` or a gated rule.
+        beta: The rule's margin or bonus (the gated rules: the gate's threshold in standard errors, default 2);
+            ``None`` takes the rule's default (:func:`default_beta`). Stored resolved.
         tau: Gumbel-softmax temperature of the relabelling rules; ``None`` for a deterministic argmax.
         normalize: Scaling of ``Π`` before the bonus and the noise (``"paper"``/``"centered"``).
+        decay: The gated rules only: decay of the gate's exponential weights (default 0.95); ``None`` elsewhere.
 
     Example:
         >>> Rule("margin")

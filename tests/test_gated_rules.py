@@ -228,3 +228,10 @@ def test_clean_rows_gain_comes_from_the_same_closed_form():
 def test_settings_carry_the_decay_for_the_rank_check():
     _, criterion = _setup()
     assert criterion.settings()["decay"] == 0.8 and criterion.settings()["rule"] == "gated"
+
+
+def test_contrastive_loss_refuses_a_stateful_rule():
+    from saflex_data import SaflexContrastiveLoss
+
+    with pytest.raises(ValueError, match="stateless rule for SaflexContrastiveLoss.*'gated'"):
+        SaflexContrastiveLoss(nn.Linear(2, 2), [], torch.zeros(2, 2), rule="gated")

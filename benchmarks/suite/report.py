@@ -17,7 +17,8 @@ CANDIDATES = [v.name for v in VARIANTS if v.role in ("default", "saflex")]
 
 
 def entry_order(e: dict) -> tuple:
-    plan = S.PLAN.index(e["stream"]) if e["stream"] in S.PLAN else 99
+    order = S.PLAN + S.NEW
+    plan = order.index(e["stream"]) if e["stream"] in order else 99
     return plan, e["stream"], ORDER.get(e["variant"], 99)
 
 
@@ -47,6 +48,8 @@ def document(runs: list[dict], plan_streams: list[str], scale: float = 1.0) -> d
             "free": v.free, "half": info[stream]["half"],
             "mismatches": None if any(r["mismatches"] is None for r in rs) else sum(r["mismatches"] for r in rs),
         }  # fmt: skip
+        if any("gate_on" in r for r in rs):  # the gated rules: share of steps with the gate on
+            e["gate_on"] = _mean([r.get("gate_on") for r in rs])
         if any("shadow_auroc" in r for r in rs):
             keys = rs[0]["shadow_auroc"]
             e["shadow_auroc"] = {k: _mean([r["shadow_auroc"][k] for r in rs]) for k in keys}

@@ -60,12 +60,15 @@ VARIANTS: tuple[Variant, ...] = (
       for b, d in ((None, None), (1.0, 0.9), (3.0, 0.98))),
 )  # fmt: skip
 BY_NAME = {v.name: v for v in VARIANTS}
+# The rows of a full run (the probe grid above runs only when named with --variants).
+SUITE = tuple(v.name for v in VARIANTS if "gated" not in v.name) + (
+    "SAFLEX gated_prior", "SAFLEX gated_prior, val both ways", "SAFLEX gated_prior_relabel, val both ways")
 # Issue 20's choice, made on half A only (benchmarks/README.md): the best mean paired Δ vs the upstream on train ∪ val
 # among the gated rows that met goals 2 and 3 on A. The new streams and half B were run after this line was committed.
 GATED = "SAFLEX gated_prior, val both ways"
 GATED_TRAIN = "SAFLEX gated_prior"
 QUICK = ("upstream", "upstream, train+val", "oracle", "small-loss q=30%", DEFAULT,
-         "SAFLEX margin, reference=batch")  # fmt: skip
+         "SAFLEX margin, reference=batch", "SAFLEX gated_prior, val both ways")  # fmt: skip
 
 
 def peer_weights(v: Variant, logits: Tensor, y: Tensor, bad_rate: float, pi: Tensor | None) -> tuple[Tensor, Tensor]:
