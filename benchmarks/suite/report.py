@@ -205,7 +205,8 @@ def plot(doc: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(20, 0.45 * len(names) + 3), gridspec_kw={"width_ratios": [3, 2, 2]})
     ax = axes[0]
     show = [("oracle", "green", "s"), (DEFAULT, "C3", "o"), ("SAFLEX margin, val both ways", "C1", "^"),
-            ("SAFLEX margin, reference=batch", "C4", "v"), ("SAFLEX gain_auto", "C5", "D")]
+            ("SAFLEX margin, reference=batch", "C4", "v"), ("SAFLEX gain_auto", "C5", "D"),
+            ("SAFLEX gated_prior, val both ways", "C6", "*"), (PY_PEER, "C7", "x")]
     for i, s in enumerate(names):
         rows = idx[s]
         if TV not in rows:
@@ -215,7 +216,7 @@ def plot(doc: dict, path: Path) -> None:
         for j, (name, color, marker) in enumerate(items):
             if name in rows:
                 d, se = delta(rows[name], rows[TV])
-                ax.errorbar(d, i + 0.1 * (j - 2.5), xerr=se if se == se else 0, fmt=marker, color=color, ms=4,
+                ax.errorbar(d, i + 0.08 * (j - 4), xerr=se if se == se else 0, fmt=marker, color=color, ms=4,
                             label=("best free peer" if j == len(show) else name) if i == 0 else None)
     ax.axvline(0, color="gray", lw=0.8)
     ax.set_yticks(range(len(names)), names, fontsize=7)
