@@ -824,7 +824,9 @@ _DEFAULT_BETA = {"paper": 0.5, "centered": 0.5, "margin": 1.5, "margin_relabel":
 
 
 def default_beta(rule: RuleName) -> float:
-    """The β that ``saflex_targets(..., beta=None)`` uses for ``rule``."""
+    """The β that ``saflex_targets(..., beta=None)`` uses for ``rule`` (a gated rule: its gate threshold in SEs)."""
+    if rule in _rules.GATED_RULES:
+        return _rules.DEFAULT_THRESHOLD
     if rule not in _RULES:
         raise ValueError(f"rule must be one of {_RULES}, but got {rule!r}.")
     return _DEFAULT_BETA[rule]
@@ -981,7 +983,7 @@ class Rule:
     See :func:`saflex_targets` for what each rule does and what its settings mean.
 
     The gated rules (:mod:`saflex_data.rules`: ``"gated"``, ``"gated_prior"``, ``"gated_hold"``, ``"gated_latch"``,
-    ``"gated_soft"``, ``"gated_margin"``, ``"gated_product"``, ``"gated_relabel"``, ``"gated_prior_relabel"``) keep
+    ``"gated_soft"``, ``"gated_margin"``, ``"gated_product"``) keep
     state across steps: they run inside ``SaflexLoss``, which holds their state (``docs/method.md#gated-rules``);
     calling such a ``Rule`` directly raises ``TypeError``.
 

@@ -69,9 +69,13 @@ class SaflexLoss(StepReport, nn.Module):
             the augmented rows only, with the batch statistics train-mode BatchNorm used in the training forward held
             fixed: cheaper than ``"jvp"``, and a different ``Π`` that leaves out the statistics' own tangent; the
             same as ``"jvp"`` for a model without batch-statistics BatchNorm).
-        rule: The decision rule: a :class:`~saflex_data.functional.Rule` or its name. Default ``"margin"``: drop an
-            augmented sample whose upstream label trails the best class by more than ``beta`` batch standard
-            deviations of ``Π``, never relabel; ``"paper"`` is the paper's exact rule.
+        rule: The decision rule: a :class:`~saflex_data.functional.Rule` or its name. Default ``"gated_prior"``
+            (a rule with state, :mod:`saflex_data.rules`): weight each augmented row by the model's ``p[y]`` while
+            the validation signal says, over many steps, that the augmented rows help less than the batch's clean
+            rows (and during the first steps, before it has a verdict); weight 1 otherwise; never relabel
+            (``docs/method.md#gated-rules``). ``"margin"`` (the default before 0.2): drop an augmented sample whose
+            upstream label trails the best class by more than ``beta`` batch standard deviations of ``Π``;
+            ``"paper"`` is the paper's exact rule.
         reference: Where the validation signal comes from: ``"heldout"`` (default: batches of ``val_loader``) or
             ``"batch"``: the clean (non-augmented) rows of the current training batch, with no held-out split (with
             ``last_layer`` no extra pass at all). A batch without a clean row then keeps every sample.
@@ -123,7 +127,7 @@ class SaflexLoss(StepReport, nn.Module):
         val_loader: Iterable[Any] | None = None,
         *,
         method: LossMethod = "last_layer",
-        rule: SF.Rule | str = "margin",
+        rule: SF.Rule | str = "gated_prior",
         reference: Literal["heldout", "batch"] = "heldout",
         val_every: int = 1,
         val_ema: float | None = None,

@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
@@ -40,18 +39,19 @@ __all__ = [
     "gated_targets",
 ]
 
-# rule name -> (weights while on, continuous gate, relabel)
+# rule name -> (weights while on, continuous gate)
 _GATED = {
-    "gated": ("p", False, False),  # the model's p[y]
-    "gated_prior": ("p", False, False),  # p[y], on until the evidence has a verdict (then as "gated")
-    "gated_hold": ("p", False, False),  # p[y], on until the evidence says the augmented rows help (hysteresis)
-    "gated_latch": ("p", False, False),  # as gated_hold, but once the evidence said "harmful" it stays on
-    "gated_margin": ("margin", False, False),  # a sigmoid of SAFLEX's standardised margin
-    "gated_product": ("product", False, False),  # their product
-    "gated_soft": ("p", True, False),  # p[y], mixed in with a strength that grows with the evidence
-    "gated_relabel": ("p", False, True),  # p[y], plus a soft move of the label towards SAFLEX's winning class
-    "gated_prior_relabel": ("p", False, True),  # gated_prior, plus that move of the label
+    "gated": ("p", False),  # the model's p[y]
+    "gated_prior": ("p", False),  # p[y], on until the evidence has a verdict (then as "gated")
+    "gated_hold": ("p", False),  # p[y], on until the evidence says the augmented rows help (hysteresis)
+    "gated_latch": ("p", False),  # as gated_hold, but once the evidence said "harmful" it stays on
+    "gated_margin": ("margin", False),  # a sigmoid of SAFLEX's standardised margin
+    "gated_product": ("product", False),  # their product
+    "gated_soft": ("p", True),  # p[y], mixed in with a strength that grows with the evidence
 }
+# Measured and removed (issue 20, goal 5): "gated_relabel"/"gated_prior_relabel" also moved each label towards the
+# class with the best standardised Π by a = s (1 - w_margin); on the class-conditional streams it lost to the same
+# gate without relabelling (mean -1.46 points; docs/when_to_use.md#gated).
 GATED_RULES: tuple[str, ...] = tuple(_GATED)
 DEFAULT_DECAY = 0.95
 DEFAULT_THRESHOLD = 2.0
@@ -137,8 +137,8 @@ def gate_strength(z: Tensor, threshold: float, continuous: bool) -> Tensor:
     return (z > threshold).to(z.dtype)
 
 
-def soft_weights(kind: str, pi: Tensor, upstream: Tensor, logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(weights in [0, 1], margin weight, SAFLEX's winning class)`` of the augmented rows.
+def soft_weights(kind: str, pi: Tensor, upstream: Tensor, logits: Tensor) -> Tensor:
+    """The soft weights in ``[0, 1]`` of the augmented rows.
 
     ``kind``: ``"p"`` (the model's ``p[y] = yᵀ softmax(logits)``), ``"margin"`` (``σ((m + 1.5) / 0.5)`` of the
     standardised margin ``m = yᵀZ − max_k Z_k ≤ 0``, ``Z`` the column z-score of ``Π``) or ``"product"``.
@@ -151,13 +151,12 @@ def soft_weights(kind: str, pi: Tensor, upstream: Tensor, logits: Tensor) -> tup
     z = standardize_inner_products(pi.to(dtype))
     margin = (y * z).sum(-1) - z.amax(-1)
     w_margin = torch.sigmoid((margin + MARGIN_CENTRE) / MARGIN_WIDTH)
-    winner = z.argmax(-1)
     if kind == "p":
-        return p, w_margin, winner
+        return p
     if kind == "margin":
-        return w_margin, w_margin, winner
+        return w_margin
     if kind == "product":
-        return p * w_margin, w_margin, winner
+        return p * w_margin
     raise ValueError(f"kind must be 'p', 'margin' or 'product', but got {kind!r}.")
 
 
@@ -175,9 +174,9 @@ def gated_targets(
     """One step of a gated rule: ``(weights (n,), soft labels (n, K), new state)``.
 
     The state is first updated with this step's statistic (:func:`gate_statistic`), then the gate's strength ``s``
-    (:func:`gate_strength`) mixes the soft weights in: ``w = (1 − s) + s · w_soft``. ``gated_relabel`` also moves
-    each label towards SAFLEX's winning class ``c`` by ``a = s · (1 − w_margin)`` (``ỹ = (1 − a) y + a e_c``) and
-    raises the weight by the same share (``w + (1 − w) a``).
+    (:func:`gate_strength`, and the rule's own mode: ``gated_prior`` on before the first verdict, ``gated_hold``
+    and ``gated_latch`` as their names say) mixes the soft weights in: ``w = (1 − s) + s · w_soft``. The labels stay
+    the upstream ones.
 
     Args:
         pi: Inner products of the augmented rows `(n, K)` (of the global batch).
@@ -191,8 +190,8 @@ def gated_targets(
     """
     if rule not in _GATED:
         raise ValueError(f"rule must be one of {GATED_RULES}, but got {rule!r}.")
-    kind, continuous, relabel = _GATED[rule]
-    prior_on = rule in ("gated_prior", "gated_prior_relabel", "gated_hold", "gated_latch")
+    kind, continuous = _GATED[rule]
+    prior_on = rule in ("gated_prior", "gated_hold", "gated_latch")
     previous = state["strength"]
     dtype = torch.promote_types(pi.dtype, torch.float32)
     d, valid = gate_statistic(pi, upstream, reference)
@@ -212,10 +211,5 @@ def gated_targets(
     state["strength"] = s.to(state["strength"].dtype)
     s = s.to(dtype)
     y = upstream.to(dtype)
-    w_soft, w_margin, winner = soft_weights(kind, pi, y, logits)
-    weights = (1 - s) + s * w_soft
-    if not relabel:
-        return weights, y.clone(), state
-    a = (s * (1 - w_margin))[:, None]
-    labels = (1 - a) * y + a * F.one_hot(winner, pi.shape[1]).to(dtype)
-    return weights + (1 - weights) * a.squeeze(1), labels, state
+    w_soft = soft_weights(kind, pi, y, logits)
+    return (1 - s) + s * w_soft, y.clone(), state

@@ -22,7 +22,7 @@ K = 4
 STEPS = 30
 METHODS = ("jvp", "last_layer", "single_pass")
 RULES = ("paper", "centered", "margin", "margin_relabel", "margin_fix")
-GATED = ("gated", "gated_prior", "gated_soft", "gated_relabel")  # stateful (issue 20): beta=1.0, decay=0.8, so the gate moves in 30 steps
+GATED = ("gated", "gated_prior", "gated_soft")  # stateful (issue 20): beta=1.0, decay=0.8, so the gate moves in 30 steps
 # (name, extra SaflexLoss options, soft upstream labels)
 SETTINGS = (
     ("default", {}, False),

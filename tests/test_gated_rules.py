@@ -108,7 +108,7 @@ def test_weights_while_on_are_soft_and_off_are_ones():
             torch.testing.assert_close(w, p)
             assert torch.equal(labels, up)
         if rule == "gated_product":
-            torch.testing.assert_close(w, p * R.soft_weights("margin", pi, up, logits)[0])
+            torch.testing.assert_close(w, p * R.soft_weights("margin", pi, up, logits))
     w, labels, new = R.gated_targets(pi, up, R.init_state(), rule="gated", threshold=2.0, decay=0.95,
                                      reference=torch.tensor([0.0, 1.0]), logits=logits)
     assert torch.equal(w, torch.ones(16)) and torch.equal(labels, up) and float(new["strength"]) == 0.0
