@@ -36,6 +36,7 @@ from ._common import (
     unwrap_model,
     validation_pass,
 )
+from ._common import rejects_removed_arguments  # beta=, tau=, ... of 0.1: a TypeError naming the replacement
 from ._stream import ValidationStream
 from .batch import SaflexTarget
 from .distributed import BatchLayout, GlobalTargets, Sync, forward_with_tangent
@@ -116,6 +117,7 @@ class SaflexLoss(StepReport, nn.Module):
 
     _state_signal = ("signal", "_signal")  # state_dict key and attribute of the cached validation signal
 
+    @rejects_removed_arguments()
     def __init__(
         self,
         model: nn.Module,
