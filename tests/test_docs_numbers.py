@@ -1,0 +1,219 @@
+"""The hand-written numbers of the docs agree with the result files they come from.
+
+The README's verdict, the results tables and the demo paragraph are generated (``tests/test_readme.py``). The prose of
+``docs/*.md``, ``benchmarks/README.md`` and the examples' headers quotes numbers too: each quoted number below is
+recomputed from ``benchmarks/results/*.json`` (or from the code, for counts of methods) and must appear in the text as
+written. When a benchmark is rerun, this test names every sentence to update.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT))
+
+
+def _load(name: str) -> dict:
+    return json.loads((RESULTS / name).read_text())
+
+
+def _text(path: str) -> str:
+    """The file's text with whitespace collapsed and typographic minus signs as ASCII hyphens."""
+    return re.sub(r"\s+", " ", (ROOT / path).read_text()).replace("−", "-")
+
+
+def _suite() -> tuple[dict, dict]:
+    from benchmarks.suite import report
+
+    doc = _load("suite.json")
+    return doc, report.index(doc)
+
+
+def _delta(name: str, stream_rows: dict) -> tuple[float, float]:
+    from benchmarks.suite import report
+
+    return report.delta(stream_rows[name], stream_rows[report.TV])
+
+
+def _sig(name: str, sign: int) -> list[tuple[str, float]]:
+    _, idx = _suite()
+    out = []
+    for stream, rows in idx.items():
+        d, se = _delta(name, rows)
+        if se > 0 and sign * d >= 2 * se:
+            out.append((stream, d))
+    return out
+
+
+def _mean_delta(name: str) -> float:
+    _, idx = _suite()
+    return statistics.fmean(_delta(name, rows)[0] for rows in idx.values() if name in rows)
+
+
+def suite_claims() -> list[tuple[str, str]]:
+    from benchmarks.suite import report
+
+    doc, idx = _suite()
+    default, peer = report.DEFAULT, "confidence weight p[y]"
+    wins, losses = _sig(default, 1), _sig(default, -1)
+    best = [report.best_free_peer(rows)["variant"] for rows in idx.values()]
+    beats = sum(1 for rows in idx.values()
+                if (lambda d: d[1] > 0 and d[0] >= 2 * d[1])(report.delta(rows[peer], rows[default])))  # fmt: skip
+    both, batch = "SAFLEX margin, val both ways", "SAFLEX margin, reference=batch"
+    both_d = [_delta(both, rows) for rows in idx.values()]
+    info = doc["streams"]
+    uniform = [s for s in idx if info[s].get("kind") == "uniform"]
+    default_auc = [idx[s][default]["auroc"] for s in uniform]
+    peer_auc = [report.best_free_peer(idx[s], by="auroc")["auroc"] for s in uniform]
+    classcond = [s for s in idx if info[s].get("kind") == "classcond"]
+    cc = ", ".join(f"{idx[s][default]['auroc']:.2f} vs {report.best_free_peer(idx[s], by='auroc')['auroc']:.2f}"
+                   for s in classcond)  # fmt: skip
+    images = [idx[s][default]["auroc"] for s in idx if info[s]["family"] in ("transform", "bias")
+              and s.split("/")[0] in ("fmnist", "mnist", "digits")]  # fmt: skip
+    g4 = report.goals(doc)["4"]["streams"]
+    n = len(idx)
+    page = "docs/when_to_use.md"
+    return [
+        (page, f"beat the default on {beats} of the suite's {n} streams"),
+        (page, f"better by ≥ 2 SE on {len(wins)} streams"),
+        (page, " and ".join(f"{d:+.1f}" for _, d in wins) + " points)"),
+        (page, f"worse on {len(losses)}, mean {_mean_delta(default):+.2f} points"),
+        (page, f"best free peer on {best.count(peer)} of {n} streams and beat the default by ≥ 2 SE on {beats}"),
+        (page, f"(AUROC {min(peer_auc):.2f}–{max(peer_auc):.2f} vs {min(default_auc):.2f}–{max(default_auc):.2f})"),
+        (page, f"class-conditional ({cc})"),
+        (page, f"mean {_mean_delta(both):+.2f} points, better on {sum(se > 0 and d >= 2 * se for d, se in both_d)} "
+               f"streams, worse on {sum(se > 0 and d <= -2 * se for d, se in both_d)}"),
+        (page, f"on {sum(x['met'] for x in g4)} of {n} streams and missed on {sum(not x['met'] for x in g4)} "
+               f"(mean {_mean_delta(batch):+.2f} points)"),
+        (page, f"AUROC is {min(images):.2f}–{max(images):.2f}"),
+        (page, f"`gain_auto` mean {_mean_delta('SAFLEX gain_auto'):+.2f} points"),
+        ("benchmarks/README.md", f"{doc['meta']['wall_s'] / 60:.0f} min on the shared 2-core machine (`nice -n 10`, "
+                                 f"{doc['meta']['workers']} workers × {doc['meta']['threads_per_worker']} thread"),
+    ]  # fmt: skip
+
+
+def overhead_claims() -> list[tuple[str, str]]:
+    o = _load("overhead.json")
+    cpu, mem = o["cpu_ratio"], o["peak_rss_ratio"]
+    threads = o["setting"]["threads"]
+    return [
+        ("benchmarks/README.md", f"({threads} thread{'s' if threads > 1 else ''} on the loaded 2-core machine"),
+        ("benchmarks/README.md", f"`last_layer` {cpu['last_layer']:.2f}×, `last_layer` with `val_ema=0.9` "
+                                 f"{cpu['last_layer@ema0.9']:.2f}×, the exact `jvp` {cpu['jvp']:.2f}×, "
+                                 f"`jvp_frozen_stats` {cpu['jvp_frozen_stats']:.2f}× "
+                                 f"({cpu['jvp_frozen_stats@every4']:.2f}× with `val_every=4`); peak memory "
+                                 f"{mem['last_layer']:.2f}×, {mem['jvp']:.2f}× and {mem['jvp_frozen_stats']:.2f}×"),
+        ("docs/when_to_use.md", f"`method=\"last_layer\"` (the default) about {cpu['last_layer']:.2f}× a plain step, "
+                                f"the exact `\"jvp\"` about {cpu['jvp']:.1f}×, and `\"jvp_frozen_stats\"` (a "
+                                f"different, cheaper `Π`) about {cpu['jvp_frozen_stats']:.1f}×"),
+        ("docs/results.md", f"`last_layer` costs {cpu['last_layer']:.2f}× a plain step"),
+        ("docs/results.md", f"{cpu['last_layer@ema0.9']:.2f}× with `val_ema=0.9`. The exact `jvp` misses its ≤ 1.60× "
+                            f"target at {cpu['jvp']:.1f}×"),
+        ("docs/results.md", f"Peak memory: `jvp` {mem['jvp']:.2f}× (target ≤ 1.3×, missed), `jvp_frozen_stats` "
+                            f"{mem['jvp_frozen_stats']:.2f}×, `last_layer` {mem['last_layer']:.2f}×"),
+    ]  # fmt: skip
+
+
+def accuracy_claims() -> list[tuple[str, str]]:
+    from benchmarks import make_readme_tables as tables
+
+    def gains(pattern: str) -> list[dict]:
+        payloads = [json.loads(f.read_text()) for f in sorted(RESULTS.glob(pattern))]
+        return tables.accuracy_tables(payloads)[1]
+
+    now = gains("accuracy_*__margin_beta1.5_T4.json")
+    mean = {m: statistics.fmean(g["vs_upstream"] for g in now if g["method"] == m) for m in ("jvp", "last_layer")}
+    wins = {m: sum(g["vs_upstream"] > 0 for g in now if g["method"] == m) for m in ("jvp", "last_layer")}
+    rows = {m: sum(g["method"] == m for g in now) for m in ("jvp", "last_layer")}
+    tv = statistics.fmean(g["vs_upstream_train_val"] for g in now)
+    fm = [g["vs_upstream_train_val"] for g in now if "fashion" in g["dataset"]]
+    paper = [g for g in gains("accuracy_*.json") if g["variant"] == "library defaults"]
+    paper_mean = {m: statistics.fmean(g["vs_upstream"] for g in paper if g["method"] == m) for m in ("jvp", "last_layer")}
+    page = "docs/when_to_use.md"
+    return [
+        (page, f"mean {mean['jvp']:+.2f} (`jvp`) / {mean['last_layer']:+.2f} (`last_layer`) points"),
+        (page, f"{wins['jvp']}/{rows['jvp']} and {wins['last_layer']}/{rows['last_layer']} rows above the upstream"),
+        (page, f"{tv:+.1f} points on average, and {max(fm):+.1f} to {min(fm):+.1f} on Fashion-MNIST"),
+        (page, f"below the upstream on all {len(paper)} rows, mean {max(paper_mean.values()):+.1f} to "
+               f"{min(paper_mean.values()):+.1f} points"),
+        ("docs/results.md", f"(mean {mean['jvp']:+.2f} / {mean['last_layer']:+.2f} points for jvp / last_layer"),
+    ]  # fmt: skip
+
+
+def decision_quality_claims() -> list[tuple[str, str]]:
+    entries = {e["variant"]: e for e in _load("decision_quality.json")["entries"] if e["dataset"] == "fmnist-noisy"}
+    default = entries["margin β=1.5, last_layer, fresh val 128, val T=4 (library default)"]
+    t1 = entries["margin β=1.5, last_layer, fresh val 128, val T=1 (previous default)"]
+    oracle, third = entries["oracle drop"], entries["oracle drop, a random third of the bad samples"]
+    fix = entries["margin_fix β=1.5, last_layer, fresh val 128, val T=4"]
+    small = entries["margin β=1.5, last_layer, fresh val 32, val T=4 (cost target)"]
+    jvp = entries["margin β=1.5, jvp, fresh val 128, val T=4"]
+    clean = entries["clean upstream"]
+    page = "docs/when_to_use.md"
+    return [
+        (page, f"with AUROC {default['weight_auroc']:.2f}"),
+        (page, f"the same rule gets {t1['weight_auroc']:.2f}"),
+        (page, f"{default['gain_vs_noisy_paired']:+.2f} ± {default['gain_vs_noisy_paired_se']:.2f} points over the "
+               f"noisy upstream, about a fifth of the {clean['gain_vs_noisy_paired']:.2f} points the noise costs"),
+        (page, f"recovers only {oracle['recovered_fraction']:.2f} of the damage"),
+        (page, f"recovers {third['recovered_fraction']:.2f}"),
+        (page, f"gets {100 * fix['relabel_accuracy']:.0f}% of the new labels right but gained no accuracy "
+               f"({fix['gain_vs_noisy_paired']:+.2f})"),
+        (page, f"a fresh batch of 32 (AUROC {small['weight_auroc']:.2f})"),
+        (page, f"(0.90 vs {jvp['weight_auroc']:.2f})"),
+    ]  # fmt: skip
+
+
+def method_count_claims() -> list[tuple[str, str]]:
+    from saflex_data import loss
+
+    words = {2: "two", 3: "three", 4: "four", 5: "five"}
+    return [("docs/method.md", f"all {words[len(loss._METHODS)]} are tested against the float64 per-sample autograd "
+                               "reference")]  # fmt: skip
+
+
+def contrastive_claims() -> list[tuple[str, str]]:
+    # docs/contrastive.md quotes the measured table of examples/contrastive_flyp.py's header
+    header = (ROOT / "examples" / "contrastive_flyp.py").read_text()
+    rows = re.findall(r"^\s+(\d)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$", header, flags=re.M)
+    assert len(rows) == 3, rows
+    col = list(zip(*[r[1:] for r in rows]))
+    page = "docs/contrastive.md"
+    return [
+        (page, f"plain augmentation {' / '.join(col[1])}"),
+        (page, f"0.2.0) {' / '.join(col[2])}"),
+        (page, f"gave {' / '.join(col[3])}"),
+        (page, f"no augmentation ({' / '.join(col[0])})"),
+    ]
+
+
+CLAIMS: list[Callable[[], list[tuple[str, str]]]] = [
+    suite_claims, overhead_claims, accuracy_claims, decision_quality_claims, method_count_claims, contrastive_claims,
+]
+
+
+@pytest.mark.parametrize("claims", CLAIMS, ids=[c.__name__ for c in CLAIMS])
+def test_quoted_numbers_match_the_result_files(claims: Callable[[], list[tuple[str, str]]]) -> None:
+    pytest.importorskip("numpy")  # benchmarks.suite.report uses numpy
+    missing = []
+    for path, expected in claims():
+        if re.sub(r"\s+", " ", expected).replace("−", "-") not in _text(path):
+            missing.append(f"{path}: expected to read {expected!r}")
+    assert not missing, "\n".join(missing)
+
+
+def test_no_stale_method_facts() -> None:
+    # jvp runs forward-mode AD on dual parameters (saflex_data.functional._jvp_logits), not torch.func.jvp
+    for path in ("docs/method.md", "README.md", "saflex_data/contrastive.py", "saflex_data/loss.py"):
+        assert "`torch.func.jvp` of the logits" not in (ROOT / path).read_text(), path
+        assert "torch.func.jvp`` pass" not in (ROOT / path).read_text(), path
+    assert "forward_ad" in (ROOT / "saflex_data" / "functional.py").read_text()
