@@ -371,8 +371,8 @@ def verdict(path: Path) -> str:
     sel = report.selection(doc)
     bad = [info[s]["bad_fraction"] for s in idx if info[s]["family"] == "noise"]
     image_bad = [rows[default]["auroc"] for s, rows in idx.items()
-                 if info[s]["family"] in ("transform", "bias") and default in rows and rows[default]["auroc"] is not None
-                 and s.split("/")[0] in _IMAGE_SETS]  # fmt: skip
+                 if info[s]["family"] in ("transform", "bias") and default in rows
+                 and rows[default]["auroc"] is not None and s.split("/")[0] in _IMAGE_SETS]  # fmt: skip
     chosen = next(e for e in doc["entries"] if e["variant"] == sel["chosen"])
     text = (
         f"**Measured verdict.** On a known-truth suite ({len(idx)} streams whose bad samples are known: extra data "
@@ -407,7 +407,7 @@ def demo_section(path: Path) -> str:
     def ms(xs: list[float]) -> str:
         return f"{statistics.fmean(xs):.1f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.1f}"
 
-    paired = [s - u for s, u in zip(acc["saflex"], acc["upstream"])]
+    paired = [s - u for s, u in zip(acc["saflex"], acc["upstream"], strict=True)]
     ops = d["op_stats"]
     kept = [100 * o["kept"] for o in ops.values()]
     s = d["settings"]

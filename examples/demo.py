@@ -249,7 +249,8 @@ def accuracy_line(accuracies: dict[str, list[float]]) -> str:
     )
 
 
-def plot_samples(path: Path, x: Tensor, target: SaflexTarget, last: dict[str, Tensor], accuracies: dict[str, list[float]],
+def plot_samples(path: Path, x: Tensor, target: SaflexTarget, last: dict[str, Tensor],
+                 accuracies: dict[str, list[float]],
                  *, op_stats: dict[str, dict[str, float]] | None = None, quick: bool = False, n: int = 40,
                  seed: int = 0) -> None:  # fmt: skip
     """A grid of ``n`` augmented samples of one batch drawn uniformly at random, so that what is on screen is in
@@ -471,7 +472,8 @@ def main(argv: list[str] | None = None) -> dict:
         "test_accuracy_per_seed": accuracies, "seeds": seeds,
         "runs": {m: {"steps": infos[m][0]["steps"], "seconds": [i["seconds"] for i in infos[m]],
                      "cpu_seconds": [i["cpu_seconds"] for i in infos[m]],
-                     **({"kept_last_epoch": kept_last, "relabeled_last_epoch": relabeled_last} if m == "saflex" else {})}
+                     **({"kept_last_epoch": kept_last, "relabeled_last_epoch": relabeled_last}
+                        if m == "saflex" else {})}
                  for m in modes},
         "op_stats": op_stats, "op_kept_per_seed": op_kept_per_seed, "saflex": extra_repr, "smoke_test": args.quick,
         "machine": machine, "torch": torch.__version__, "wall_s": wall, "cpu_s": cpu,

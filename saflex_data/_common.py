@@ -41,10 +41,10 @@ def rejects_removed_arguments(rule: str = "margin") -> Callable[[Callable[..., N
         ...     @rejects_removed_arguments()
         ...     def __init__(self, *, rule="margin"):
         ...         self.rule = rule
-        >>> Loss(beta=2.0)
+        >>> Loss(beta=2.0)  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        TypeError: Loss(beta=2.0) was removed in 0.2: a rule and its settings are one value, rule=Rule("margin", beta=2.0) (from saflex_data import Rule).
+        TypeError: Loss(beta=2.0) was removed in 0.2: ... rule=Rule("margin", beta=2.0) (from saflex_data import Rule).
     """
 
     def decorate(init: Callable[..., None]) -> Callable[..., None]:

@@ -202,7 +202,7 @@ class SaflexContrastiveLoss(StepReport, nn.Module):
             runs with dual parameters and gives the logits and their tangent together (dropout masks and BatchNorm
             statistics are then those of the step, so ``Π`` is exact for a train-mode BatchNorm tower too; ``"jvp"``
             normalises the augmented images with their own batch statistics there).
-        rule: The decision rule over the in-batch texts: a :class:`~saflex_data.functional.Rule` or its name.
+        rule: The decision rule over the in-batch texts: a :class:`saflex_data.functional.Rule` or its name.
             Default ``"margin"``, as for ``SaflexLoss``: drop an augmented image whose own caption trails the best
             in-batch caption by more than ``beta`` batch standard deviations of ``Π``, never relabel. In
             ``examples/contrastive_flyp.py`` (3 seeds) the paper's rule (``Rule("paper", beta=0.5)``, the default up

@@ -49,7 +49,8 @@ def _fences(text: str) -> list[tuple[str, str, str]]:
 def _python_blocks() -> list[tuple[str, str, bool]]:
     """``(page: section heading, code, runs)`` of every Python block of the README and the docs, in order."""
     return [(f"{page.name}: {heading}", code, not _NORUN.search(before)) for page in PAGES
-            for heading, body in _sections(page) for info, code, before in _fences(body) if info == "python"]  # fmt: skip
+            for heading, body in _sections(page)
+            for info, code, before in _fences(body) if info == "python"]  # fmt: skip
 
 
 def _needs(code: str) -> list[str]:
