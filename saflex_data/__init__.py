@@ -1,7 +1,7 @@
 """saflex_data: SAFLEX for PyTorch. The augmented samples of any upstream augmentation are tagged, and at each
 training step the loss weights them (and, if asked, relabels them) by how their gradient agrees with a validation
-gradient. Measured (README, "Measured verdict"): it helped where extra data's labels were confused class to class;
-it does not detect destroyed images, and weighting by the model's own confidence ``p[y]`` often did better.
+gradient. It scores labels against the validation data and does not detect destroyed images. Where it helped, and
+where the model's own confidence did better, is measured in the README's verdict (``docs/results.md``: the tables).
 
 Ding et al., "SAFLEX: Self-Adaptive Augmentation via Feature Label Extrapolation", ICLR 2024.
 Core modules import torch only; optional libraries live in ``saflex_data.adapters.*`` and are imported there.
