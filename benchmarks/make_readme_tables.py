@@ -1,4 +1,5 @@
-"""Print the README's results section (markdown) from ``benchmarks/results/*.json``.
+"""Print the results section of ``docs/results.md`` (markdown) from ``benchmarks/results/*.json``; with
+``--verdict``, the README's first-screen verdict; with ``--demo``, the demo paragraph of ``docs/results.md``.
 
 Usage::
 
