@@ -85,6 +85,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (1 is fastest for this tiny model)")
+    parser.add_argument("--json", default=None, help="also write the results (and the settings) to this JSON file")
     return parser.parse_args()
 
 
@@ -278,6 +279,12 @@ def main() -> None:
     saflex = results["FLYP + aug + SAFLEX"]
     kept = ", ".join(f"{op} {saflex[f'kept_{op}']:.2f}" for op in OPS)
     print(f"SAFLEX kept (second half of training), per upstream op: {kept}")
+    if args.json:
+        rule = Rule(args.rule, beta=args.beta)
+        Path(args.json).write_text(json.dumps({
+            "settings": {**vars(args), "rule": rule.name, "beta": rule.beta}, "torch": torch.__version__,
+            "zero_shot_before": before, "results": results,
+        }, indent=1) + "\n")  # fmt: skip
 
 
 if __name__ == "__main__":
