@@ -431,6 +431,58 @@ def demo_section(path: Path) -> str:
     )
 
 
+def contrastive_section(root: Path) -> str:
+    """docs/contrastive.md's table: ``examples/contrastive_flyp.py --json`` per seed, one file per rule
+    (``contrastive_flyp_seed<N>.json``: the library's default rule; ``contrastive_flyp_paper_seed<N>.json``: the
+    paper's)."""
+    runs = {"default": sorted(root.glob("contrastive_flyp_seed*.json")),
+            "paper": sorted(root.glob("contrastive_flyp_paper_seed*.json"))}  # fmt: skip
+    if not runs["default"]:
+        return ""
+    docs = {k: [json.loads(f.read_text()) for f in files] for k, files in runs.items()}
+    first = docs["default"][0]["settings"]
+
+    def label(d: dict) -> str:
+        st = d["settings"]
+        return f"aug + SAFLEX (`rule={st['rule']!r}`, β = {st['beta']:g})"
+
+    columns = [("no augmentation", "FLYP, no aug", "default"), ("aug", "FLYP + aug", "default"),
+               (label(docs["default"][0]), "FLYP + aug + SAFLEX", "default")]  # fmt: skip
+    if docs["paper"]:
+        columns.append((label(docs["paper"][0]), "FLYP + aug + SAFLEX", "paper"))
+    seeds = [d["settings"]["seed"] for d in docs["default"]]
+    lines = ["| seed | " + " | ".join(c[0] for c in columns) + " |", "|---:|" + "---:|" * len(columns)]
+    values = {c[0]: [] for c in columns}
+    for i, seed in enumerate(seeds):
+        row = []
+        for name, arm, kind in columns:
+            v = docs[kind][i]["results"][arm]["test_accuracy"] if i < len(docs[kind]) else None
+            values[name].append(v)
+            row.append("" if v is None else f"{v:.4f}")
+        lines.append(f"| {seed} | " + " | ".join(row) + " |")
+    lines.append("| mean | " + " | ".join(f"{statistics.fmean(v for v in values[c[0]] if v is not None):.4f}"
+                                          for c in columns) + " |")  # fmt: skip
+    import textwrap
+
+    aug = values["aug"]
+    verdicts = []
+    for name, _, _ in columns[2:]:
+        v = values[name]
+        above = sum(x > a for x, a in zip(v, aug, strict=True))
+        below = sum(x < a for x, a in zip(v, aug, strict=True))
+        verdicts.append(f"{name.removeprefix('aug + ')}: above plain augmentation on {above} of {len(v)} seeds, "
+                        f"below on {below}")  # fmt: skip
+    none_back = all(statistics.fmean(values[c[0]]) < statistics.fmean(values["no augmentation"]) for c in columns[2:])
+    text = (
+        "; ".join(verdicts)
+        + (". No SAFLEX row gets back to training without the augmentation." if none_back else ".")
+        + f" Zero-shot test accuracy on {first['data']} digits ({first['shots']} shots per class, {first['steps']} "
+        f"steps, `examples/contrastive_flyp.py --seed N --json ...`; CPU, torch {docs['default'][0]['torch']}; "
+        "`benchmarks/results/contrastive_flyp*_seed*.json`)."
+    )
+    return "\n".join(lines) + "\n\n" + textwrap.fill(text, width=118, break_on_hyphens=False, break_long_words=False)
+
+
 _IMAGE_SETS = ("fmnist", "mnist", "digits")
 _PEER_WORDS = {
     "confidence weight p[y]": "weighting each extra sample by the model's own confidence `p[y]` (free)",
@@ -445,12 +497,14 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--results", default=str(RESULTS))
     parser.add_argument("--verdict", action="store_true", help="print the README's first-screen verdict only")
     parser.add_argument("--demo", action="store_true", help="print docs/results.md's demo paragraph only")
+    parser.add_argument("--contrastive", action="store_true", help="print docs/contrastive.md's table only")
     parser.add_argument("--only", default="accuracy_*.json",
                         help="glob of the accuracy files to include, e.g. 'accuracy_*__margin_beta1.5.json'")
     args = parser.parse_args(argv)
     root = Path(args.results)
-    if args.verdict or args.demo:
-        text = verdict(root / "suite.json") if args.verdict else demo_section(root / "demo_results.json")
+    if args.verdict or args.demo or args.contrastive:
+        text = (verdict(root / "suite.json") if args.verdict else demo_section(root / "demo_results.json")
+                if args.demo else contrastive_section(root))
         print(text)
         return text
     payloads = [json.loads(f.read_text()) for f in sorted(root.glob(args.only))]

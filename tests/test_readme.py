@@ -210,6 +210,10 @@ def test_references_point_into_the_repository() -> None:
                 assert anchor in _anchors(ROOT / doc), f"{path.relative_to(ROOT)} refers to {ref}: no such anchor"
 
 
+def test_contrastive_table_is_generated_from_the_example_results() -> None:
+    assert _between((ROOT / "docs" / "contrastive.md").read_text(), "contrastive") == _generated("--contrastive")
+
+
 def test_demo_paragraph_is_generated_from_the_demo_results() -> None:
     assert _between((ROOT / "docs" / "results.md").read_text(), "demo") == _generated("--demo")
 
