@@ -206,7 +206,8 @@ def earlier_claims() -> list[tuple[str, str]]:
                f"({hpc['gain_vs_train_on_val']:+.2f})"),
         ("docs/when_to_use.md", f"{100 * ds['drop_precision']:.0f}% of the samples it drops are wrong ones (it finds "
                                 f"{100 * ds['drop_recall']:.0f}% of them)"),
-        ("docs/when_to_use.md", f"gets {t1['weight_auroc']:.2f} and {100 * t1['decision_stats']['drop_precision']:.0f}%"),
+        ("docs/when_to_use.md", f"gets {t1['weight_auroc']:.2f} and "
+                                f"{100 * t1['decision_stats']['drop_precision']:.0f}%"),
     ]  # fmt: skip
 
 
@@ -236,7 +237,8 @@ def benchmarks_readme_suite_claims() -> list[tuple[str, str]]:
 
     page = "benchmarks/README.md"
     return [
-        (page, f"(mean Δ {sel['A'][both]['mean_delta']:+.2f} points vs the upstream on train ∪ val) and again on half B "
+        (page, f"(mean Δ {sel['A'][both]['mean_delta']:+.2f} points vs the upstream on train ∪ val) and again on "
+               "half B "
                f"({sel['B'][both]['mean_delta']:+.2f}), and the best row of the suite on average "
                f"({_mean_delta(both):+.2f})"),
         (page, f"averages {_mean_delta(default):+.2f}"),
