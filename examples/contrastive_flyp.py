@@ -18,9 +18,9 @@ architecture instead. The data are the 5,000 MNIST digits that ship with ``mlxte
 Run: ``python examples/contrastive_flyp.py [--steps 300] [--device cpu]``. SAFLEX runs with the library's default
 rule, ``"margin"`` (β = 1.5); ``--rule paper --beta 0.5`` is the paper's rule.
 
-Measured (3 seeds, about 3 minutes per seed on a CPU; ``--json PATH`` writes a run's results): the table in
-``docs/contrastive.md``, generated from ``benchmarks/results/contrastive_flyp*_seed*.json``. The upstream
-augmentation hurts, as intended; SAFLEX gets part of the loss back on some seeds and none of the runs gets back to
+Measured (3 seeds; the three fine-tuning runs of a seed took 1.3–2.3 minutes on a shared CPU; ``--json PATH``
+writes a run's results): the table in ``docs/contrastive.md``, generated from
+``benchmarks/results/contrastive_flyp*_seed*.json``. The upstream augmentation hurts, as intended; SAFLEX gets part of the loss back on some seeds and none of the runs gets back to
 training without the augmentation.
 """
 

@@ -256,6 +256,19 @@ def readme_claims() -> list[tuple[str, str]]:
     return [("README.md", f"3 runs × {len(demo['seeds'])} seeds ({demo['cpu_s'] / 60:.1f} min of CPU)")]
 
 
+def example_header_claims() -> list[tuple[str, str]]:
+    import math
+
+    cpu = _load("demo_results.json")["cpu_s"] / 60
+    seconds = [sum(r["seconds"] for r in json.loads(f.read_text())["results"].values())
+               for f in sorted(RESULTS.glob("contrastive_flyp*_seed*.json"))]  # fmt: skip
+    return [
+        ("examples/demo.py", f"about {math.floor(cpu)}-{math.ceil(cpu)} minutes of CPU time (3 seeds × 3 runs)"),
+        ("examples/contrastive_flyp.py",
+         f"took {min(seconds) / 60:.1f}–{max(seconds) / 60:.1f} minutes on a shared CPU"),
+    ]
+
+
 def changelog_claims() -> list[tuple[str, str]]:
     def mean(pattern: str, arm: str) -> float:
         runs = [json.loads(f.read_text())["results"][arm]["test_accuracy"] for f in sorted(RESULTS.glob(pattern))]
@@ -269,7 +282,7 @@ def changelog_claims() -> list[tuple[str, str]]:
 
 CLAIMS: list[Callable[[], list[tuple[str, str]]]] = [
     suite_claims, benchmarks_readme_suite_claims, readme_claims, earlier_claims, overhead_claims, accuracy_claims,
-    decision_quality_claims, method_count_claims, changelog_claims,
+    decision_quality_claims, method_count_claims, example_header_claims, changelog_claims,
 ]
 
 
