@@ -20,8 +20,8 @@ rule, ``"margin"`` (β = 1.5); ``--rule paper --beta 0.5`` is the paper's rule.
 
 Measured (3 seeds; the three fine-tuning runs of a seed took 1.3–2.3 minutes on a shared CPU; ``--json PATH``
 writes a run's results): the table in ``docs/contrastive.md``, generated from
-``benchmarks/results/contrastive_flyp*_seed*.json``. The upstream augmentation hurts, as intended; SAFLEX gets part of the loss back on some seeds and none of the runs gets back to
-training without the augmentation.
+``benchmarks/results/contrastive_flyp*_seed*.json``. The upstream augmentation hurts, as intended; SAFLEX gets
+part of the loss back on some seeds, and no run gets back to training without the augmentation.
 """
 
 # %%
