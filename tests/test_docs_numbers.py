@@ -256,6 +256,38 @@ def readme_claims() -> list[tuple[str, str]]:
     return [("README.md", f"3 runs × {len(demo['seeds'])} seeds ({demo['cpu_s'] / 60:.1f} min of CPU)")]
 
 
+def benchmarks_readme_accuracy_claims() -> list[tuple[str, str]]:
+    """benchmarks/README.md's "What we found" paragraphs, from the accuracy_*.json files of each setting."""
+    from benchmarks import make_readme_tables as tables
+
+    def gains(pattern: str, variant: str | None = None) -> list[dict]:
+        payloads = [json.loads(f.read_text()) for f in sorted(RESULTS.glob(pattern))]
+        return [g for g in tables.accuracy_tables(payloads)[1] if variant is None or g["variant"] == variant]
+
+    def mean(gs: list[dict], method: str | None = None, key: str = "vs_upstream") -> float:
+        return statistics.fmean(g[key] for g in gs if method is None or g["method"] == method)
+
+    paper = gains("accuracy_*.json", "library defaults")
+    by = {d: [g["vs_upstream"] for g in paper if g["dataset"] == d] for d in {g["dataset"] for g in paper}}
+    margin, t4 = gains("accuracy_*__margin_beta1.5.json"), gains("accuracy_*__margin_beta1.5_T4.json")
+    beta4 = gains("accuracy_*__paper_beta4.json")
+    fm = [g["vs_upstream_train_val"] for g in margin if "fashion" in g["dataset"]]
+    page = "benchmarks/README.md"
+    return [
+        (page, f"({sum(g['vs_upstream'] < 0 for g in paper)}/{len(paper)}; mean {mean(paper, 'jvp'):.1f} points for "
+               f"`jvp`, {mean(paper, 'last_layer'):.1f} for `last_layer`; Fashion-MNIST {max(by['fashion_mnist']):.1f} "
+               f"to {min(by['fashion_mnist']):.1f}, mlc_churn {statistics.fmean(by['mlc_churn']):.0f}, hpc_data "
+               f"{max(by['hpc_data']):.0f} to {min(by['hpc_data']):.0f}, credit_data "
+               f"{statistics.fmean(by['credit_data']):.1f}, wa_churn ≈ 0)"),
+        (page, f"{sum(g['vs_upstream'] > 0 for g in margin)} of {len(margin)} rows above the upstream, mean "
+               f"{mean(margin, 'jvp'):+.2f} (`jvp`) / {mean(margin, 'last_layer'):+.2f} (`last_layer`) points"),
+        (page, f"β = 4 on the four tables: mean {mean(beta4):.1f}"),
+        (page, f"Fashion-MNIST {max(fm):.1f} to {min(fm):.1f}"),
+        (page, f"(mean Δ vs upstream {mean(t4, 'jvp'):+.2f} / {mean(t4, 'last_layer'):+.2f} for jvp / last_layer, vs "
+               f"{mean(margin, 'jvp'):+.2f} / {mean(margin, 'last_layer'):+.2f} at `T = 1`)"),
+    ]  # fmt: skip
+
+
 def example_header_claims() -> list[tuple[str, str]]:
     import math
 
@@ -282,7 +314,8 @@ def changelog_claims() -> list[tuple[str, str]]:
 
 CLAIMS: list[Callable[[], list[tuple[str, str]]]] = [
     suite_claims, benchmarks_readme_suite_claims, readme_claims, earlier_claims, overhead_claims, accuracy_claims,
-    decision_quality_claims, method_count_claims, example_header_claims, changelog_claims,
+    decision_quality_claims, method_count_claims, benchmarks_readme_accuracy_claims, example_header_claims,
+    changelog_claims,
 ]
 
 
