@@ -1,4 +1,4 @@
-"""SAFLEX under ``torch.distributed`` (DDP, ``torchrun``): the collectives :class:`~saflex_data.SaflexLoss` runs.
+"""SAFLEX under ``torch.distributed`` (DDP, ``torchrun``): the collectives :class:`saflex_data.SaflexLoss` runs.
 
 Under ``DistributedDataParallel`` each rank holds a shard of the batch and draws its own validation minibatch. With
 ``SaflexLoss(..., all_reduce=True)`` (the default) every rank decides exactly as one process would on the
@@ -197,6 +197,9 @@ class GlobalTargets(NamedTuple):
     """A stateful rule's state after this step (the same on every rank); ``None`` for the other rules."""
 
 
+GlobalTargets.__new__.__module__ = __name__  # the generated constructor's annotations resolve in this module (API docs)
+
+
 def global_saflex_targets(
     pi: Tensor,
     targets: Tensor,
@@ -210,7 +213,7 @@ def global_saflex_targets(
     reference: Tensor | None = None,
     group: Any = None,
 ) -> GlobalTargets:
-    """:func:`~saflex_data.functional.saflex_targets` on the augmented rows of all ranks; returns this rank's rows.
+    """:func:`saflex_data.functional.saflex_targets` on the augmented rows of all ranks; returns this rank's rows.
 
     Every rank must call it at the same step (also with zero augmented rows: ``pi`` of shape `(0, K)`) with the
     ``layout`` of that step and a ``generator`` in the same state on every rank. The result equals
@@ -224,7 +227,7 @@ def global_saflex_targets(
         pi: This rank's inner products `(n, K)` of its augmented rows.
         targets: Their upstream labels, class indices `(n,)` or probabilities `(n, K)`.
         layout: This step's :func:`batch_layout`.
-        rule: The decision rule (a :class:`~saflex_data.functional.Rule` or its name); ``batch_max`` normalisation
+        rule: The decision rule (a :class:`saflex_data.functional.Rule` or its name); ``batch_max`` normalisation
             and the column statistics of the margin rules see the global batch.
         op: Optional op ids `(n,)` of the augmented rows, for the per-op statistics.
         generator: Gumbel noise generator, in the same state on every rank.
@@ -351,7 +354,7 @@ def forward_with_tangent(
         val_grad: ``{name: gradient}`` keyed by the raw module's parameter names.
 
     Returns:
-        ``(logits, tangent)`` as :func:`~saflex_data.functional.forward_with_tangent`.
+        ``(logits, tangent)`` as :func:`saflex_data.functional.forward_with_tangent`.
     """
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         val_grad = {f"module.{name}": grad for name, grad in val_grad.items()}

@@ -999,8 +999,8 @@ class Rule:
     Example:
         >>> Rule("margin")
         Rule(name='margin', beta=1.5, tau=0.01, normalize='batch_max')
-        >>> Rule("margin", beta=-1.0).beta
-        -1.0
+        >>> Rule("margin", beta=1.0).beta
+        1.0
         >>> Rule("median")
         Traceback (most recent call last):
         ...

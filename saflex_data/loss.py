@@ -6,7 +6,7 @@ a reference to the model (not a submodule) and a validation loader it cycles for
 1. refreshes the validation gradient ``g`` (every ``val_every`` steps; optionally smoothed),
 2. computes ``Π[i, k] = <∇θ ℓ_k(x_i), g>`` for the augmented samples (``method``: the cheap ``"last_layer"``
    closed form, exact ``"jvp"``, or the exact ``"single_pass"`` forward with dual parameters),
-3. turns ``Π`` into weights and soft labels with its :class:`~saflex_data.functional.Rule`, and
+3. turns ``Π`` into weights and soft labels with its :class:`saflex_data.functional.Rule`, and
 4. returns ``(Σ_clean CE(y_j) + Σ_aug w_i CE(ỹ_i)) / B`` (a fixed normaliser: docs/method.md).
 
 The same steps run in one process and under ``torch.distributed``; :class:`saflex_data.distributed.Sync` holds
@@ -37,6 +37,7 @@ from ._common import (
     unwrap_model,
     validation_pass,
 )
+from ._common import rejects_removed_arguments  # beta=, tau=, ... of 0.1: a TypeError naming the replacement
 from ._stream import ValidationStream
 from .batch import SaflexTarget
 from .distributed import BatchLayout, GlobalTargets, Sync, forward_with_tangent
@@ -69,7 +70,7 @@ class SaflexLoss(StepReport, nn.Module):
             the augmented rows only, with the batch statistics train-mode BatchNorm used in the training forward held
             fixed: cheaper than ``"jvp"``, and a different ``Π`` that leaves out the statistics' own tangent; the
             same as ``"jvp"`` for a model without batch-statistics BatchNorm).
-        rule: The decision rule: a :class:`~saflex_data.functional.Rule` or its name. Default ``"gated_prior"``
+        rule: The decision rule: a :class:`saflex_data.functional.Rule` or its name. Default ``"gated_prior"``
             (a rule with state, :mod:`saflex_data.rules`): weight each augmented row by the model's ``p[y]`` while
             the validation signal says, over many steps, that the augmented rows help less than the batch's clean
             rows (and during the first steps, before it has a verdict); weight 1 otherwise; never relabel
@@ -121,6 +122,7 @@ class SaflexLoss(StepReport, nn.Module):
 
     _state_signal = ("signal", "_signal")  # state_dict key and attribute of the cached validation signal
 
+    @rejects_removed_arguments()
     def __init__(
         self,
         model: nn.Module,
