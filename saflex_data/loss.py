@@ -47,6 +47,7 @@ __all__ = ["SaflexLoss"]
 LossMethod = Literal["jvp", "last_layer", "single_pass", "jvp_frozen_stats"]
 _METHODS = ("jvp", "last_layer", "single_pass", "jvp_frozen_stats")
 _REFERENCES = ("heldout", "batch")
+DEFAULT_RULE = "gated_prior"  # the default decision rule (docs/when_to_use.md#gated); "margin" before 0.2
 VAL_TEMPERATURE = 4.0  # the tempered validation loss (see docs/method.md and the measured results)
 _MAX_CAPTURES = 4  # forwards remembered between two loss calls (a teacher pass, a second view, ...)
 
@@ -129,7 +130,7 @@ class SaflexLoss(StepReport, nn.Module):
         val_loader: Iterable[Any] | None = None,
         *,
         method: LossMethod = "last_layer",
-        rule: SF.Rule | str = "gated_prior",
+        rule: SF.Rule | str = DEFAULT_RULE,
         reference: Literal["heldout", "batch"] = "heldout",
         val_every: int = 1,
         val_ema: float | None = None,

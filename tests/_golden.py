@@ -39,7 +39,7 @@ K = 4
 STEPS = 30
 METHODS = ("jvp", "last_layer", "single_pass", "jvp_frozen_stats")
 RULES = ("paper", "centered", "margin", "margin_relabel", "margin_fix", "gain", "gain_auto", "gain_loss")
-# Rules with state (issue 20), default setting only, with beta=1.0 and decay=0.8 so that the gate moves in 30 steps.
+# Rules with state (0.2), default setting only, with beta=1.0 and decay=0.8 so that the gate moves in 30 steps.
 GATED = ("gated", "gated_prior", "gated_soft")
 # (name, extra SaflexLoss options, soft upstream labels); the non-default settings run with the rules "paper" and
 # "margin" only.

@@ -385,7 +385,7 @@ def _part_cost(rank: int) -> dict[str, list[tuple[int, ...]]]:
     model = _model()
     ddp = nn.parallel.DistributedDataParallel(model)  # DDP's own gradient all-reduce runs in C++: not counted
     val = [(data["vx"][s, rank * V : (rank + 1) * V], data["vy"][s, rank * V : (rank + 1) * V]) for s in range(STEPS)]
-    criterion = SaflexLoss(ddp, val, method="jvp")
+    criterion = SaflexLoss(ddp, val, method="jvp", rule="margin")  # the gated rules add: docs/method.md#gated-rules
     for name in calls:
         setattr(dist, name, counting(name))
     try:
@@ -423,7 +423,7 @@ def _part_nonfinite(rank: int) -> dict[str, Any]:
     data = _problem()
     ddp = nn.parallel.DistributedDataParallel(_model())
     val = [(data["vx"][0, rank * V : (rank + 1) * V], data["vy"][0, rank * V : (rank + 1) * V])]
-    criterion = SaflexLoss(ddp, val, method="jvp")
+    criterion = SaflexLoss(ddp, val, method="jvp", rule="margin")  # the gated rules add: docs/method.md#gated-rules
     x, rows = data["x"][0].clone(), slice(rank * B, (rank + 1) * B)
     x[B + int(data["aug"][0, B:].nonzero()[0])] = float("nan")  # one augmented row of rank 1
     with warnings.catch_warnings():

@@ -207,7 +207,7 @@ def test_state_is_reset_only_by_the_user():
     assert all(torch.equal(before[k], criterion.rule_state[k]) for k in before)
     criterion.reset_rule_state()
     assert all(float(v) == 0.0 for v in criterion.rule_state.values())
-    assert SaflexLoss(model, [(x, target.labels)]).rule_state is None  # stateless rules carry none
+    assert SaflexLoss(model, [(x, target.labels)], rule="margin").rule_state is None  # stateless rules carry none
 
 
 def test_clean_rows_gain_comes_from_the_same_closed_form():

@@ -1,4 +1,4 @@
-"""Issue 20's goals for a candidate default, from ``suite.json``: writes ``results/suite_goals.json`` and prints the
+"""The goals set for a new default (0.2), for a candidate, from ``suite.json``: writes ``results/suite_goals.json`` and prints the
 per-stream table (paired Δ vs the upstream on train ∪ val, mean ± SE over 6 seeds) and each goal with its figure.
 
     python -m benchmarks.suite.goals                       # the chosen gated row, train only, and the old default

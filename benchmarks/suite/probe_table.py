@@ -1,4 +1,4 @@
-"""The half-A probe table of issue 20: every row of a probe JSON, paired Δ vs the upstream on train ∪ val of
+"""The half-A probe table of the gated rules (0.2): every row of a probe JSON, paired Δ vs the upstream on train ∪ val of
 ``suite.json`` (same streams, seeds and budget), sorted by the mean; ``g2`` = streams worse by ≥ 2 SE and ≥ 1 point,
 ``g4`` = streams better by ≥ 2 SE.
 

@@ -44,7 +44,7 @@ SPECS: dict[str, tuple[str, str, float, str, float]] = {
     "pool10-style": ("bias", "pool", 10, "style", 0.7),
     "pool10-clean": ("clean", "pool", 10, "clean", 0.0),
     "copies-clean": ("clean", "copies", 1, "clean", 0.0),
-    # issue 20: streams added before the gated rule was chosen, looked at only after (streams.NEW)
+    # 0.2: streams added before the gated rule was chosen, looked at only after (streams.NEW)
     "pool10-pairswap40": ("noise", "pool", 10, "pairswap", 0.4),
     "pool10-uniform30-table": ("noise", "pool", 10, "uniform", 0.3),
     "copies-cutmix": ("transform", "copies", 1, "cutmix", 0.5),
@@ -64,7 +64,7 @@ PLAN = (
     "churn/pool10-imbalance", "digits/pool10-style", "fmnist/pool3-uniform30", "hpc/pool10-uniform10",
 )  # fmt: skip
 QUICK_PLAN = ("digits/pool10-uniform60", "hpc/copies-uniform30")
-# Issue 20: new streams, fixed before the gated default was chosen and run only after the choice was committed:
+# 0.2: new streams, fixed before the gated default was chosen and run only after the choice was committed:
 # pairwise label swaps (each class with one partner, both ways, as a generator that mixes up two classes), another
 # table (credit scoring) with uniform wrong labels, heavy CutMix on clean data (the base image's label kept, bad =
 # the pasted patch covers more than half the image), and a rotated domain (half the pool turned by 90°, labels right).

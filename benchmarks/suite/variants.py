@@ -50,7 +50,7 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("SAFLEX margin, val both ways", "saflex", "saflex", trains_on="train+val", reference="heldout"),
     Variant("SAFLEX margin, reference=batch", "saflex", "saflex", trains_on="train+val", reference="batch"),
     Variant("SAFLEX margin, reference=train", "saflex", "saflex", trains_on="train+val", reference="train"),
-    # issue 20: the gated rules (saflex_data.rules), trained on train only and with the validation split used both
+    # 0.2: the gated rules (saflex_data.rules), trained on train only and with the validation split used both
     # ways; the settings grid was probed on half A only
     Variant("confidence weight p[y], train+val", "peer", "confidence", trains_on="train+val"),
     *(Variant(f"SAFLEX {r}{'' if b is None else f' β={b}'}{'' if d is None else f' ρ={d}'}{tv}", "saflex", "saflex",
@@ -63,7 +63,7 @@ BY_NAME = {v.name: v for v in VARIANTS}
 # The rows of a full run (the probe grid above runs only when named with --variants).
 SUITE = tuple(v.name for v in VARIANTS if "gated" not in v.name) + (
     "SAFLEX gated_prior", "SAFLEX gated_prior, val both ways")
-# Issue 20's choice, made on half A only (benchmarks/README.md): the best mean paired Δ vs the upstream on train ∪ val
+# The gated default's choice, made on half A only (benchmarks/README.md): the best mean paired Δ vs the upstream on train ∪ val
 # among the gated rows that met goals 2 and 3 on A. The new streams and half B were run after this line was committed.
 GATED = "SAFLEX gated_prior, val both ways"
 GATED_TRAIN = "SAFLEX gated_prior"
