@@ -35,7 +35,6 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as C  # noqa: E402
-
 from datasets import load_fashion_mnist, stratified_split  # noqa: E402
 
 from saflex_data import SaflexLoss, SaflexTarget  # noqa: E402

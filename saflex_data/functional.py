@@ -75,7 +75,8 @@ Normalize = Literal["batch_max", "row_max", "none"]
 _RULES = ("paper", "centered", "margin", "margin_relabel", "margin_fix", "gain", "gain_auto", "gain_loss")
 _MARGIN_RULES = ("margin", "margin_relabel", "margin_fix")
 _GAIN_RULES = ("gain", "gain_auto", "gain_loss")
-_RULES_USING_LOGITS: tuple[str, ...] = ("gain_loss", *_rules.GATED_RULES)  # rules that read saflex_targets(..., logits=); exchanged under DDP
+# rules that read saflex_targets(..., logits=) (and the gated rules' p[y]); exchanged under DDP
+_RULES_USING_LOGITS: tuple[str, ...] = ("gain_loss", *_rules.GATED_RULES)
 _NORMALIZE = ("batch_max", "row_max", "none")
 _CLASSIFIER_ATTRS = ("fc", "classifier", "head", "last_linear", "linear", "out", "output")
 

@@ -49,9 +49,9 @@ _GATED = {
     "gated_product": ("product", False),  # their product
     "gated_soft": ("p", True),  # p[y], mixed in with a strength that grows with the evidence
 }
-# Measured and removed (0.2, on the suite's class-conditional streams): "gated_relabel"/"gated_prior_relabel" also moved each label towards the
-# class with the best standardised Π by a = s (1 - w_margin); on the class-conditional streams it lost to the same
-# gate without relabelling (mean -1.46 points; docs/when_to_use.md#gated).
+# Measured and removed (0.2): "gated_relabel"/"gated_prior_relabel" also moved each label towards the class with
+# the best standardised Π by a = s (1 - w_margin); on the suite's class-conditional streams it lost to the same gate
+# without relabelling (mean -1.46 points; docs/when_to_use.md#gated).
 GATED_RULES: tuple[str, ...] = tuple(_GATED)
 DEFAULT_DECAY = 0.95
 DEFAULT_THRESHOLD = 2.0
@@ -199,7 +199,7 @@ def gated_targets(
     state = update_gate(state, d.to(state["mean"].dtype), valid, decay)
     _, se, z = gate_evidence(state)
     s = gate_strength(z, threshold, continuous)
-    if rule in ("gated_hold", "gated_latch"):  # on until z < -β (the augmented rows help), off until z > β: the last verdict holds
+    if rule in ("gated_hold", "gated_latch"):  # on until z < -β (augmented rows help), off until z > β; else held
         held = torch.where(state["weight"] > 0, previous.to(z.dtype), torch.ones_like(z))  # fresh state: on
         s = torch.where(z > threshold, torch.ones_like(z), torch.where(z < -threshold, torch.zeros_like(z), held))
     if rule == "gated_latch":  # once z > β was seen, on for good (until the user resets the state)

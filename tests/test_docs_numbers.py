@@ -122,7 +122,8 @@ def gated_claims() -> list[tuple[str, str]]:
         (page, f"trained on train only, the same rule averages {train['1']['mean']:+.2f}"),
         (page, f"its CPU-time ratio to a plain step was {cost['cpu_ratio']['last_layer@gated']:.2f}× against "
                f"{cost['cpu_ratio']['last_layer']:.2f}× for the margin rule in the same run (ratios of the fastest "
-               f"steps: {cost['ratio_of_min']['last_layer@gated']:.2f}× and {cost['ratio_of_min']['last_layer']:.2f}×)"),
+               f"steps: {cost['ratio_of_min']['last_layer@gated']:.2f}× and "
+               f"{cost['ratio_of_min']['last_layer']:.2f}×)"),
     ]  # fmt: skip
 
 

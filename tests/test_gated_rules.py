@@ -188,7 +188,7 @@ def test_gate_turns_on_in_training_and_resume_is_bit_identical(method):
         loss.backward()
         opt2.step()
         resumed.append((criterion2.last_step["weights"].clone(), dict(criterion2.rule_state)))
-    for (w, st), (w2, st2) in zip(full[12:], resumed):
+    for (w, st), (w2, st2) in zip(full[12:], resumed, strict=True):
         assert torch.equal(w, w2)
         assert all(torch.equal(st[k], st2[k]) for k in st)
 

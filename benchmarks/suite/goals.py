@@ -1,5 +1,5 @@
-"""The goals set for a new default (0.2), for a candidate, from ``suite.json``: writes ``results/suite_goals.json`` and prints the
-per-stream table (paired Δ vs the upstream on train ∪ val, mean ± SE over 6 seeds) and each goal with its figure.
+"""The goals set for a new default (0.2), from ``suite.json``: writes ``results/suite_goals.json`` and prints
+the per-stream table (paired Δ vs the upstream on train ∪ val, mean ± SE over 6 seeds) and each goal with its figure.
 
     python -m benchmarks.suite.goals                       # the chosen gated row, train only, and the old default
 """

@@ -1,6 +1,6 @@
-"""The half-A probe table of the gated rules (0.2): every row of a probe JSON, paired Δ vs the upstream on train ∪ val of
-``suite.json`` (same streams, seeds and budget), sorted by the mean; ``g2`` = streams worse by ≥ 2 SE and ≥ 1 point,
-``g4`` = streams better by ≥ 2 SE.
+"""The half-A probe table of the gated rules (0.2): every row of a probe JSON, paired Δ vs the upstream on
+train ∪ val of ``suite.json`` (same streams, seeds and budget), sorted by the mean; ``g2`` = streams worse by
+≥ 2 SE and ≥ 1 point, ``g4`` = streams better by ≥ 2 SE.
 
     python -m benchmarks.suite.probe_table benchmarks/results/suite_halfA_probe.json
 """

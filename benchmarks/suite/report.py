@@ -265,7 +265,7 @@ PY_PEER = "confidence weight p[y]"
 
 
 def goals_default(doc: dict, row: str, peer: str = PY_PEER) -> dict:
-    """The goals 1–5 set for a new default (0.2) for ``row`` as the library default, over every stream of ``doc`` that has it.
+    """The goals 1–5 set for a new default (0.2), for ``row`` as the default, over every stream of ``doc`` with it.
 
     1. mean Δ ≥ +1.5 and ≥ the ``peer``'s mean (same streams); 2. no stream worse by ≥ 2 SE and ≥ 1 point;
     3. clean streams ≥ −1 SE; 4. ≥ 2 SE better on at least 5 streams; 5. half B and the new streams: mean Δ ≥ +1.0.

@@ -63,8 +63,8 @@ BY_NAME = {v.name: v for v in VARIANTS}
 # The rows of a full run (the probe grid above runs only when named with --variants).
 SUITE = tuple(v.name for v in VARIANTS if "gated" not in v.name) + (
     "SAFLEX gated_prior", "SAFLEX gated_prior, val both ways")
-# The gated default's choice, made on half A only (benchmarks/README.md): the best mean paired Δ vs the upstream on train ∪ val
-# among the gated rows that met goals 2 and 3 on A. The new streams and half B were run after this line was committed.
+# The gated default's choice, made on half A only (benchmarks/README.md): the best mean paired Δ vs the upstream on
+# train ∪ val among the gated rows that met goals 2 and 3 on A. Half B and the new streams ran after it was committed.
 GATED = "SAFLEX gated_prior, val both ways"
 GATED_TRAIN = "SAFLEX gated_prior"
 QUICK = ("upstream", "upstream, train+val", "oracle", "small-loss q=30%", DEFAULT,
