@@ -166,7 +166,7 @@ def forward_features(model: nn.Module, classifier: nn.Module, inputs: Tensor) ->
 
 
 def validation_gradient(
-    model: nn.Module, inputs: Tensor, targets: Tensor, *, temperature: float = 1.0
+    model: nn.Module, inputs: Tensor, targets: Tensor, *, temperature: float = 1.0, check: bool = True
 ) -> dict[str, Tensor]:
     """Gradient of the mean cross-entropy of ``model(inputs)`` against ``targets``.
 
@@ -179,6 +179,7 @@ def validation_gradient(
         targets: Class indices `(V,)` or probabilities `(V, K)`.
         temperature: ``T``: the gradient of the tempered loss ``T · CE(z / T, y)`` instead (see
             :func:`validation_residual`); ``1`` is the plain cross-entropy.
+        check: ``False`` skips the checks of the targets' values (see :func:`check_targets`).
 
     Returns:
         ``{name: grad}`` for every parameter with ``requires_grad``, keyed as in ``named_parameters()``
@@ -197,13 +198,13 @@ def validation_gradient(
     with torch.enable_grad(), running_stats_frozen(model):
         logits = model(inputs)
         check_logits(logits, "model(inputs)")
-        check_targets(targets, logits.shape[0], logits.shape[1], "targets")
+        check_targets(targets, logits.shape[0], logits.shape[1], "targets", values=check)
         dtype = torch.promote_types(logits.dtype, torch.float32)  # never below float32, keep float64
         if temperature == 1.0:
             loss = F.cross_entropy(logits.to(dtype), targets.to(dtype) if targets.dim() == 2 else targets.long())
         else:
             # d/dz of T·CE(z/T, y) is the (constant) residual: backpropagate it through the logits.
-            residual = validation_residual(logits, targets, temperature)
+            residual = validation_residual(logits, targets, temperature, check=False)
             loss = (residual * logits.to(dtype)).sum() / logits.shape[0]
         grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
     return {

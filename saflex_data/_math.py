@@ -23,6 +23,7 @@ from torch import Tensor
 
 __all__ = [
     "as_probabilities",
+    "one_hot",
     "check_targets",
     "check_temperature",
     "check_logits",
@@ -37,6 +38,7 @@ __all__ = [
     "adaptive_keep",
     "default_beta",
     "saflex_targets",
+    "rule_targets",
     "Rule",
     "RuleName",
     "Normalize",
@@ -63,14 +65,27 @@ def as_probabilities(
     never the caller's own tensor)."""
     if labels.dim() == 2:
         return labels.to(dtype, copy=copy)
-    return F.one_hot(labels.long(), num_classes).to(dtype)
+    return one_hot(labels, num_classes, dtype)
+
+
+def one_hot(index: Tensor, num_classes: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``F.one_hot(index, num_classes).to(dtype)`` without its host-side range check (a device synchronisation on
+    the CPU): the caller has checked ``index``."""
+    out = torch.zeros((*index.shape, num_classes), dtype=dtype, device=index.device)
+    return out.scatter_(-1, index.long().unsqueeze(-1), 1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Input checks (one place; the rest of the module trusts its inputs)
 # ---------------------------------------------------------------------------------------------------------------
-def check_targets(targets: Tensor, batch_size: int, num_classes: int, name: str = "targets") -> None:
-    """Raise a clear error unless ``targets`` are class indices `(B,)` in ``[0, K)`` or probabilities `(B, K)`."""
+def check_targets(
+    targets: Tensor, batch_size: int, num_classes: int, name: str = "targets", *, values: bool = True
+) -> None:
+    """Raise a clear error unless ``targets`` are class indices `(B,)` in ``[0, K)`` or probabilities `(B, K)`.
+
+    ``values=False`` checks the type, shape and dtype only: the value checks read the targets on the host (a
+    device synchronisation), which ``SaflexLoss`` does once per target shape and dtype, not every step.
+    """
     if not isinstance(targets, Tensor):
         raise TypeError(f"{name} must be a tensor, but got {type(targets).__name__}.")
     if targets.dim() == 1 and not targets.is_floating_point() and targets.dtype != torch.bool:
@@ -79,7 +94,7 @@ def check_targets(targets: Tensor, batch_size: int, num_classes: int, name: str 
                 f"{name} must have shape ({batch_size},) to match logits of shape ({batch_size}, {num_classes}), "
                 f"but got {tuple(targets.shape)}."
             )
-        if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= num_classes):
+        if values and targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= num_classes):
             raise ValueError(
                 f"{name} must be class indices in [0, {num_classes}) for a model with {num_classes} outputs, "
                 f"but got values in [{int(targets.min())}, {int(targets.max())}]."
@@ -91,6 +106,8 @@ def check_targets(targets: Tensor, batch_size: int, num_classes: int, name: str 
                 f"{name} given as probabilities must have shape ({batch_size}, {num_classes}) to match the logits, "
                 f"but got {tuple(targets.shape)}."
             )
+        if not values:
+            return
         sums = targets.sum(-1)
         if targets.numel() and (
             bool((targets < -1e-6).any()) or not torch.allclose(sums, torch.ones_like(sums), atol=1e-3)
@@ -122,7 +139,7 @@ def check_logits(logits: Tensor, name: str = "logits") -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # Validation residual and the last layer's closed-form gradient
 # ---------------------------------------------------------------------------------------------------------------
-def validation_residual(logits: Tensor, targets: Tensor, temperature: float = 1.0) -> Tensor:
+def validation_residual(logits: Tensor, targets: Tensor, temperature: float = 1.0, *, check: bool = True) -> Tensor:
     """``softmax(z / T) - y``: what the validation loss pushes on each logit (``T = inf``: ``1/K - y``).
 
     ``T = 1`` is the cross-entropy gradient w.r.t. the logits. For ``T > 1`` it is the gradient of the tempered
@@ -135,13 +152,14 @@ def validation_residual(logits: Tensor, targets: Tensor, temperature: float = 1.
         logits: Logits `(V, K)`.
         targets: Class indices `(V,)` or probabilities `(V, K)`.
         temperature: ``T > 0``; ``math.inf`` allowed.
+        check: ``False`` skips the checks of the targets' values (see :func:`check_targets`).
 
     Returns:
         The residual `(V, K)`, float32 or wider.
     """
     check_temperature(temperature)
     check_logits(logits)
-    check_targets(targets, logits.shape[0], logits.shape[1], "targets")
+    check_targets(targets, logits.shape[0], logits.shape[1], "targets", values=check)
     dtype = torch.promote_types(logits.dtype, torch.float32)  # never below float32, keep float64
     y = as_probabilities(targets, logits.shape[1], dtype)
     if math.isinf(temperature):
@@ -152,7 +170,13 @@ def validation_residual(logits: Tensor, targets: Tensor, temperature: float = 1.
 
 
 def last_layer_validation_gradient(
-    features: Tensor, logits: Tensor, targets: Tensor, *, temperature: float = 1.0
+    features: Tensor,
+    logits: Tensor,
+    targets: Tensor,
+    *,
+    temperature: float = 1.0,
+    mask: Tensor | None = None,
+    check: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Closed-form gradient of the mean CE w.r.t. the last linear layer ``z = W h + b``.
 
@@ -164,14 +188,21 @@ def last_layer_validation_gradient(
         logits: Logits `(V, K)`.
         targets: Class indices `(V,)` or probabilities `(V, K)`.
         temperature: ``T > 0`` (``math.inf`` allowed); ``1`` is the plain cross-entropy.
+        mask: Bool `(V,)`: the gradient of the mean over these rows only (zeros when there is none), with the shapes
+            of the whole batch (no host synchronisation).
+        check: ``False`` skips the checks of the targets' values (see :func:`check_targets`).
 
     Returns:
         ``(grad_weight (K, D), grad_bias (K,))``.
     """
-    residual = validation_residual(logits, targets, temperature)  # checks logits and targets
+    residual = validation_residual(logits, targets, temperature, check=check)  # checks logits and targets
+    count: Tensor | int = logits.shape[0]
+    if mask is not None:
+        residual = torch.where(mask[:, None], residual, 0)
+        count = mask.sum().clamp_min(1).to(residual.dtype)
     # v = validation batch, k = classes, d = feature dim
-    grad_weight = torch.einsum("vk,vd->kd", residual, features.to(residual.dtype)) / logits.shape[0]
-    return grad_weight, residual.mean(0)
+    grad_weight = torch.einsum("vk,vd->kd", residual, features.to(residual.dtype)) / count
+    return grad_weight, residual.mean(0) if mask is None else residual.sum(0) / count
 
 
 
@@ -218,25 +249,27 @@ def last_layer_inner_products(
 # ---------------------------------------------------------------------------------------------------------------
 # Weights and soft labels
 # ---------------------------------------------------------------------------------------------------------------
-def normalize_inner_products(pi: Tensor, normalize: Normalize = "batch_max") -> Tensor:
+def normalize_inner_products(pi: Tensor, normalize: Normalize = "batch_max", *, mask: Tensor | None = None) -> Tensor:
     """Put ``Π`` on a unit scale before the β bonus and the Gumbel noise are added.
 
     ``Π`` scales with ``‖g‖``, and with Gumbel noise its scale acts as an inverse temperature, so a fixed β only
     means something after normalising. ``"batch_max"``: ``Π / mean_i max_k |Π_ik|`` (one scale per batch, keeps
-    the ranking across samples); ``"row_max"``: each row by its own ``max_k |Π_ik|``; ``"none"``: raw.
+    the ranking across samples); ``"row_max"``: each row by its own ``max_k |Π_ik|``; ``"none"``: raw. ``mask``
+    (bool `(B,)`): the batch is these rows (the others come back unspecified).
     """
     if normalize == "none":
         return pi
     eps = torch.finfo(pi.dtype).tiny
     row = pi.abs().amax(-1, keepdim=True)
     if normalize == "batch_max":
-        return pi / row.mean().clamp_min(eps)
+        scale = row.mean() if mask is None else _masked_mean(row, mask)
+        return pi / scale.clamp_min(eps)
     if normalize == "row_max":
         return pi / row.clamp_min(eps)
     raise ValueError(f"normalize must be one of {_NORMALIZE}, but got {normalize!r}.")
 
 
-def standardize_inner_products(pi: Tensor) -> Tensor:
+def standardize_inner_products(pi: Tensor, *, mask: Tensor | None = None) -> Tensor:
     """Column-wise z-score of ``Π`` over the batch: ``(Π_ik - mean_j Π_jk) / std_j Π_jk`` (not in the paper).
 
     The validation gradient has a batch-global class direction (post-ReLU features share a common mean component,
@@ -246,10 +279,14 @@ def standardize_inner_products(pi: Tensor) -> Tensor:
 
     Args:
         pi: Inner products `(B, K)`.
+        mask: Bool `(B,)`: standardise over these rows only (the others come back zero), with no host
+            synchronisation.
 
     Returns:
         The standardised scores `(B, K)`, same dtype.
     """
+    if mask is not None:
+        return _masked_zscore(pi, mask)
     centred = pi - pi.mean(0, keepdim=True)
     if pi.shape[0] < 2:
         return centred
@@ -279,16 +316,42 @@ def own_label_gain(pi: Tensor, targets: Tensor) -> Tensor:
     check_targets(targets, pi.shape[0], pi.shape[1], "targets")
     dtype = torch.promote_types(pi.dtype, torch.float32)
     raw = pi.to(dtype)
-    return (as_probabilities(targets, pi.shape[1], dtype) * raw).sum(-1) - raw.mean(-1)
+    return _own_label_gain(raw, as_probabilities(targets, pi.shape[1], dtype))
 
 
-def _zscore(values: Tensor) -> Tensor:
+def _own_label_gain(raw: Tensor, y: Tensor) -> Tensor:
+    return (y * raw).sum(-1) - raw.mean(-1)
+
+
+def _zscore(values: Tensor, mask: Tensor | None = None) -> Tensor:
     """``(v - mean) / std`` over the batch (population std); zeros for one sample or a constant vector."""
+    if mask is not None:
+        return _masked_zscore(values[:, None], mask)[:, 0]
     centred = values - values.mean()
     if values.shape[0] < 2:
         return centred
     scale = centred.pow(2).mean().sqrt()
     return centred / scale.clamp_min(torch.finfo(values.dtype).eps * (1.0 + values.abs().amax()))
+
+
+# Fixed-shape statistics over the rows of a mask: the same formulas as over the rows themselves, with the count on
+# the device, so that no host synchronisation is needed to know how many rows there are.
+def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Mean over the rows ``mask`` of ``x`` `(B, ...)` (all dimensions); 0 when there is none."""
+    rows = torch.where(mask.view(-1, *([1] * (x.dim() - 1))), x, 0)
+    return rows.sum() / (mask.sum() * (rows[0].numel() if x.dim() > 1 else 1)).clamp_min(1)
+
+
+def _masked_zscore(x: Tensor, mask: Tensor) -> Tensor:
+    """Column z-scores of ``x`` `(B, K)` over the rows ``mask`` (zeros elsewhere, and for fewer than two rows)."""
+    rows = mask[:, None]
+    n = mask.sum().to(x.dtype)
+    kept = torch.where(rows, x, 0)
+    centred = torch.where(rows, x - kept.sum(0, keepdim=True) / n.clamp_min(1), 0)
+    scale = (centred.pow(2).sum(0, keepdim=True) / n.clamp_min(1)).sqrt()
+    eps = torch.finfo(x.dtype).eps
+    # A constant column (no information) stays zero instead of being blown up.
+    return torch.where(n >= 2, centred / scale.clamp_min(eps * (1.0 + kept.abs().amax())), centred)
 
 
 def _check_rule_logits(rule: str, logits: Tensor | None, pi: Tensor) -> None:
@@ -329,21 +392,23 @@ def weight_scores(pi: Tensor, targets: Tensor, *, rule: RuleName = "margin", log
         raise ValueError(f"rule must be one of {_RULES}, but got {rule!r}.")
     _check_rule_logits(rule, logits, pi)
     dtype = torch.promote_types(pi.dtype, torch.float32)
-    raw = pi.to(dtype)
-    y = as_probabilities(targets, pi.shape[1], dtype)
+    return _scores(pi.to(dtype), as_probabilities(targets, pi.shape[1], dtype), rule, logits)
+
+
+def _scores(raw: Tensor, y: Tensor, rule: str, logits: Tensor | None, mask: Tensor | None = None) -> Tensor:
     if rule in _MARGIN_RULES:
-        z = standardize_inner_products(raw)
+        z = standardize_inner_products(raw, mask=mask)
         return (y * z).sum(-1) - z.amax(-1)
     if rule in _GAIN_RULES:
-        score = _zscore(own_label_gain(raw, targets))
+        score = _zscore(_own_label_gain(raw, y), mask)
         if rule == "gain_loss":
-            own = (y * torch.log_softmax(logits.detach().to(dtype), -1)).sum(-1)
-            score = score + _zscore(own)
+            own = (y * torch.log_softmax(logits.detach().to(raw.dtype), -1)).sum(-1)
+            score = score + _zscore(own, mask)
         return score
     return (y * raw).sum(-1)
 
 
-def adaptive_keep(scores: Tensor, min_separation: float) -> Tensor:
+def adaptive_keep(scores: Tensor, min_separation: float, *, mask: Tensor | None = None) -> Tensor:
     """Keep mask from a threshold that adapts to the share of bad samples (Otsu's split of the batch's scores).
 
     The scores are split into a low and a high group where the between-group variance ``σ_b²`` is largest (Otsu,
@@ -354,27 +419,41 @@ def adaptive_keep(scores: Tensor, min_separation: float) -> Tensor:
     Args:
         scores: `(B,)`, higher = keep.
         min_separation: ``η`` needed to drop anything, in ``[0, 1]``.
+        mask: Bool `(B,)`: split these rows only (the others come back unspecified).
 
     Returns:
         Bool `(B,)`.
     """
     batch = scores.shape[0]
-    keep = torch.ones(batch, dtype=torch.bool, device=scores.device)
     if batch < 2:
-        return keep
-    ordered, order = scores.sort()
-    total = ordered.var(unbiased=False)
-    if not total > 0:
-        return keep
+        return torch.ones(batch, dtype=torch.bool, device=scores.device)
     low = torch.arange(1, batch, device=scores.device, dtype=scores.dtype)  # size of the low group
+    if mask is None:
+        ordered, order = scores.sort()
+        total = ordered.var(unbiased=False)
+        count: Tensor | int = batch
+        valid = None
+    else:
+        ordered, order = torch.where(mask, scores, math.inf).sort()  # the rows of the mask first
+        count = mask.sum().to(scores.dtype)
+        ordered = torch.where(torch.arange(batch, device=scores.device) < count, ordered, 0)
+        mean = ordered.sum() / count.clamp_min(1)
+        total = torch.where(torch.arange(batch, device=scores.device) < count, ordered - mean, 0)
+        total = total.pow(2).sum() / count.clamp_min(1)
+        valid = low < count
     cum = ordered.cumsum(0)[:-1]
     mean_low = cum / low
-    mean_high = (ordered.sum() - cum) / (batch - low)
-    between = (low / batch) * (1 - low / batch) * (mean_low - mean_high) ** 2
-    best = int(between.argmax())
-    if float(between[best] / total) >= min_separation:
-        keep[order[: best + 1]] = False
-    return keep
+    mean_high = (ordered.sum() - cum) / (count - low)
+    between = (low / count) * (1 - low / count) * (mean_low - mean_high) ** 2
+    if valid is not None:
+        between = torch.where(valid, between, -math.inf)
+    top, best = between.max(0)
+    # Decided on the device (no host synchronisation): drop the low group when the split explains enough.
+    split = (total > 0) & (top / total >= min_separation)
+    if valid is not None:
+        split = split & (count >= 2)
+    drop = (torch.arange(batch, device=scores.device) <= best) & split
+    return torch.empty_like(drop).scatter_(0, order, ~drop)
 
 
 # margin: 1.5 was the best of {1, 1.5} on both benchmark streams (and 0.5 dropped too many good samples).
@@ -485,33 +564,63 @@ def saflex_targets(
     beta = _check_rule_settings(rule, beta, tau, normalize)
     _check_rule_logits(rule, logits, pi)
     dtype = torch.promote_types(pi.dtype, torch.float32)
-    raw = pi.to(dtype)
-    upstream = as_probabilities(targets, pi.shape[1], dtype)
+    return rule_targets(pi.to(dtype), as_probabilities(targets, pi.shape[1], dtype), rule=rule, beta=beta, tau=tau,
+                        normalize=normalize, generator=generator, logits=logits)
+
+
+def rule_targets(
+    pi: Tensor,
+    upstream: Tensor,
+    *,
+    rule: str,
+    beta: float,
+    tau: float | None,
+    normalize: str,
+    generator: torch.Generator | None = None,
+    logits: Tensor | None = None,
+    mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """:func:`saflex_targets` on checked inputs: ``pi`` `(B, K)` in float32 or wider, ``upstream`` probabilities in
+    its dtype, ``beta`` resolved. ``mask`` (bool `(B,)`) decides for these rows only, as if the batch were them, with
+    the shapes of the whole batch: no host synchronisation, except the Gumbel rules (``tau`` set), which draw
+    exactly one noise row per masked row (one synchronisation for their count), as :func:`saflex_targets` does.
+    Rows outside ``mask`` come back unspecified.
+    """
+    dtype, num_classes = pi.dtype, pi.shape[1]
+    raw = pi
     if rule in _GAIN_RULES:
-        score = weight_scores(raw, targets, rule=rule, logits=logits)
-        keep = adaptive_keep(score, beta) if rule == "gain_auto" else score >= -beta
+        score = _scores(raw, upstream, rule, logits, mask)
+        keep = adaptive_keep(score, beta, mask=mask) if rule == "gain_auto" else score >= -beta
         return keep.to(dtype), upstream
     if rule in ("margin", "margin_fix"):
-        z = standardize_inner_products(raw)
+        z = standardize_inner_products(raw, mask=mask)
         margin = (upstream * z).sum(-1) - z.amax(-1)
         keep = margin >= -beta
         if rule == "margin":
             return keep.to(dtype), upstream
-        top2 = z.topk(min(2, z.shape[1]), -1).values
-        lead = top2[:, 0] - top2[:, -1] if z.shape[1] > 1 else torch.full_like(margin, math.inf)
+        top2 = z.topk(min(2, num_classes), -1).values
+        lead = top2[:, 0] - top2[:, -1] if num_classes > 1 else torch.full_like(margin, math.inf)
         relabel = ~keep & (lead >= beta / 2)
-        labels = torch.where(relabel[:, None], F.one_hot(z.argmax(-1), pi.shape[1]).to(dtype), upstream)
+        labels = torch.where(relabel[:, None], one_hot(z.argmax(-1), num_classes, dtype), upstream)
         return (keep | relabel).to(dtype), labels
     if rule == "margin_relabel":
-        score = standardize_inner_products(raw) + beta * upstream
+        score = standardize_inner_products(raw, mask=mask) + beta * upstream
     else:
-        score = raw - raw.mean(0, keepdim=True) if rule == "centered" and raw.shape[0] > 1 else raw
-        score = normalize_inner_products(score, normalize) + beta * upstream
+        score = raw
+        if rule == "centered" and mask is not None:
+            score = torch.where(mask.sum() > 1, raw - _masked_column_mean(raw, mask), raw)
+        elif rule == "centered" and raw.shape[0] > 1:
+            score = raw - raw.mean(0, keepdim=True)
+        score = normalize_inner_products(score, normalize, mask=mask) + beta * upstream
     if tau is None:
-        soft_labels = F.one_hot(score.argmax(-1), pi.shape[1]).to(dtype)
+        soft_labels = one_hot(score.argmax(-1), num_classes, dtype)
     else:
         device = generator.device if generator is not None else pi.device
-        uniform = torch.rand(score.shape, generator=generator, device=device, dtype=dtype).to(pi.device)
+        rows = None if mask is None else mask.nonzero().squeeze(1)  # the Gumbel rules' one synchronisation
+        shape = score.shape if rows is None else (rows.numel(), num_classes)
+        uniform = torch.rand(shape, generator=generator, device=device, dtype=dtype).to(pi.device)
+        if rows is not None:
+            uniform = torch.full_like(score, 0.5).index_copy_(0, rows, uniform)
         tiny = torch.finfo(dtype).tiny
         gumbel = -torch.log(-torch.log(uniform.clamp(tiny, 1.0 - 1e-7)))
         soft_labels = torch.softmax((score + gumbel) / tau, -1)
@@ -519,6 +628,10 @@ def saflex_targets(
         return torch.ones(pi.shape[0], dtype=dtype, device=pi.device), soft_labels
     weights = ((soft_labels * raw).sum(-1) >= 0).to(dtype)
     return weights, soft_labels
+
+
+def _masked_column_mean(x: Tensor, mask: Tensor) -> Tensor:
+    return torch.where(mask[:, None], x, 0).sum(0, keepdim=True) / mask.sum().clamp_min(1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -569,3 +682,29 @@ class Rule:
         """``saflex_targets(pi, targets, ...)`` with this rule's settings."""
         return saflex_targets(pi, targets, beta=self.beta, tau=self.tau, normalize=self.normalize, rule=self.name,
                               generator=generator, logits=logits)
+
+    def decide(
+        self,
+        pi: Tensor,
+        upstream: Tensor,
+        mask: Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        logits: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """The rule for the rows ``mask`` of a batch, on checked inputs (:func:`rule_targets`): what
+        :class:`~saflex_data.SaflexLoss` calls every step, without a host synchronisation.
+
+        Args:
+            pi: Inner products `(B, K)`, float32 or wider (rows outside ``mask`` may hold anything finite).
+            upstream: Upstream labels as probabilities `(B, K)`, in the dtype of ``pi``.
+            mask: Bool `(B,)`: the augmented rows, decided as if the batch were them.
+            generator: Gumbel noise generator.
+            logits: Detached training logits `(B, K)` (``gain_loss``).
+
+        Returns:
+            ``(weights (B,), soft_labels (B, K))``; rows outside ``mask`` unspecified.
+        """
+        _check_rule_logits(self.name, logits, pi)
+        return rule_targets(pi, upstream, rule=self.name, beta=self.beta, tau=self.tau, normalize=self.normalize,
+                            generator=generator, logits=logits, mask=mask)

@@ -70,17 +70,33 @@ class PiMethod:
         """Names and shapes of the signal for this model (checked when a saved state is loaded)."""
         return {n: tuple(p.shape) for n, p in self.model.named_parameters() if p.requires_grad}
 
-    def heldout_signal(self, inputs: Tensor, targets: Tensor, temperature: float) -> Signal:
-        """The signal of a validation batch; runs inside the loss's ``validation_pass``."""
-        return validation_gradient(self.model, inputs, targets, temperature=temperature)
+    def heldout_signal(self, inputs: Tensor, targets: Tensor, temperature: float, check: bool = True) -> Signal:
+        """The signal of a validation batch; runs inside the loss's ``validation_pass``. ``check=False``: the
+        targets' values were checked before (once per shape and dtype)."""
+        return validation_gradient(self.model, inputs, targets, temperature=temperature, check=check)
 
     def batch_signal(self, capture: dict[str, Any], logits: Tensor, labels: Tensor, clean: Tensor,
-                     temperature: float) -> Signal:
-        """The signal of the clean rows ``clean`` (indices) of the training batch (``reference="batch"``)."""
+                     temperature: float) -> tuple[Signal, Tensor | None] | None:
+        """The signal of the clean rows (bool mask ``clean``) of the training batch (``reference="batch"``).
+
+        Returns ``(signal, has_rows)``, where ``has_rows`` is ``None`` or a device bool saying whether any row was
+        clean (a signal computed with the batch's shapes, no host synchronisation), or ``None`` when the method
+        knows on the host that no row was clean.
+        """
         raise NotImplementedError
 
-    def inner_products(self, capture: dict[str, Any], logits: Tensor, aug_index: Tensor, signal: Signal) -> Tensor:
-        """``Π`` `(n, K)` of the augmented rows ``aug_index`` of the forward ``capture`` that gave ``logits``."""
+    def select(self, mask: Tensor) -> Tensor | None:
+        """The augmented rows' indices when the method needs them on the host (a synchronisation), else ``None``.
+
+        Called before the validation signal: a method that selects rows knows when there is none, and the loss
+        then skips the step's validation pass."""
+        return None
+
+    def inner_products(self, capture: dict[str, Any], logits: Tensor, mask: Tensor, signal: Signal,
+                       index: Tensor | None = None) -> Tensor:
+        """``Π`` `(B, K)` of the forward ``capture`` that gave ``logits``, exact on the augmented rows ``mask``
+        (bool `(B,)`, or their indices ``index`` from :meth:`select`); the other rows hold something the rule
+        ignores."""
         raise NotImplementedError
 
     # -- the remembered forwards -----------------------------------------------------------------------------------
@@ -156,7 +172,7 @@ class LastLayer(PiMethod):
         bias = {} if linear.bias is None else {self.bias_name: tuple(linear.bias.shape)}
         return {self.weight_name: tuple(linear.weight.shape), **bias}
 
-    def heldout_signal(self, inputs: Tensor, targets: Tensor, temperature: float) -> Signal:
+    def heldout_signal(self, inputs: Tensor, targets: Tensor, temperature: float, check: bool = True) -> Signal:
         capture = FeatureCapture(self.classifier)
         try:
             with torch.no_grad(), running_stats_frozen(self.model):
@@ -164,14 +180,19 @@ class LastLayer(PiMethod):
         finally:
             capture.remove()
         check_logits(logits, "model(validation inputs)")
-        return self._signal(capture.features.flatten(1), logits, targets, temperature)
+        return self._signal(capture.features.flatten(1), logits, targets, temperature, check=check)
 
     def batch_signal(self, capture: dict[str, Any], logits: Tensor, labels: Tensor, clean: Tensor,
-                     temperature: float) -> Signal:
-        return self._signal(capture["features"][clean].flatten(1), logits[clean].detach(), labels[clean], temperature)
+                     temperature: float) -> tuple[Signal, Tensor]:
+        # The mean over the clean rows with the batch's shapes: no host synchronisation to count them.
+        signal = self._signal(capture["features"].flatten(1), logits.detach(), labels, temperature, mask=clean,
+                              check=False)
+        return signal, clean.any()
 
-    def _signal(self, features: Tensor, logits: Tensor, targets: Tensor, temperature: float) -> Signal:
-        grad_weight, grad_bias = last_layer_validation_gradient(features, logits, targets, temperature=temperature)
+    def _signal(self, features: Tensor, logits: Tensor, targets: Tensor, temperature: float,
+                mask: Tensor | None = None, check: bool = True) -> Signal:
+        grad_weight, grad_bias = last_layer_validation_gradient(features, logits, targets, temperature=temperature,
+                                                                mask=mask, check=check)
         linear = self.classifier
         if not linear.weight.requires_grad:
             raise ValueError(
@@ -183,9 +204,10 @@ class LastLayer(PiMethod):
             return {self.weight_name: grad_weight}  # only trainable parameters count
         return {self.weight_name: grad_weight, self.bias_name: grad_bias}
 
-    def inner_products(self, capture: dict[str, Any], logits: Tensor, aug_index: Tensor, signal: Signal) -> Tensor:
-        features = capture["features"]
-        return last_layer_inner_products(features[aug_index].flatten(1), logits[aug_index], signal[self.weight_name],
+    def inner_products(self, capture: dict[str, Any], logits: Tensor, mask: Tensor, signal: Signal,
+                       index: Tensor | None = None) -> Tensor:
+        # Every row: one (B, D) x (D, K) product, cheaper than selecting the augmented rows (a synchronisation).
+        return last_layer_inner_products(capture["features"].flatten(1), logits, signal[self.weight_name],
                                          signal.get(self.bias_name))
 
 
@@ -219,24 +241,33 @@ class Jvp(PiMethod):
         return {}
 
     def batch_signal(self, capture: dict[str, Any], logits: Tensor, labels: Tensor, clean: Tensor,
-                     temperature: float) -> Signal:
-        return validation_gradient(self.model, capture["inputs"][clean], labels[clean], temperature=temperature)
+                     temperature: float) -> tuple[Signal, None] | None:
+        index = clean.nonzero().squeeze(1)  # a synchronisation: the JVP methods select rows
+        if not index.numel():
+            return None
+        return validation_gradient(self.model, capture["inputs"][index], labels[index], temperature=temperature,
+                                   check=False), None
 
-    def inner_products(self, capture: dict[str, Any], logits: Tensor, aug_index: Tensor, signal: Signal) -> Tensor:
-        if not aug_index.numel():
-            return logits.new_zeros((0, logits.shape[1]))
+    def select(self, mask: Tensor) -> Tensor:
+        return mask.nonzero().squeeze(1)  # the one synchronisation of the JVP methods (the rows set the shape)
+
+    def inner_products(self, capture: dict[str, Any], logits: Tensor, mask: Tensor, signal: Signal,
+                       index: Tensor | None = None) -> Tensor:
         inputs = capture["inputs"]
         with internal_pass(), rng_preserved(inputs.device):
-            return self._inner_products(capture, inputs, aug_index, signal)
-
-    def _inner_products(self, capture: dict[str, Any], inputs: Tensor, aug_index: Tensor, signal: Signal) -> Tensor:
-        if capture["stochastic"] or batch_dependent(self.model):
-            # Train-mode BatchNorm normalises with the whole batch's statistics, and dropout's masks are drawn for
-            # the whole batch: forward the whole batch with the training forward's random state, as the step did.
-            if capture["rng"] is not None:
-                set_rng_state(capture["rng"], inputs.device)
-            return grad_inner_products(self.model, inputs, signal, method="jvp")[aug_index]
-        return grad_inner_products(self.model, inputs[aug_index], signal, method="jvp")
+            if capture["stochastic"] or batch_dependent(self.model):
+                # Train-mode BatchNorm normalises with the whole batch's statistics, and dropout's masks are drawn
+                # for the whole batch: forward the whole batch with the training forward's random state, as the
+                # step did (every row, so no selection and no synchronisation).
+                if capture["rng"] is not None:
+                    set_rng_state(capture["rng"], inputs.device)
+                return grad_inner_products(self.model, inputs, signal, method="jvp")
+            index = self.select(mask) if index is None else index
+            dtype = torch.promote_types(logits.dtype, torch.float32)
+            if not index.numel():
+                return logits.new_zeros(logits.shape, dtype=dtype)
+            pi = grad_inner_products(self.model, inputs[index], signal, method="jvp")
+            return pi.new_zeros(logits.shape).index_copy_(0, index, pi)
 
 
 class JvpFrozenStats(Jvp):
@@ -264,11 +295,19 @@ class JvpFrozenStats(Jvp):
         bn_stats, self.bn_stats = self.bn_stats, {}
         return {"bn_stats": bn_stats}
 
-    def _inner_products(self, capture: dict[str, Any], inputs: Tensor, aug_index: Tensor, signal: Signal) -> Tensor:
-        if capture["stochastic"]:
-            return super()._inner_products(capture, inputs, aug_index, signal)
-        return grad_inner_products(self.model, inputs[aug_index], signal, method="jvp",
-                                   batch_stats=capture["bn_stats"] if batch_dependent(self.model) else None)
+    def inner_products(self, capture: dict[str, Any], logits: Tensor, mask: Tensor, signal: Signal,
+                       index: Tensor | None = None) -> Tensor:
+        if capture["stochastic"]:  # dropout: the whole batch with its masks replayed, as "jvp"
+            return super().inner_products(capture, logits, mask, signal, index)
+        inputs = capture["inputs"]
+        with internal_pass(), rng_preserved(inputs.device):
+            index = self.select(mask) if index is None else index
+            dtype = torch.promote_types(logits.dtype, torch.float32)
+            if not index.numel():
+                return logits.new_zeros(logits.shape, dtype=dtype)
+            stats = capture["bn_stats"] if batch_dependent(self.model) else None
+            pi = grad_inner_products(self.model, inputs[index], signal, method="jvp", batch_stats=stats)
+            return pi.new_zeros(logits.shape).index_copy_(0, index, pi)
 
 
 class SinglePass(PiMethod):
@@ -278,8 +317,9 @@ class SinglePass(PiMethod):
     where = "forward_train"
     supports_batch_reference = False
 
-    def inner_products(self, capture: dict[str, Any], logits: Tensor, aug_index: Tensor, signal: Signal) -> Tensor:
-        return inner_products_from_tangent(logits[aug_index], capture["tangent"][aug_index])
+    def inner_products(self, capture: dict[str, Any], logits: Tensor, mask: Tensor, signal: Signal,
+                       index: Tensor | None = None) -> Tensor:
+        return inner_products_from_tangent(logits, capture["tangent"])
 
 
 # ---------------------------------------------------------------------------------------------------------------

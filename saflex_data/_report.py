@@ -2,28 +2,74 @@
 
 from __future__ import annotations
 
+import ctypes
 import warnings
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["StepRecord", "StepReport"]
+__all__ = ["DeviceFlags", "StepRecord", "StepReport"]
 
 
 class StepRecord(NamedTuple):
     """What a step decided for the augmented rows of its (global) batch, for the statistics."""
 
     upstream: Tensor
-    """Upstream labels as probabilities `(N, K)` of the augmented rows."""
+    """Upstream labels as probabilities `(N, K)` of the rows."""
     weights: Tensor
     """Their weights `(N,)`."""
     soft_labels: Tensor
     """Their soft labels `(N, K)`."""
     op: Tensor | None
     """Their upstream op ids `(N,)` (``-1``: none), or ``None``."""
+    mask: Tensor
+    """Bool `(N,)`: the augmented rows (the statistics describe these)."""
     batch_size: int
     """Rows of the whole batch, clean and augmented (of every rank under torch.distributed)."""
+
+
+class DeviceFlags:
+    """Booleans computed on the device that the host reads once they are ready, without waiting for the device.
+
+    ``push(flag)`` queues a 0-dim bool tensor: on a CUDA device it is copied into pinned host memory by a
+    non-blocking copy, followed by an event; ``poll()`` counts the queued flags that were set among those whose
+    event has completed (``poll(wait=True)``: all of them, waiting). The host reads the flag's memory directly: a
+    CPU tensor's memory is host memory, so this is no device synchronisation (and no aten op). Other devices read
+    the flag at ``poll``.
+    """
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[Tensor, Any]] = []
+
+    def push(self, flag: Tensor) -> None:
+        event = None
+        if flag.device.type == "cuda":
+            host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            host.copy_(flag, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            flag = host
+        self._pending.append((flag, event))
+
+    def poll(self, wait: bool = False) -> int:
+        count, waiting = 0, []
+        for flag, event in self._pending:
+            if event is not None and not wait and not event.query():
+                waiting.append((flag, event))
+                continue
+            if event is not None:
+                event.synchronize()
+            count += _read_bool(flag)
+        self._pending = waiting
+        return count
+
+
+def _read_bool(flag: Tensor) -> bool:
+    if flag.device.type != "cpu":
+        return bool(flag)
+    flag = flag.contiguous()
+    return bool(ctypes.c_bool.from_address(flag.data_ptr()).value)
 
 
 class StepReport:

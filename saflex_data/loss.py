@@ -25,10 +25,10 @@ from torch import Tensor, nn
 from ._math import RULES_USING_LOGITS, Rule, as_probabilities, check_logits, check_targets, check_temperature
 from ._methods import METHODS, PiMethod, Signal
 from ._passes import model_device, unwrap_model, validation_pass
-from ._report import StepRecord, StepReport
+from ._report import DeviceFlags, StepRecord, StepReport
 from ._stream import ValidationStream
 from .batch import SaflexTarget
-from .distributed import BatchLayout, Sync, forward_with_tangent
+from .distributed import Sync, forward_with_tangent
 
 __all__ = ["SaflexLoss"]
 
@@ -163,6 +163,8 @@ class SaflexLoss(StepReport, nn.Module):
         self.step = 0
         self._generator = torch.Generator().manual_seed(seed)
         self._signal: Signal | None = None  # the cached validation signal
+        self._signal_valid: Tensor | None = None  # reference="batch", last_layer: whether it saw a clean row (device)
+        self._checked: dict[str, tuple] = {}  # what the value checks last saw (once per shape and dtype)
         self._warned_nonfinite = False
         self._fallback_keeps = "the upstream labels"
         self.last_step: dict[str, Tensor] = {}
@@ -214,17 +216,9 @@ class SaflexLoss(StepReport, nn.Module):
                                    label_smoothing=self.label_smoothing)
         batch, num_classes = logits.shape
         dtype = torch.promote_types(logits.dtype, torch.float32)  # the solve and the loss in >= float32
-        aug_index = is_augmented.nonzero().squeeze(1)
-        layout = self._sync.layout(len(aug_index), batch, num_classes, logits.device)
-        weights = torch.ones(batch, dtype=dtype, device=logits.device)
-        targets = as_probabilities(labels, num_classes, dtype, copy=True)
-        if layout.total_augmented:
-            aug_weights, aug_targets, record = self._decide(logits, labels, targets[aug_index], is_augmented, op,
-                                                            aug_index, layout)
-            weights[aug_index], targets[aug_index] = aug_weights, aug_targets
-            self._record(record)
-        else:
-            self._record(StepRecord(targets[:0], weights[:0], targets[:0], None, sum(layout.batch_sizes)))
+        upstream = as_probabilities(labels, num_classes, dtype, copy=True)
+        # Fixed shapes from here on: every row is decided (the augmented ones by the rule), nothing is read back.
+        weights, targets = self._decide(logits, labels, upstream, is_augmented, op)
         self.last_step = {"is_augmented": is_augmented, "weights": weights, "targets": targets,
                           "upstream": labels if labels.dim() == 1 else labels.argmax(-1)}
         self.step += 1
@@ -243,7 +237,7 @@ class SaflexLoss(StepReport, nn.Module):
         if self.method != "single_pass":
             raise RuntimeError(f"forward_train is for method='single_pass'; this loss uses method={self.method!r}.")
         self._sync.check_once(self.settings())  # [distributed]
-        signal = self._validation_signal(None, None, None, None)
+        signal, _ = self._validation_signal(None, None, None, None)
         train_model = self._train_model
         if model is not None:
             ddp = _outer_ddp(model)
@@ -286,83 +280,106 @@ class SaflexLoss(StepReport, nn.Module):
             op = None
         else:
             raise TypeError(f"target must be a SaflexTarget or a tensor, but got {type(target).__name__}.")
-        check_targets(labels, batch, num_classes, "target labels")
+        # The value checks read the labels on the host: once per shape and dtype, not every step.
+        check_targets(labels, batch, num_classes, "target labels", values=self._first("target", labels, num_classes))
+        self._checked["target"] = _signature(labels, num_classes)
         return labels, is_augmented, op
 
-    def _decide(self, logits: Tensor, labels: Tensor, upstream: Tensor, is_augmented: Tensor, op: Tensor | None,
-                aug_index: Tensor, layout: BatchLayout) -> tuple[Tensor, Tensor, StepRecord]:
-        """Weights and soft labels of this rank's augmented rows, and the record of the (global) batch."""
-        capture = self._method.capture_of(logits)
-        op = None if op is None else op[aug_index]
-        with torch.autocast(device_type=logits.device.type, enabled=False):
-            signal = None
-            if self._method.supports_batch_reference:  # the signal exists before the forward
-                signal = self._validation_signal(capture, logits, labels, is_augmented)
-                if signal is None:  # reference="batch", no clean row yet: nothing to compare with, keep all
-                    ones = upstream.new_ones(len(upstream))
-                    return ones, upstream, StepRecord(upstream, ones, upstream, op, len(logits))
-            pi = self._method.inner_products(capture, logits, aug_index, signal)
-            return self._apply_rule(pi, upstream, logits[aug_index].detach(), op, layout)
+    def _first(self, name: str, tensor: Tensor, *extra: Any) -> bool:
+        """Whether ``tensor`` differs in shape, dtype or device from the last one checked as ``name``."""
+        return self._checked.get(name) != _signature(tensor, *extra)
 
-    def _apply_rule(self, pi: Tensor, upstream: Tensor, logits: Tensor, op: Tensor | None,
-                    layout: BatchLayout) -> tuple[Tensor, Tensor, StepRecord]:
-        """The rule on the augmented rows of the global batch (every rank alike); this rank's rows and the record."""
-        dtype = torch.promote_types(pi.dtype, torch.float32)
-        exchange_logits = not self._sync.active or self.rule.name in RULES_USING_LOGITS
-        rows = self._sync.gather(pi.to(dtype), upstream.to(dtype), layout, logits=logits if exchange_logits else None,
-                                 op=op)
-        total = layout.total_augmented
-        # Every rank sees the same gathered Π, so every rank takes the same fallback decision.
-        finite = bool(torch.isfinite(rows.pi).all())
-        if finite and total:
-            weights, labels = self.rule(rows.pi, rows.upstream, generator=self._generator, logits=rows.logits)
-            weights, labels = weights.to(device=pi.device, dtype=dtype), labels.to(device=pi.device, dtype=dtype)
-        else:
-            weights, labels = torch.ones(total, dtype=dtype, device=pi.device), rows.upstream.clone()
-        if not finite:
-            self._nonfinite_fallback()
-        record = StepRecord(rows.upstream, weights, labels, rows.op, sum(layout.batch_sizes))
-        return weights[rows.mine], labels[rows.mine], record
+    def _decide(self, logits: Tensor, labels: Tensor, upstream: Tensor, is_augmented: Tensor,
+                op: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Weights `(B,)` and targets `(B, K)` of this rank's rows: the rule's for the augmented rows, ``1`` and the
+        upstream label for the others (and for every row of a step whose ``Π`` is not finite)."""
+        capture = self._method.capture_of(logits)
+        index = self._method.select(is_augmented)  # host indices: only methods that select rows (JVP) read them
+        layout = self._sync.layout(*logits.shape, -1 if index is None else index.numel(), logits.device)
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            signal, valid = None, None
+            if self._method.supports_batch_reference:  # the signal exists before the forward
+                if layout.total_augmented != 0:  # (no augmented row, known on the host: no validation pass)
+                    signal, valid = self._validation_signal(capture, logits, labels, is_augmented)
+                if signal is None:  # or reference="batch", no clean row yet: nothing to compare with, keep all
+                    ones = upstream.new_ones(len(upstream))
+                    self._record(StepRecord(upstream, ones, upstream, op, is_augmented, len(logits)))
+                    return ones, upstream
+            pi = self._method.inner_products(capture, logits, is_augmented, signal, index)
+            exchange_logits = not self._sync.active or self.rule.name in RULES_USING_LOGITS
+            rows = self._sync.gather(pi.to(upstream.dtype), upstream, is_augmented, layout, op=op,
+                                     logits=logits.detach() if exchange_logits else None)
+            weights, targets = self.rule.decide(rows.pi, rows.upstream, rows.mask, generator=self._generator,
+                                                logits=rows.logits)
+            # A non-finite Π of an augmented row (on any rank) makes the whole step fall back, decided on the device.
+            finite = torch.where(rows.mask[:, None], rows.pi.isfinite(), True).all()
+            decided = rows.mask & finite if valid is None else rows.mask & finite & valid
+            weights = torch.where(decided, weights, 1)
+            targets = torch.where(decided[:, None], targets, rows.upstream)
+        self._fallbacks.push(rows.mask.any() & ~finite)
+        self._record(StepRecord(rows.upstream, weights, targets, rows.op, rows.mask, sum(layout.batch_sizes)))
+        self._poll_fallbacks()
+        return weights[rows.mine], targets[rows.mine]
 
     # ------------------------------------------------------------------------------------------------------------
     # the validation signal
     # ------------------------------------------------------------------------------------------------------------
-    def _validation_signal(self, capture: Any, logits: Tensor | None, labels: Any, is_augmented: Any) -> Signal | None:
+    def _validation_signal(self, capture: Any, logits: Tensor | None, labels: Any,
+                           is_augmented: Any) -> tuple[Signal | None, Tensor | None]:
+        """This step's signal and, for ``reference="batch"`` with ``last_layer``, a device bool saying whether it
+        comes from at least one clean row (``None``: it does)."""
         if self._signal is not None and self.step % self.val_every != 0:
-            return self._signal
+            return self._signal, self._signal_valid
+        valid = None
         if self.reference == "batch":
-            signal = self._batch_signal(capture, logits, labels, is_augmented)
-            if signal is None:
-                return self._signal
+            fresh = self._batch_signal(capture, logits, labels, is_augmented)
+            if fresh is None:  # known on the host: no clean row
+                return self._signal, self._signal_valid
+            signal, valid = fresh
         else:
             signal = self._heldout_signal()
         signal = self._sync.reduce(signal)
-        if not _finite(signal):
-            # Used once (this step falls back, counted) but never cached nor averaged in: one bad validation batch
-            # must not switch SAFLEX off for val_every steps, or for good through val_ema.
-            return signal
-        if self.val_ema is not None and self._signal is not None:
-            signal = _lerp(signal, self._signal, self.val_ema)
-        self._signal = signal
-        return signal
+        finite = _finite(signal)
+        old = self._signal
+        if old is None:
+            # The first signal is checked on the host (once): a non-finite one is used for this step (which falls
+            # back) but not cached, so that the next step draws a new one.
+            if bool(finite):
+                self._signal, self._signal_valid = signal, valid
+            return signal, valid
+        if self.val_ema is not None:
+            signal = _lerp(signal, old, self.val_ema)
+        # Cached only when finite (and from a clean row): one bad validation batch must not switch SAFLEX off for
+        # val_every steps, or for good through val_ema. Decided on the device, no host synchronisation.
+        use = finite if valid is None else finite & valid
+        self._signal = {k: torch.where(use, v, old[k]) if k in old else v for k, v in signal.items()}
+        if valid is not None:
+            step_signal = {k: torch.where(valid, v, old[k]) if k in old else v for k, v in signal.items()}
+            old_valid = self._signal_valid
+            self._signal_valid = valid if old_valid is None else valid | old_valid
+            return step_signal, self._signal_valid
+        return signal, self._signal_valid
 
     def _heldout_signal(self) -> Signal:
         model = self.model
         inputs, targets = self._val.next(model_device(model), self.prepare)
+        first = self._first("val", targets)
         with validation_pass(model, inputs.device), self._val.model_call(inputs):
-            return self._method.heldout_signal(inputs, targets, self.val_temperature)
+            signal = self._method.heldout_signal(inputs, targets, self.val_temperature, check=first)
+        self._checked["val"] = _signature(targets)
+        return signal
 
-    def _batch_signal(self, capture: Any, logits: Tensor, labels: Tensor, is_augmented: Tensor) -> Signal | None:
-        """The signal of the batch's clean rows (``reference="batch"``); ``None`` when it has none."""
-        clean = (~is_augmented).nonzero().squeeze(1)
-        if not clean.numel():
-            if not self._sync.active:
-                return None
+    def _batch_signal(self, capture: Any, logits: Tensor, labels: Tensor,
+                      is_augmented: Tensor) -> tuple[Signal, Tensor | None] | None:
+        """The signal of the batch's clean rows (``reference="batch"``); ``None`` when it (known on the host) has
+        none."""
+        with validation_pass(self.model, logits.device):
+            fresh = self._method.batch_signal(capture, logits, labels, ~is_augmented, self.val_temperature)
+        if fresh is None and self._sync.active:
             # [distributed] every rank joins the all-reduce; a rank without clean rows contributes zero
             dtype = torch.promote_types(logits.dtype, torch.float32)
-            return {n: logits.new_zeros(shape, dtype=dtype) for n, shape in self._signal_shapes().items()}
-        with validation_pass(self.model, logits.device):
-            return self._method.batch_signal(capture, logits, labels, clean, self.val_temperature)
+            return {n: logits.new_zeros(shape, dtype=dtype) for n, shape in self._signal_shapes().items()}, None
+        return fresh
 
     def _signal_shapes(self) -> dict[str, tuple[int, ...]]:
         return self._method.signal_shapes()
@@ -386,38 +403,95 @@ class SaflexLoss(StepReport, nn.Module):
         """Clear the cumulative (per-op) statistics."""
         self._op_names: tuple[str, ...] | None = None
         self._totals: dict[str, Tensor] = {}
-        self._last: dict[str, Tensor] = {}
+        self._op_counts: Tensor | None = None  # (3, len(op_names)) on the device: count, kept, relabeled
+        self._last_record: StepRecord | None = None
+        self._fallbacks = DeviceFlags()
         self.nonfinite_steps = 0
+
+    @property
+    def stats(self) -> dict[str, float]:
+        """Statistics of the last step (fractions of its augmented samples) plus the non-finite fallback count.
+
+        Computed when read (from the last step's decisions, still on the device): reading them is the host
+        synchronisation a training step does not do.
+        """
+        self._poll_fallbacks(wait=True)
+        return StepReport.stats.fget(self)
+
+    @property
+    def _last(self) -> dict[str, Tensor]:
+        record = self._last_record
+        if record is None:
+            return {}
+        with torch.no_grad():
+            mask = record.mask
+            n_aug = mask.sum().float()
+            denom = n_aug.clamp_min(1)
+            relabeled = (record.soft_labels.argmax(-1) != record.upstream.argmax(-1)) & mask
+            return {
+                "augmented_fraction": n_aug / record.batch_size,
+                "kept_fraction": ((record.weights > 0) & mask).sum().float() / denom,
+                "relabeled_fraction": relabeled.sum().float() / denom,
+                "weight_mean": torch.where(mask, record.weights, 0).sum().float() / denom,
+            }
+
+    def _poll_fallbacks(self, wait: bool = False) -> None:
+        for _ in range(self._fallbacks.poll(wait)):
+            self._nonfinite_fallback()
+
+    def get_extra_state(self) -> dict[str, Any]:
+        self._poll_fallbacks(wait=True)
+        return super().get_extra_state()
 
     @torch.no_grad()
     def _record(self, record: StepRecord) -> None:
-        """Statistics of the augmented rows of a batch (:class:`StepRecord`)."""
-        upstream, weights, targets, op, batch = record
-        relabeled = targets.argmax(-1) != upstream.argmax(-1)
-        kept = weights > 0
-        n_aug = torch.tensor(float(len(weights)))
-        denom = n_aug.clamp_min(1)
-        self._last = {
-            "augmented_fraction": n_aug / batch,
-            "kept_fraction": kept.sum().float() / denom,
-            "relabeled_fraction": relabeled.sum().float() / denom,
-            "weight_mean": weights.sum().float() / denom,
-        }
-        if op is None or not op.numel() or int(op.max()) < 0:
+        """Keep the step's decisions for ``stats`` (computed when read) and add them to the per-op totals."""
+        self._last_record = record
+        if record.op is None:
+            return
+        kept = (record.weights > 0) & record.mask
+        relabeled = (record.soft_labels.argmax(-1) != record.upstream.argmax(-1)) & record.mask
+        valid = record.mask & (record.op >= 0)
+        columns = torch.stack([valid, kept & valid, relabeled & valid])
+        size = None if self._op_names is None else len(self._op_names)
+        if size is not None and (self._op_counts is None or self._op_counts.shape[1] == size):
+            # Known op names (SaflexCollate gives them): fixed-size totals on the device, no host synchronisation.
+            if self._op_counts is None:
+                self._op_counts = torch.zeros(3, size, dtype=torch.long, device=record.op.device)
+            valid = valid & (record.op < size)
+            self._op_counts.index_add_(1, torch.where(valid, record.op, 0), (columns & valid).long())
+            return
+        # Op ids without names: their range is read on the host (one synchronisation per step with op ids).
+        self._fold_op_stats()
+        self._add_op_totals(torch.where(valid, record.op, -1), columns.long())
+
+    def _add_op_totals(self, op: Tensor, columns: Tensor) -> None:
+        if not op.numel() or int(op.max()) < 0:
             return
         size = int(op.max()) + 1
         valid = op >= 0
         rows = op.clamp_min(0)
-        for name, mask in (("count", valid), ("kept", kept & valid), ("relabeled", relabeled & valid)):
-            counts = torch.bincount(rows[mask], minlength=size).cpu()
-            old = self._totals.get(name, torch.zeros(0, dtype=torch.long))
-            if len(old) < size:
-                old = torch.cat([old, old.new_zeros(size - len(old))])
-            old[:size] += counts
-            self._totals[name] = old
+        for name, column in zip(("count", "kept", "relabeled"), columns):
+            counts = torch.zeros(size, dtype=torch.long).index_add_(0, rows[valid].cpu(), column[valid].cpu())
+            self._add_total(name, counts)
+
+    def _add_total(self, name: str, counts: Tensor) -> None:
+        old = self._totals.get(name, torch.zeros(0, dtype=torch.long))
+        if len(old) < len(counts):
+            old = torch.cat([old, old.new_zeros(len(counts) - len(old))])
+        old[: len(counts)] += counts
+        self._totals[name] = old
+
+    def _fold_op_stats(self) -> None:
+        """Move the device totals into the host totals (a host read: when the statistics are read)."""
+        counts, self._op_counts = self._op_counts, None
+        if counts is not None:
+            for name, column in zip(("count", "kept", "relabeled"), counts.cpu()):
+                self._add_total(name, column)
 
     def op_stats(self) -> dict[str, dict[str, float]]:
         """Cumulative keep/relabel rates per upstream op since the last ``reset_stats()``."""
+        self._fold_op_stats()
         if "count" not in self._totals:
             return {}
         names = self._op_names
@@ -455,6 +529,13 @@ def _lerp(new: Signal, old: Signal, decay: float) -> Signal:
     return {k: decay * old[k] + (1 - decay) * new[k] if k in old else new[k] for k in new}
 
 
-def _finite(signal: Signal) -> bool:
+def _finite(signal: Signal) -> Tensor:
+    """Whether every entry of the signal is finite, as a device bool."""
     tensors = list(signal.values())
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()) if tensors else True
+    if not tensors:
+        return torch.tensor(True)
+    return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
+
+
+def _signature(tensor: Tensor, *extra: Any) -> tuple:
+    return (tuple(tensor.shape), tensor.dtype, tensor.device, *extra)

@@ -235,13 +235,13 @@ class TestMixedPrecision:
     @pytest.mark.parametrize("method", METHODS)
     def test_bf16_autocast_decides_like_float32_and_solves_in_float32(self, method, monkeypatch):
         solved_dtypes = []
-        original = SF.saflex_targets
+        original = saflex_math.rule_targets
 
         def spy(pi, *args, **kwargs):
             solved_dtypes.append(pi.dtype)
             return original(pi, *args, **kwargs)
 
-        monkeypatch.setattr(saflex_math, "saflex_targets", spy)  # what Rule calls
+        monkeypatch.setattr(saflex_math, "rule_targets", spy)  # what Rule.decide calls
         x, target = _batch()
         decisions = {}
         for precision in ("float32", "bfloat16"):
