@@ -24,6 +24,7 @@ from torch import Tensor
 __all__ = [
     "as_probabilities",
     "one_hot",
+    "solve_dtype",
     "check_targets",
     "check_temperature",
     "check_logits",
@@ -66,6 +67,12 @@ def as_probabilities(
     if labels.dim() == 2:
         return labels.to(dtype, copy=copy)
     return one_hot(labels, num_classes, dtype)
+
+
+def solve_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """``torch.promote_types(*dtypes, torch.float32)`` for float and integer dtypes (float64 if any is float64),
+    without a call into torch (each call of ``torch.promote_types`` is an aten op on the hot path)."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 def one_hot(index: Tensor, num_classes: int, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -160,12 +167,21 @@ def validation_residual(logits: Tensor, targets: Tensor, temperature: float = 1.
     check_temperature(temperature)
     check_logits(logits)
     check_targets(targets, logits.shape[0], logits.shape[1], "targets", values=check)
-    dtype = torch.promote_types(logits.dtype, torch.float32)  # never below float32, keep float64
-    y = as_probabilities(targets, logits.shape[1], dtype)
+    dtype = solve_dtype(logits.dtype)  # never below float32, keep float64
     if math.isinf(temperature):
+        y = as_probabilities(targets, logits.shape[1], dtype)
         return torch.full_like(y, 1.0 / logits.shape[1]) - y
-    z = logits.detach().to(dtype)
-    return torch.softmax(z if temperature == 1.0 else z / temperature, -1) - y
+    z = _detached(logits).to(dtype)
+    p = torch.softmax(z if temperature == 1.0 else z / temperature, -1)
+    if targets.dim() == 2:
+        return p - targets.to(dtype)
+    # p - onehot(y) in one op: the same numbers (p - 1 at the label, p - 0 elsewhere).
+    return p.scatter_(1, targets.long().unsqueeze(1), -1.0, reduce="add")
+
+
+def _detached(t: Tensor) -> Tensor:
+    """``t.detach()`` only when needed (each detach is an aten op on the hot path)."""
+    return t.detach() if t.requires_grad and torch.is_grad_enabled() else t
 
 
 
@@ -200,8 +216,8 @@ def last_layer_validation_gradient(
     if mask is not None:
         residual = torch.where(mask[:, None], residual, 0)
         count = mask.sum().clamp_min(1).to(residual.dtype)
-    # v = validation batch, k = classes, d = feature dim
-    grad_weight = torch.einsum("vk,vd->kd", residual, features.to(residual.dtype)) / count
+    # (K, V) x (V, D): G_W = Rᵀ H (one mm; einsum's permute/bmm route is a dozen aten ops)
+    grad_weight = residual.t().mm(features.to(residual.dtype)) / count
     return grad_weight, residual.mean(0) if mask is None else residual.sum(0) / count
 
 
@@ -219,7 +235,7 @@ def inner_products_from_tangent(logits: Tensor, tangent: Tensor) -> Tensor:
     Returns:
         ``Π`` of shape `(B, K)` in float32 (float64 when the inputs are float64).
     """
-    dtype = torch.promote_types(torch.promote_types(logits.dtype, tangent.dtype), torch.float32)
+    dtype = solve_dtype(logits.dtype, tangent.dtype)
     p = torch.softmax(logits.detach().to(dtype), -1)
     u = tangent.detach().to(dtype)
     return u - (p * u).sum(-1, keepdim=True)
@@ -237,12 +253,13 @@ def last_layer_inner_products(
         grad_weight: Validation gradient of the classifier weight `(K, D)`.
         grad_bias: Validation gradient of the classifier bias `(K,)`, or ``None`` (no or frozen bias).
     """
-    dtype = torch.promote_types(torch.promote_types(logits.dtype, grad_weight.dtype), torch.float32)
+    dtype = solve_dtype(logits.dtype, grad_weight.dtype)
     # s = h G_Wᵀ + G_b, (B, D) x (D, K): one matrix product (a plain mm; einsum's bmm route measured ~35% slower)
-    h, gw = features.detach().to(dtype), grad_weight.to(dtype)
+    h, gw = _detached(features).to(dtype), grad_weight.to(dtype)
     s = h @ gw.T if grad_bias is None else torch.addmm(grad_bias.to(dtype), h, gw.T)
-    # The logit tangent along -g is -s.
-    return inner_products_from_tangent(logits, -s)
+    # The logit tangent along -g is u = -s, and Π = u - (p·u) = (p·s) - s (the same numbers, one op fewer).
+    p = torch.softmax(_detached(logits).to(dtype), -1)
+    return (p * s).sum(-1, keepdim=True) - s
 
 
 
@@ -314,7 +331,7 @@ def own_label_gain(pi: Tensor, targets: Tensor) -> Tensor:
     """
     check_logits(pi, "pi")
     check_targets(targets, pi.shape[0], pi.shape[1], "targets")
-    dtype = torch.promote_types(pi.dtype, torch.float32)
+    dtype = solve_dtype(pi.dtype)
     raw = pi.to(dtype)
     return _own_label_gain(raw, as_probabilities(targets, pi.shape[1], dtype))
 
@@ -326,7 +343,7 @@ def _own_label_gain(raw: Tensor, y: Tensor) -> Tensor:
 def _zscore(values: Tensor, mask: Tensor | None = None) -> Tensor:
     """``(v - mean) / std`` over the batch (population std); zeros for one sample or a constant vector."""
     if mask is not None:
-        return _masked_zscore(values[:, None], mask)[:, 0]
+        return _masked_zscore(torch.where(mask, values, 0)[:, None], mask)[:, 0]
     centred = values - values.mean()
     if values.shape[0] < 2:
         return centred
@@ -337,21 +354,22 @@ def _zscore(values: Tensor, mask: Tensor | None = None) -> Tensor:
 # Fixed-shape statistics over the rows of a mask: the same formulas as over the rows themselves, with the count on
 # the device, so that no host synchronisation is needed to know how many rows there are.
 def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    """Mean over the rows ``mask`` of ``x`` `(B, ...)` (all dimensions); 0 when there is none."""
-    rows = torch.where(mask.view(-1, *([1] * (x.dim() - 1))), x, 0)
-    return rows.sum() / (mask.sum() * (rows[0].numel() if x.dim() > 1 else 1)).clamp_min(1)
+    """Mean over the rows ``mask`` of ``x`` `(B, ...)` (all dimensions), ``x`` zero elsewhere; 0 when there is
+    none."""
+    return x.sum() / (mask.sum() * (x[0].numel() if x.dim() > 1 else 1)).clamp_min(1)
 
 
 def _masked_zscore(x: Tensor, mask: Tensor) -> Tensor:
-    """Column z-scores of ``x`` `(B, K)` over the rows ``mask`` (zeros elsewhere, and for fewer than two rows)."""
-    rows = mask[:, None]
-    n = mask.sum().to(x.dtype)
-    kept = torch.where(rows, x, 0)
-    centred = torch.where(rows, x - kept.sum(0, keepdim=True) / n.clamp_min(1), 0)
-    scale = (centred.pow(2).sum(0, keepdim=True) / n.clamp_min(1)).sqrt()
-    eps = torch.finfo(x.dtype).eps
+    """Column z-scores of ``x`` `(B, K)` over the rows ``mask`` (zeros elsewhere, and for fewer than two rows).
+
+    ``x`` must be zero outside the mask (:func:`rule_targets` sees to it). One row gives zeros, as the unmasked
+    formula does: its centred value ``x - x / 1`` is exactly zero.
+    """
+    n = mask.sum(dtype=x.dtype).clamp_min(1)
+    centred = (x - x.sum(0, keepdim=True) / n) * mask[:, None]
+    scale = (centred.pow(2).sum(0, keepdim=True) / n).sqrt()
     # A constant column (no information) stays zero instead of being blown up.
-    return torch.where(n >= 2, centred / scale.clamp_min(eps * (1.0 + kept.abs().amax())), centred)
+    return centred / scale.clamp_min((x.abs().amax() + 1.0) * torch.finfo(x.dtype).eps)
 
 
 def _check_rule_logits(rule: str, logits: Tensor | None, pi: Tensor) -> None:
@@ -391,7 +409,7 @@ def weight_scores(pi: Tensor, targets: Tensor, *, rule: RuleName = "margin", log
     if rule not in _RULES:
         raise ValueError(f"rule must be one of {_RULES}, but got {rule!r}.")
     _check_rule_logits(rule, logits, pi)
-    dtype = torch.promote_types(pi.dtype, torch.float32)
+    dtype = solve_dtype(pi.dtype)
     return _scores(pi.to(dtype), as_probabilities(targets, pi.shape[1], dtype), rule, logits)
 
 
@@ -400,7 +418,7 @@ def _scores(raw: Tensor, y: Tensor, rule: str, logits: Tensor | None, mask: Tens
         z = standardize_inner_products(raw, mask=mask)
         return (y * z).sum(-1) - z.amax(-1)
     if rule in _GAIN_RULES:
-        score = _zscore(_own_label_gain(raw, y), mask)
+        score = _zscore(_own_label_gain(raw, y), mask)  # (rows outside the mask zeroed there)
         if rule == "gain_loss":
             own = (y * torch.log_softmax(logits.detach().to(raw.dtype), -1)).sum(-1)
             score = score + _zscore(own, mask)
@@ -434,7 +452,7 @@ def adaptive_keep(scores: Tensor, min_separation: float, *, mask: Tensor | None 
         count: Tensor | int = batch
         valid = None
     else:
-        ordered, order = torch.where(mask, scores, math.inf).sort()  # the rows of the mask first
+        ordered, order = torch.where(mask, scores, math.inf).sort()  # the rows of the mask first (ascending)
         count = mask.sum().to(scores.dtype)
         ordered = torch.where(torch.arange(batch, device=scores.device) < count, ordered, 0)
         mean = ordered.sum() / count.clamp_min(1)
@@ -563,7 +581,7 @@ def saflex_targets(
     check_targets(targets, pi.shape[0], pi.shape[1], "targets")
     beta = _check_rule_settings(rule, beta, tau, normalize)
     _check_rule_logits(rule, logits, pi)
-    dtype = torch.promote_types(pi.dtype, torch.float32)
+    dtype = solve_dtype(pi.dtype)
     return rule_targets(pi.to(dtype), as_probabilities(targets, pi.shape[1], dtype), rule=rule, beta=beta, tau=tau,
                         normalize=normalize, generator=generator, logits=logits)
 
@@ -584,7 +602,7 @@ def rule_targets(
     its dtype, ``beta`` resolved. ``mask`` (bool `(B,)`) decides for these rows only, as if the batch were them, with
     the shapes of the whole batch: no host synchronisation, except the Gumbel rules (``tau`` set), which draw
     exactly one noise row per masked row (one synchronisation for their count), as :func:`saflex_targets` does.
-    Rows outside ``mask`` come back unspecified.
+    Rows outside ``mask`` must be zero (``torch.where(mask[:, None], pi, 0)``) and come back unspecified.
     """
     dtype, num_classes = pi.dtype, pi.shape[1]
     raw = pi
@@ -608,7 +626,7 @@ def rule_targets(
     else:
         score = raw
         if rule == "centered" and mask is not None:
-            score = torch.where(mask.sum() > 1, raw - _masked_column_mean(raw, mask), raw)
+            score = torch.where(mask.sum() > 1, (raw - _masked_column_mean(raw, mask)) * mask[:, None], raw)
         elif rule == "centered" and raw.shape[0] > 1:
             score = raw - raw.mean(0, keepdim=True)
         score = normalize_inner_products(score, normalize, mask=mask) + beta * upstream
@@ -631,7 +649,7 @@ def rule_targets(
 
 
 def _masked_column_mean(x: Tensor, mask: Tensor) -> Tensor:
-    return torch.where(mask[:, None], x, 0).sum(0, keepdim=True) / mask.sum().clamp_min(1)
+    return x.sum(0, keepdim=True) / mask.sum().clamp_min(1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -666,6 +684,11 @@ class Rule:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "beta", _check_rule_settings(self.name, self.beta, self.tau, self.normalize))
+
+    @property
+    def relabels(self) -> bool:
+        """Whether the rule may give a label other than the upstream one (the margin and gain rules only drop)."""
+        return self.name not in ("margin", "gain", "gain_auto", "gain_loss")
 
     @classmethod
     def of(cls, rule: Rule | str) -> Rule:

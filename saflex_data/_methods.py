@@ -26,7 +26,13 @@ from ._autodiff import (
     validation_gradient,
 )
 from ._hooks import internal_pass, register_weak_hooks
-from ._math import check_logits, inner_products_from_tangent, last_layer_inner_products, last_layer_validation_gradient
+from ._math import (
+    check_logits,
+    inner_products_from_tangent,
+    last_layer_inner_products,
+    last_layer_validation_gradient,
+    solve_dtype,
+)
 from ._passes import model_device, rng_preserved, rng_state, same_rng_state, set_rng_state
 
 __all__ = ["Signal", "PiMethod", "LastLayer", "Jvp", "JvpFrozenStats", "SinglePass", "METHODS"]
@@ -263,7 +269,7 @@ class Jvp(PiMethod):
                     set_rng_state(capture["rng"], inputs.device)
                 return grad_inner_products(self.model, inputs, signal, method="jvp")
             index = self.select(mask) if index is None else index
-            dtype = torch.promote_types(logits.dtype, torch.float32)
+            dtype = solve_dtype(logits.dtype)
             if not index.numel():
                 return logits.new_zeros(logits.shape, dtype=dtype)
             pi = grad_inner_products(self.model, inputs[index], signal, method="jvp")
@@ -302,7 +308,7 @@ class JvpFrozenStats(Jvp):
         inputs = capture["inputs"]
         with internal_pass(), rng_preserved(inputs.device):
             index = self.select(mask) if index is None else index
-            dtype = torch.promote_types(logits.dtype, torch.float32)
+            dtype = solve_dtype(logits.dtype)
             if not index.numel():
                 return logits.new_zeros(logits.shape, dtype=dtype)
             stats = capture["bn_stats"] if batch_dependent(self.model) else None

@@ -15,6 +15,7 @@ every collective.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
@@ -22,13 +23,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._math import RULES_USING_LOGITS, Rule, as_probabilities, check_logits, check_targets, check_temperature
+from ._math import (
+    RULES_USING_LOGITS,
+    Rule,
+    as_probabilities,
+    check_logits,
+    check_targets,
+    check_temperature,
+    solve_dtype,
+)
 from ._methods import METHODS, PiMethod, Signal
 from ._passes import model_device, unwrap_model, validation_pass
 from ._report import DeviceFlags, StepRecord, StepReport
 from ._stream import ValidationStream
 from .batch import SaflexTarget
-from .distributed import Sync, forward_with_tangent
+from .distributed import GatheredRows, Sync, forward_with_tangent
 
 __all__ = ["SaflexLoss"]
 
@@ -215,7 +224,7 @@ class SaflexLoss(StepReport, nn.Module):
             return F.cross_entropy(logits, labels if labels.dim() == 2 else labels.long(),
                                    label_smoothing=self.label_smoothing)
         batch, num_classes = logits.shape
-        dtype = torch.promote_types(logits.dtype, torch.float32)  # the solve and the loss in >= float32
+        dtype = solve_dtype(logits.dtype)  # the solve and the loss in >= float32
         upstream = as_probabilities(labels, num_classes, dtype, copy=True)
         # Fixed shapes from here on: every row is decided (the augmented ones by the rule), nothing is read back.
         weights, targets = self._decide(logits, labels, upstream, is_augmented, op)
@@ -305,21 +314,34 @@ class SaflexLoss(StepReport, nn.Module):
                     ones = upstream.new_ones(len(upstream))
                     self._record(StepRecord(upstream, ones, upstream, op, is_augmented, len(logits)))
                     return ones, upstream
-            pi = self._method.inner_products(capture, logits, is_augmented, signal, index)
-            exchange_logits = not self._sync.active or self.rule.name in RULES_USING_LOGITS
-            rows = self._sync.gather(pi.to(upstream.dtype), upstream, is_augmented, layout, op=op,
-                                     logits=logits.detach() if exchange_logits else None)
-            weights, targets = self.rule.decide(rows.pi, rows.upstream, rows.mask, generator=self._generator,
-                                                logits=rows.logits)
-            # A non-finite Π of an augmented row (on any rank) makes the whole step fall back, decided on the device.
-            finite = torch.where(rows.mask[:, None], rows.pi.isfinite(), True).all()
-            decided = rows.mask & finite if valid is None else rows.mask & finite & valid
-            weights = torch.where(decided, weights, 1)
-            targets = torch.where(decided[:, None], targets, rows.upstream)
-        self._fallbacks.push(rows.mask.any() & ~finite)
+            with torch.no_grad():
+                pi = self._method.inner_products(capture, logits, is_augmented, signal, index)
+                exchange_logits = not self._sync.active or self.rule.name in RULES_USING_LOGITS
+                rows = self._sync.gather(pi.to(upstream.dtype), upstream, is_augmented, layout, op=op,
+                                         logits=logits if exchange_logits else None)
+                weights, targets, finite = self._apply_rule(rows, valid)
+        self._fallbacks.push(~finite)
         self._record(StepRecord(rows.upstream, weights, targets, rows.op, rows.mask, sum(layout.batch_sizes)))
         self._poll_fallbacks()
+        if rows.mine == slice(0, len(weights)):  # one process
+            return weights, targets
         return weights[rows.mine], targets[rows.mine]
+
+    def _apply_rule(self, rows: GatheredRows, valid: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """The rule on the augmented rows of the (global) batch: weights, targets, and whether ``Π`` was finite.
+
+        A non-finite ``Π`` of an augmented row (on any rank) makes the whole step keep the upstream labels with
+        weight 1: decided on the device, as everything here (no host synchronisation).
+        """
+        mask = rows.mask
+        pi = torch.where(mask[:, None], rows.pi, 0)  # the other rows may hold anything, NaN included
+        finite = pi.abs().amax() < math.inf  # False for a NaN as for an inf
+        weights, targets = self.rule.decide(pi, rows.upstream, mask, generator=self._generator, logits=rows.logits)
+        decided = mask & finite if valid is None else mask & finite & valid
+        weights = torch.where(decided, weights, 1)
+        if self.rule.relabels:
+            targets = torch.where(decided[:, None], targets, rows.upstream)
+        return weights, targets, finite
 
     # ------------------------------------------------------------------------------------------------------------
     # the validation signal
@@ -339,8 +361,13 @@ class SaflexLoss(StepReport, nn.Module):
         else:
             signal = self._heldout_signal()
         signal = self._sync.reduce(signal)
-        finite = _finite(signal)
         old = self._signal
+        if old is not None and valid is None and self.val_every == 1 and self.val_ema is None:
+            # Refreshed every step and never averaged: the cache serves only a saved state, so it is replaced
+            # without the finiteness test (a non-finite Π falls back on its own).
+            self._signal = signal
+            return signal, None
+        finite = _finite(signal)
         if old is None:
             # The first signal is checked on the host (once): a non-finite one is used for this step (which falls
             # back) but not cached, so that the next step draws a new one.
@@ -377,7 +404,7 @@ class SaflexLoss(StepReport, nn.Module):
             fresh = self._method.batch_signal(capture, logits, labels, ~is_augmented, self.val_temperature)
         if fresh is None and self._sync.active:
             # [distributed] every rank joins the all-reduce; a rank without clean rows contributes zero
-            dtype = torch.promote_types(logits.dtype, torch.float32)
+            dtype = solve_dtype(logits.dtype)
             return {n: logits.new_zeros(shape, dtype=dtype) for n, shape in self._signal_shapes().items()}, None
         return fresh
 
