@@ -55,24 +55,13 @@ def measure(kind: str = "mlp", classes: int = 10, batch: int = 64, val: int = 32
         labels = torch.arange(batch) % classes
         target = SaflexTarget(labels, torch.arange(batch) >= batch // 2)
 
-        def step(x: torch.Tensor) -> torch.Tensor:
-            logits = criterion.forward_train(x) if method == "single_pass" else model(x)
-            return logits
-
         for i in range(3):  # the first step checks its inputs once; count the third
             x = _inputs(kind, batch, 10 + i)
-            if method == "single_pass" and i == 2:
-                (logits, loss), counted = count(lambda x=x: (lambda lg: (lg, criterion(lg, target)))(step(x)))
+            if method == "single_pass":  # the training forward is part of the method
+                loss, counted = count(lambda x=x, c=criterion, t=target: c(c.forward_train(x), t))
             else:
-                logits = step(x)
-                if i == 2:
-                    loss, counted = count(criterion, logits, target)
-                else:
-                    loss = criterion(logits, target)
-            if i == 2:
-                _, backward = count(loss.backward)
-            else:
-                loss.backward()
+                loss, counted = count(criterion, model(x), target)
+            _, backward = count(loss.backward)
             model.zero_grad(set_to_none=True)
         with torch.no_grad():
             _, val_forward = count(model.eval(), val_loader[0][0])

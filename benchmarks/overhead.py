@@ -49,8 +49,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as C  # noqa: E402
 
 from saflex_data import SaflexLoss, SaflexTarget  # noqa: E402
-from saflex_data import functional as SF  # noqa: E402
 from saflex_data import _autodiff as SF_autodiff  # noqa: E402
+from saflex_data import functional as SF  # noqa: E402
 
 VARIANTS = ("plain", "jvp", "jvp_frozen_stats", "last_layer", "last_layer@val128", "last_layer@ema0.9",
             "jvp_frozen_stats@every4")  # the default run; also: single_pass, jvp@every4, any method@setting
@@ -406,7 +406,7 @@ def plot(path: Path, payload: dict) -> None:
         xs = [i + (j - 1) * width for i in range(len(names))]
         vals = [values.get(n, 0.0) for n in names]
         ax.bar(xs, vals, width=width, label=label, color=["tab:blue", "tab:cyan", "tab:gray"][j])
-        for x, r in zip(xs, vals):
+        for x, r in zip(xs, vals, strict=False):
             if r:
                 ax.text(x, r, f"{r:.2f}", ha="center", va="bottom", fontsize=6)
     ax.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=7)

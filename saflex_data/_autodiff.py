@@ -208,7 +208,8 @@ def validation_gradient(
             loss = (residual * logits.to(dtype)).sum() / logits.shape[0]
         grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
     return {
-        name: (torch.zeros_like(p) if g is None else g.to(p.dtype)) for (name, p), g in zip(params.items(), grads)
+        name: (torch.zeros_like(p) if g is None else g.to(p.dtype))
+        for (name, p), g in zip(params.items(), grads, strict=True)
     }
 
 
@@ -396,7 +397,9 @@ def autograd_inner_products(model: nn.Module, inputs: Tensor, val_grad: Mapping[
                     -log_p[i, k], [params[n] for n in names], retain_graph=True, allow_unused=True
                 )
                 pi[i, k] = sum(
-                    (g.to(dtype) * val_grad[n].to(dtype)).sum() for n, g in zip(names, grads) if g is not None
+                    (g.to(dtype) * val_grad[n].to(dtype)).sum()
+                    for n, g in zip(names, grads, strict=True)
+                    if g is not None
                 )
     return pi
 
@@ -485,7 +488,7 @@ def forward_with_tangent(model: nn.Module, inputs: Tensor, val_grad: Mapping[str
         out = functional_call(model, duals, (inputs,), strict=False)
         primal, tangent = fwAD.unpack_dual(out)
     # An in-place running-stat update inside the dual level may have left dual buffers behind: keep their primal.
-    for m, (mean, var) in zip(bns, saved):
+    for m, (mean, var) in zip(bns, saved, strict=False):
         m.running_mean, m.running_var = mean, var
     check_logits(primal, "model(inputs)")
     if tangent is None:

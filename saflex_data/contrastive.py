@@ -29,12 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._autodiff import forward_with_tangent, grad_inner_products, math_attention, validation_gradient
 from ._describe import describe
+from ._math import Rule, check_logits, check_temperature, inner_products_from_tangent
 from ._passes import rng_preserved, unwrap_model, validation_pass
 from ._report import StepReport
 from ._stream import ValidationStream
-from ._autodiff import forward_with_tangent, grad_inner_products, math_attention, validation_gradient
-from ._math import Rule, check_logits, check_temperature, inner_products_from_tangent
 
 __all__ = ["SaflexContrastiveLoss", "clip_logits", "clip_loss", "ContrastiveMethod"]
 

@@ -249,7 +249,7 @@ def gather_rows(
     rows[:size, -1] = mask.to(dtype)
     shards = [torch.empty_like(rows) for _ in range(len(sizes))]
     dist.all_gather(shards, rows, group=group)
-    every = torch.cat([shard[:n] for shard, n in zip(shards, sizes)])
+    every = torch.cat([shard[:n] for shard, n in zip(shards, sizes, strict=False)])
     return GatheredRows(
         every[:, :num_classes],
         every[:, num_classes : 2 * num_classes],
@@ -287,7 +287,7 @@ class Sync:
         """Average a validation signal (``{parameter name: gradient}``) across ranks."""
         if not self.active:
             return dict(signal)
-        return dict(zip(signal, all_reduce_mean(list(signal.values()))))
+        return dict(zip(signal, all_reduce_mean(list(signal.values())), strict=False))
 
     def layout(self, batch_size: int, num_classes: int, num_augmented: int, device: torch.device) -> BatchLayout:
         """This step's :func:`batch_layout` (one rank's own batch when not synced)."""

@@ -417,7 +417,7 @@ class SaflexLoss(StepReport, nn.Module):
         saved = state.get("signal")
         if isinstance(saved, (tuple, list)) and self.method == "last_layer":
             names = (self._method.weight_name, self._method.bias_name)
-            state = {**state, "signal": {n: t for n, t in zip(names, saved) if t is not None}}
+            state = {**state, "signal": {n: t for n, t in zip(names, saved, strict=False) if t is not None}}
             if state.get("signal_shapes") is not None:
                 state["signal_shapes"] = {names[0] if k == "weight" else names[1] if k == "bias" else k: v
                                           for k, v in state["signal_shapes"].items()}
@@ -498,7 +498,7 @@ class SaflexLoss(StepReport, nn.Module):
         size = int(op.max()) + 1
         valid = op >= 0
         rows = op.clamp_min(0)
-        for name, column in zip(("count", "kept", "relabeled"), columns):
+        for name, column in zip(("count", "kept", "relabeled"), columns, strict=False):
             counts = torch.zeros(size, dtype=torch.long).index_add_(0, rows[valid].cpu(), column[valid].cpu())
             self._add_total(name, counts)
 
@@ -513,7 +513,7 @@ class SaflexLoss(StepReport, nn.Module):
         """Move the device totals into the host totals (a host read: when the statistics are read)."""
         counts, self._op_counts = self._op_counts, None
         if counts is not None:
-            for name, column in zip(("count", "kept", "relabeled"), counts.cpu()):
+            for name, column in zip(("count", "kept", "relabeled"), counts.cpu(), strict=False):
                 self._add_total(name, column)
 
     def op_stats(self) -> dict[str, dict[str, float]]:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import copy
-import math
 import io
+import math
 import warnings
 
 import pytest
@@ -115,7 +115,7 @@ class TestSaflexLoss:
         x, target = _batch()
         criterion(model(x), target)
         twin(x)
-        for (k, a), (_, b) in zip(model.named_buffers(), twin.named_buffers()):
+        for (k, a), (_, b) in zip(model.named_buffers(), twin.named_buffers(), strict=False):
             assert torch.equal(a, b), k
 
     @pytest.mark.parametrize("method", METHODS)
@@ -222,7 +222,7 @@ class TestResume:
         criterion2 = SaflexLoss(model2, _val(batches=2), method=method, seed=0, val_every=2)
         criterion2.load_state_dict(state["loss"])
         got = run(4, model2, criterion2, opt2, start=3)
-        for (w1, y1), (w2, y2) in zip(expected, got):
+        for (w1, y1), (w2, y2) in zip(expected, got, strict=False):
             assert torch.equal(w1, w2) and torch.equal(y1, y2)
 
 
@@ -368,7 +368,8 @@ class TestErrors:
         model = Scaled()
         criterion = SaflexLoss(model, _val(), method="last_layer")
         x, target = _batch()
-        with pytest.raises(RuntimeError, match="are not the output of any of the last 1 forwards of the classifier 'fc'"):
+        message = "are not the output of any of the last 1 forwards of the classifier 'fc'"
+        with pytest.raises(RuntimeError, match=message):
             criterion(model(x), target)
 
     def test_loss_called_without_a_model_forward(self):
