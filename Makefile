@@ -2,11 +2,11 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-EXTRAS := all,test,bench,docs,demo
+EXTRAS := all,test,bench,docs,demo,lint
 # The API reference: the package (its public names) and the modules it does not re-export.
 DOC_MODULES := saflex_data saflex_data.distributed $(addprefix saflex_data.adapters.,torchvision albumentations kornia timm)
 
-.PHONY: demo test docs bench venv clean gpu-check
+.PHONY: demo test lint docs bench venv clean gpu-check
 
 # pip prints what it downloads and installs (no --quiet). On a fresh machine the first install is dominated by torch
 # (on Linux its default wheel pulls the CUDA libraries, a few GB); on a CPU-only machine the CPU wheel is far smaller:
@@ -37,6 +37,10 @@ demo: $(VENV)/.installed-demo
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+# ruff with the project's settings ([tool.ruff] in pyproject.toml), on the whole repository.
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
 
 # The API reference, generated from the docstrings into docs/api/ (not committed); open docs/api/index.html.
 docs: $(VENV)/.installed

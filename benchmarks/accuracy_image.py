@@ -29,7 +29,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as C  # noqa: E402
-
 from datasets import load_fashion_mnist, stratified_split  # noqa: E402
 
 

@@ -27,7 +27,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as C  # noqa: E402
-
 from datasets import TABULAR_SETS, TabularData, load_tabular, stratified_split  # noqa: E402
 
 DEFAULT_SETS = "mlc_churn,credit_data,wa_churn,hpc_data"

@@ -92,8 +92,8 @@ def add_run_arguments(parser: Any) -> None:
                         help="SaflexLoss val_temperature ('inf' allowed; default: the library default)")
     parser.add_argument("--rows", default=None, help="comma-separated row names to run (default: all)")
     parser.add_argument("--reuse-baselines", default=None,
-                        help="JSON (or folder of them) of an earlier run with the same settings: its rows without SAFLEX "
-                             "are copied in (and not rerun) so the table compares against them")
+                        help="JSON (or folder of them) of an earlier run with the same settings: its rows without "
+                             "SAFLEX are copied in (and not rerun) so the table compares against them")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(RESULTS))
 
@@ -441,8 +441,8 @@ def plot_rows(path: Path, payload: dict[str, Any]) -> None:
     ax.barh(range(len(rows)), means, xerr=stds, color=colors, capsize=3)
     ax.set_yticks(range(len(rows)), names)
     ax.invert_yaxis()
-    lo = min(m - s for m, s in zip(means, stds))
-    hi = max(m + s for m, s in zip(means, stds))
+    lo = min(m - s for m, s in zip(means, stds, strict=False))
+    hi = max(m + s for m, s in zip(means, stds, strict=False))
     ax.set_xlim(max(0.0, lo - (hi - lo) * 0.3 - 0.5), min(100.0, hi + (hi - lo) * 0.15 + 0.3))
     ax.set_xlabel(f"test {payload['metric']} (%), mean ± std over {len(rows[0]['scores'])} seeds")
     ax.set_title(f"{payload['dataset']}  (orange: SAFLEX, grey: trained on train ∪ val)", fontsize=9)

@@ -77,8 +77,9 @@ def accuracy_tables(payloads: list[dict]) -> tuple[str, list[dict]]:
 def summary(gains: list[dict]) -> str:
     if not gains:
         return ""
-    lines = ["| SaflexLoss settings | method | SAFLEX rows | wins vs upstream | mean Δ vs upstream | wins vs upstream on train ∪ val | "
-             "mean Δ vs upstream on train ∪ val |", "|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines = ["| SaflexLoss settings | method | SAFLEX rows | wins vs upstream | mean Δ vs upstream | "
+             "wins vs upstream on train ∪ val | mean Δ vs upstream on train ∪ val |",
+             "|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
     keys = sorted({(g["variant"] != "library defaults", g["variant"], g["method"]) for g in gains})
     for _, variant, method in keys:
         gs = [g for g in gains if g["method"] == method and g["variant"] == variant]
@@ -158,8 +159,8 @@ def suite_section(path: Path) -> str:
     sel = report.selection(doc)
     if "chosen" in sel:
         a, b = sel["A"], sel["B"]
-        lines += ["", f"**Choosing the default on half of the streams (A), confirming on the other half (B).** "
-                  f"Criterion: the mean paired Δ vs the upstream on train ∪ val over the half's streams.\n",
+        lines += ["", "**Choosing the default on half of the streams (A), confirming on the other half (B).** "
+                  "Criterion: the mean paired Δ vs the upstream on train ∪ val over the half's streams.\n",
                   "| SAFLEX row | half A: mean Δ (wins) | half B: mean Δ (wins) |", "|---|---:|---:|"]  # fmt: skip
         for name in a:
             lines.append(f"| {name} | {a[name]['mean_delta']:+.2f} ({a[name]['wins']}/{a[name]['n']}) | "
@@ -197,8 +198,8 @@ def suite_section(path: Path) -> str:
                 per = ", ".join(f"{op} {o['mean']:+.2f}" for op, o in e["op_scores"].items())
                 ops_lines.append(f"| {stream} | {name} | {'yes' if sep['separates'] else 'no'} | {per} |")
     if ops_lines:
-        lines += ["", "**Per-op aggregates** (transform streams; do the per-op means of the score, with 95% t-intervals "
-                  "over seeds, put every harmful op below every harmless one? harmless: shift, noise):\n",
+        lines += ["", "**Per-op aggregates** (transform streams; do the per-op means of the score, with 95% "
+                  "t-intervals over seeds, put every harmful op below every harmless one? harmless: shift, noise):\n",
                   "| stream | score | separates | per-op mean score |", "|---|---|---|---|", *ops_lines]  # fmt: skip
     return "\n".join(lines) + "\n"
 
@@ -226,7 +227,8 @@ def cost_section(root: Path) -> str:
                      else "")
                   + "); variants interleaved in one process. On a loaded machine wall time mostly measures the "
                   "other processes; CPU time is this process's own work.\n",
-                  "| variant | what | step time / plain (median) | (mean) | CPU time / plain (median) | peak memory / plain |",
+                  "| variant | what | step time / plain (median) | (mean) | CPU time / plain (median) | "
+                  "peak memory / plain |",
                   "|---|---|---:|---:|---:|---:|"]  # fmt: skip
         described = s.get("variants", {})
         for v, r in o["ratio"].items():
@@ -234,8 +236,8 @@ def cost_section(root: Path) -> str:
             what = what.replace("), validation", ")`, validation")
             lines.append(f"| {v} | {what} | {x(r)} | {x(o.get('ratio_mean', {}).get(v))} | "
                          f"{x(o.get('cpu_ratio', {}).get(v))} | {x(o.get('peak_rss_ratio', {}).get(v))} |")  # fmt: skip
-        lines += ["", "`jvp` is the exact `Π`. With train-mode BatchNorm it needs the JVP of the whole batch (clean rows "
-                  "too): the batch statistics depend on θ through every row, and their tangent is part of each "
+        lines += ["", "`jvp` is the exact `Π`. With train-mode BatchNorm it needs the JVP of the whole batch (clean "
+                  "rows too): the batch statistics depend on θ through every row, and their tangent is part of each "
                   "augmented row's gradient. `jvp_frozen_stats` holds the statistics of the step's training forward "
                   "fixed and runs the JVP over the augmented rows only: cheaper, and a different `Π` (the gradient "
                   "of a network whose BatchNorm normalises with constants); for a model without batch-statistics "
@@ -422,7 +424,8 @@ def demo_section(path: Path) -> str:
         f"upstream, paired by seed: {statistics.fmean(paired):+.1f} (per seed "
         + ", ".join(f"{x:+.1f}" for x in paired) + "). "
         f"SAFLEX kept {100 * d['runs']['saflex']['kept_last_epoch']:.0f}% of the augmented samples in the last "
-        f"epoch and relabelled {100 * d['runs']['saflex']['relabeled_last_epoch']:.0f}%, and its keep rate is flat across ops ({min(kept):.0f}–{max(kept):.0f}%): it does not single out the "
+        f"epoch and relabelled {100 * d['runs']['saflex']['relabeled_last_epoch']:.0f}%, and its keep rate is flat "
+        f"across ops ({min(kept):.0f}–{max(kept):.0f}%): it does not single out the "
         "upside-down, cropped or occluded digits. Destroyed images whose label is still right are not what it "
         "detects. "
         f"This run took {d['wall_s']:.0f} s ({d['cpu_s']:.0f} s of CPU time) on {d['machine']}, "

@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as C  # noqa: E402
 
 from saflex_data import SaflexLoss, SaflexTarget  # noqa: E402
+from saflex_data import _autodiff as SF_autodiff  # noqa: E402
 from saflex_data import functional as SF  # noqa: E402
 
 VARIANTS = ("plain", "jvp", "jvp_frozen_stats", "last_layer", "last_layer@val128", "last_layer@ema0.9",
@@ -348,7 +349,7 @@ def frozen_stats_agreement(args: argparse.Namespace) -> dict:
             g = SF.validation_gradient(model, xv[vi], yv[vi], temperature=4.0)
             model.train()
             capture = SF.BatchStatsCapture(model)
-            with torch.no_grad(), SF._running_stats_frozen(model):
+            with torch.no_grad(), SF_autodiff.running_stats_frozen(model):
                 model(x)  # the training forward's statistics (buffers untouched)
             stats = capture.pop()
             capture.remove()
@@ -406,7 +407,7 @@ def plot(path: Path, payload: dict) -> None:
         xs = [i + (j - 1) * width for i in range(len(names))]
         vals = [values.get(n, 0.0) for n in names]
         ax.bar(xs, vals, width=width, label=label, color=["tab:blue", "tab:cyan", "tab:gray"][j])
-        for x, r in zip(xs, vals):
+        for x, r in zip(xs, vals, strict=False):
             if r:
                 ax.text(x, r, f"{r:.2f}", ha="center", va="bottom", fontsize=6)
     ax.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=7)

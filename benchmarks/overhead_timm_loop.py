@@ -59,7 +59,7 @@ def one_run(data: Path, model: str, steps: int, saflex: bool, threads: int, extr
                 stamps.append(time.perf_counter())
     if proc.returncode or len(stamps) != steps:
         raise RuntimeError(f"{model}: timm_train.py exited {proc.returncode} after {len(stamps)} of {steps} steps")
-    return [b - a for a, b in zip(stamps, stamps[1:])]
+    return [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
 
 
 def main(argv: list[str] | None = None) -> dict:

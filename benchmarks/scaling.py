@@ -30,15 +30,15 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
-import json
 import math
 import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -138,7 +138,7 @@ def make_step(path: str, model: nn.Module, data: dict[str, Any], args: argparse.
                 eps = torch.zeros(b, device=x.device, requires_grad=True)
                 virtual = (per_sample[:b].sum() + (eps * per_sample[b:]).sum()) / len(per_sample)
                 grads = torch.autograd.grad(virtual, params, create_graph=True)
-                stepped = {n: p - args.l2r_lr * g for n, p, g in zip(names, params, grads)}
+                stepped = {n: p - args.l2r_lr * g for n, p, g in zip(names, params, grads, strict=False)}
                 modes = [(m, m.training) for m in model.modules()]
                 model.eval()  # the validation pass uses running statistics, as SaflexLoss's does
                 val_loss = F.cross_entropy(functional_call(model, stepped, (xv,)), yv)
@@ -267,7 +267,7 @@ def plot(path: Path, payload: dict[str, Any]) -> None:
         for i, key in enumerate(("ratio", "memory_ratio")):
             ax = axes[i, j]
             for name, color in colors.items():
-                for batch, style in zip(batches, ("-o", "--s", ":^")):
+                for batch, style in zip(batches, ("-o", "--s", ":^"), strict=False):
                     sel = sorted((r for r in rows if r["model"] == model and r["path"] == name
                                   and r["batch"] == batch and r[key] is not None), key=lambda r: r["classes"])
                     if sel:

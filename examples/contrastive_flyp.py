@@ -232,7 +232,7 @@ def finetune(model, prompts, data, args, use_saflex: bool, augment_: bool = True
         "seconds": time.perf_counter() - start,
     }
     if use_saflex:
-        result.update({f"kept_{op}": float(k / max(c, 1)) for op, k, c in zip(OPS, kept, count)})
+        result.update({f"kept_{op}": float(k / max(c, 1)) for op, k, c in zip(OPS, kept, count, strict=False)})
     return result
 
 

@@ -44,12 +44,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a clone without installing; the data loaders live in benchmarks/
 
 from benchmarks.common import machine_string  # noqa: E402
+from benchmarks.datasets import load_mnist_5k, stratified_split  # noqa: E402
 from saflex_data import SaflexLoss, SaflexTarget  # noqa: E402
-from saflex_data.functional import Rule  # noqa: E402
 from saflex_data.adapters.torchvision import TaggedRandomChoice  # noqa: E402
 from saflex_data.collate import SaflexCollate  # noqa: E402
-from benchmarks.datasets import load_mnist_5k, stratified_split  # noqa: E402
-
+from saflex_data.functional import Rule  # noqa: E402
 
 # Relative cost of a training step of each run (measured: a "noaug" step forwards only the clean half, a SAFLEX step
 # adds the validation pass), so that the time left is estimated right from the first run on.
@@ -269,7 +268,7 @@ def plot_samples(path: Path, x: Tensor, target: SaflexTarget, last: dict[str, Te
     from matplotlib.patches import Patch
 
     aug = last["is_augmented"].nonzero().flatten().tolist()
-    kinds = dict(zip(aug, decision_kinds(last)))
+    kinds = dict(zip(aug, decision_kinds(last), strict=False))
     g = torch.Generator().manual_seed(seed)
     shown = sorted(aug[k] for k in torch.randperm(len(aug), generator=g)[: min(n, len(aug))].tolist())
     new, upstream = last["targets"].argmax(1), last["upstream"]
@@ -279,7 +278,7 @@ def plot_samples(path: Path, x: Tensor, target: SaflexTarget, last: dict[str, Te
     names = target.op_names or ()
     for ax in axes.flat:
         ax.axis("off")
-    for ax, i in zip(axes.flat, shown):
+    for ax, i in zip(axes.flat, shown, strict=False):
         ax.imshow(from_input(x[i, 0]).numpy(), cmap="gray", vmin=0, vmax=255)
         op = names[int(target.op[i])] if target.op is not None and int(target.op[i]) >= 0 else "?"
         kind = kinds[i]

@@ -33,9 +33,9 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import NativeScaler, accuracy, random_seed
 
 from saflex_data import SaflexLoss
+from saflex_data.adapters.timm import SaflexTask, ValPrepare, create_train_loader, create_val_loader, has_task_api
 from saflex_data.functional import Rule
 from saflex_data.loss import DEFAULT_RULE
-from saflex_data.adapters.timm import SaflexTask, ValPrepare, create_train_loader, create_val_loader, has_task_api
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.time()
     for epoch in range(num_epochs):
         model.train()
-        for batch_idx, (input, target) in enumerate(loader_train):
+        for _batch_idx, (input, target) in enumerate(loader_train):
             if not args.prefetcher:
                 input, target = input.to(device, non_blocking=True), target.to(device, non_blocking=True)
             if args.channels_last:

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._common import as_probabilities
-from ._common import describe as _describe
+from ._describe import describe as _describe
+from ._math import as_probabilities
 
 __all__ = ["SaflexTarget"]
 
@@ -54,12 +54,16 @@ class SaflexTarget:
             )
         batch = labels.shape[0]
         if not isinstance(is_augmented, Tensor) or is_augmented.dtype != torch.bool or is_augmented.shape != (batch,):
-            raise TypeError(f"is_augmented must be a bool tensor of shape ({batch},), but got {_describe(is_augmented)}.")
+            raise TypeError(
+                f"is_augmented must be a bool tensor of shape ({batch},), but got {_describe(is_augmented)}."
+            )
         for name, value in (("index", index), ("op", op)):
             if value is not None and (
                 not isinstance(value, Tensor) or value.shape != (batch,) or value.is_floating_point()
             ):
-                raise TypeError(f"{name} must be an int tensor of shape ({batch},) or None, but got {_describe(value)}.")
+                raise TypeError(
+                    f"{name} must be an int tensor of shape ({batch},) or None, but got {_describe(value)}."
+                )
         self.labels = labels
         self.is_augmented = is_augmented
         self.index = index
@@ -126,7 +130,7 @@ class SaflexTarget:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, SaflexTarget):
             return NotImplemented
-        return all(_tensor_equal(a, b) for a, b in zip(self._tensors(), other._tensors())) and (
+        return all(_tensor_equal(a, b) for a, b in zip(self._tensors(), other._tensors(), strict=False)) and (
             self.op_names == other.op_names
         )
 

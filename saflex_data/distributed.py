@@ -7,8 +7,8 @@ concatenated global batch:
 1. **Validation gradient** (every ``val_every`` steps): averaged across ranks with one all-reduce of parameter-sized
    tensors (:func:`all_reduce_mean`). The mean of the ranks' gradients on their ``V``-sample validation batches is
    the gradient on the concatenated ``world_size * V`` batch.
-2. **Weights and soft labels** (every step): the augmented rows' ``Π`` and upstream labels are all-gathered
-   (:func:`global_saflex_targets`), every rank solves the same global problem with the same Gumbel noise (the loss's
+2. **Weights and soft labels** (every step): the rows' ``Π``, upstream labels and augmented flags are all-gathered
+   (:func:`gather_rows`), every rank solves the same global problem with the same Gumbel noise (the loss's
    generator is seeded identically on every rank and advances identically), then keeps its own rows. So
    ``normalize="batch_max"``, ``rule="centered"`` and the noise see the global batch, and ``SaflexLoss.stats``
    describes the global batch and is identical on every rank.
@@ -16,20 +16,22 @@ concatenated global batch:
    (:func:`check_consistent`); a mismatch raises the same ``ValueError`` on every rank instead of a hang in
    collectives of different sizes or counts.
 
-Communication cost per step, for ``P`` trainable parameters, ``K`` classes and ``B_aug`` augmented rows per rank:
+Communication cost per step, for ``P`` trainable parameters, ``K`` classes and ``B`` rows per rank:
 
 * ``method="jvp"`` / ``"single_pass"``: an all-reduce of ``P`` floats every ``val_every`` steps -- as large as DDP's
   own gradient all-reduce, and not overlapped with compute (it runs before the JVP). At ``val_every=1`` it doubles
   the bytes a DDP step moves; ``val_every=k`` divides the extra by ``k``. ``method="last_layer"`` reduces only the
   classifier block, ``K * (D + 1)`` floats.
-* Every step: an all-gather of 3 integers per rank (:func:`batch_layout`) and one of ``max_rank(B_aug) * (2K + 1)``
-  floats per rank (e.g. 256 rows x 1000 classes in float32: 2 MB per rank), small next to the gradient all-reduce.
+* Every step: an all-gather of 3 integers per rank (:func:`batch_layout`, the one host read of a distributed step)
+  and one of ``max_rank(B) * (2K + 2)`` floats per rank (e.g. 256 rows x 1000 classes in float32: 2 MB per rank),
+  small next to the gradient all-reduce.
 * ``all_reduce=False`` keeps every decision on its rank (own validation gradient, own normalisation scale, own
   statistics): no collective at all after the one-time settings check.
 
-No collective depends on rank-local data: the counts are exchanged first, and then every rank refreshes the
-validation gradient and exchanges ``Π`` exactly when the *global* batch has an augmented row (as one process on the
-global batch would). A rank with no augmented sample in its shard, or with a validation loader of another length
+No collective depends on rank-local data: every rank exchanges its rows every step, and refreshes the validation
+gradient every ``val_every`` steps; the JVP methods, which count their augmented rows on the host anyway, skip the
+refresh when the *global* batch has none (as one process on the global batch does). A rank
+with no augmented sample in its shard, or with a validation loader of another length
 (each rank cycles its own), runs the same collectives in the same order as the others, so nothing waits on a
 timeout. With the ``nccl`` backend, call ``torch.cuda.set_device(local_rank)`` before the first step (the object
 exchange of :func:`check_consistent` uses the current device).
@@ -49,8 +51,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import functional as SF
-from ._common import as_probabilities
+from . import _autodiff
 
 __all__ = [
     "is_distributed",
@@ -59,8 +60,8 @@ __all__ = [
     "Sync",
     "batch_layout",
     "BatchLayout",
-    "global_saflex_targets",
-    "GlobalTargets",
+    "gather_rows",
+    "GatheredRows",
     "forward_with_tangent",
 ]
 
@@ -146,159 +147,127 @@ class BatchLayout(NamedTuple):
     """How the global batch is split across ranks (from :func:`batch_layout`)."""
 
     rank: int
-    num_augmented: list[int]
-    """Augmented rows of each rank."""
     batch_sizes: list[int]
     """Rows (clean and augmented) of each rank."""
+    num_augmented: list[int]
+    """Augmented rows of each rank, where the loss counted them on the host (``-1``: not counted)."""
 
     @property
     def total_augmented(self) -> int:
-        return sum(self.num_augmented)
+        """Augmented rows of the global batch, or ``-1`` when a rank did not count them."""
+        return -1 if min(self.num_augmented) < 0 else sum(self.num_augmented)
 
 
 def batch_layout(
-    num_augmented: int, batch_size: int, num_classes: int, *, device: torch.device | str = "cpu", group: Any = None
+    batch_size: int,
+    num_classes: int,
+    num_augmented: int = -1,
+    *,
+    device: torch.device | str = "cpu",
+    group: Any = None,
 ) -> BatchLayout:
-    """Exchange the ranks' batch sizes and augmented counts: one all-gather of 3 integers per rank.
-
-    ``SaflexLoss`` calls it first in every step, before any validation pass, so that every rank knows whether the
-    global batch has an augmented row (then every rank refreshes the validation gradient and joins the exchange of
-    ``Π``, as one process would) or none (then no rank does, and the validation stream does not advance).
+    """Exchange the ranks' batch sizes (and augmented counts, ``-1`` when not counted): one all-gather of 3 integers
+    per rank (and one host read of them).
 
     Raises:
         ValueError: If the ranks' numbers of classes differ (raised on every rank).
     """
-    counts = torch.tensor([num_augmented, batch_size, num_classes], dtype=torch.long, device=device)
+    counts = torch.tensor([batch_size, num_classes, num_augmented], dtype=torch.long, device=device)
     gathered = [torch.empty_like(counts) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, counts, group=group)
     table = torch.stack(gathered).tolist()
-    if len({row[2] for row in table}) > 1:
+    if len({row[1] for row in table}) > 1:
         raise ValueError(
             "the ranks' logits have different numbers of classes ("
-            + ", ".join(f"rank {r}: {row[2]}" for r, row in enumerate(table))
+            + ", ".join(f"rank {r}: {row[1]}" for r, row in enumerate(table))
             + "); every rank must train the same model."
         )
-    return BatchLayout(dist.get_rank(group), [row[0] for row in table], [row[1] for row in table])
+    return BatchLayout(dist.get_rank(group), [row[0] for row in table], [row[2] for row in table])
 
 
-class GlobalTargets(NamedTuple):
-    """Result of :func:`global_saflex_targets`."""
+class GatheredRows(NamedTuple):
+    """The rows of the global batch, in rank order (from :func:`gather_rows`)."""
 
-    weights: Tensor
-    """This rank's weights `(n,)`."""
-    soft_labels: Tensor
-    """This rank's soft labels `(n, K)`."""
-    finite: bool
-    """``False`` when any rank's ``Π`` was non-finite: every rank then keeps the upstream labels with weight 1."""
-    record: tuple[Tensor, Tensor, Tensor, Tensor | None, int]
-    """The global batch for statistics: ``(upstream (N, K), weights (N,), soft_labels (N, K), op (N,) | None,
-    batch size)`` over the augmented rows of all ranks, in rank order, and the number of rows of all ranks."""
-    state: dict[str, Tensor] | None = None
-    """A stateful rule's state after this step (the same on every rank); ``None`` for the other rules."""
-
-
-GlobalTargets.__new__.__module__ = __name__  # the generated constructor's annotations resolve in this module (API docs)
+    pi: Tensor
+    """``Π`` `(N, K)` of every rank's rows."""
+    upstream: Tensor
+    """Their upstream labels as probabilities `(N, K)`."""
+    mask: Tensor
+    """Bool `(N,)`: the augmented rows."""
+    logits: Tensor | None
+    """Their detached training logits `(N, K)`, when exchanged."""
+    op: Tensor | None
+    """Their op ids `(N,)` (``-1``: none), or ``None`` when this rank gave none."""
+    mine: slice
+    """This rank's rows of the ``N``."""
 
 
-def global_saflex_targets(
+GatheredRows.__new__.__module__ = __name__  # the generated constructor's annotations resolve in this module (API docs)
+
+
+def gather_rows(
     pi: Tensor,
-    targets: Tensor,
+    upstream: Tensor,
+    mask: Tensor,
     layout: BatchLayout,
     *,
-    rule: SF.Rule | str = "margin",
-    op: Tensor | None = None,
-    generator: torch.Generator | None = None,
     logits: Tensor | None = None,
-    state: dict[str, Tensor] | None = None,
-    reference: Tensor | None = None,
+    op: Tensor | None = None,
     group: Any = None,
-) -> GlobalTargets:
-    """:func:`saflex_data.functional.saflex_targets` on the augmented rows of all ranks; returns this rank's rows.
+) -> GatheredRows:
+    """All-gather every rank's rows (``Π``, upstream labels, augmented mask, logits, op ids), in rank order.
 
-    Every rank must call it at the same step (also with zero augmented rows: ``pi`` of shape `(0, K)`) with the
-    ``layout`` of that step and a ``generator`` in the same state on every rank. The result equals
-    ``saflex_targets`` on the rows concatenated in rank order, sliced to this rank, Gumbel noise included: a 2-rank
-    run with batch ``b`` decides exactly like one process with the batch ``[rank 0's b; rank 1's b]``. With a
-    one-rank ``layout`` (one process) nothing is exchanged.
+    Every rank must call it at the same step with the ``layout`` of that step. The loss then applies its rule to the
+    rows of the global batch (the same Gumbel noise on every rank, as the generators are seeded alike) and keeps
+    ``rows.mine``: a 2-rank run with batch ``b`` decides exactly like one process with the batch
+    ``[rank 0's b; rank 1's b]``. With a one-rank ``layout`` nothing is exchanged. Whole batches travel (fixed
+    shapes, no count of the augmented rows on the host).
 
-    Cost: one all-gather of ``max_rank(n) * (2K + 1)`` floats (none when no rank has an augmented row).
+    Cost: one all-gather of ``max_rank(B) * (2K + 2)`` floats (``3K + 2`` with logits).
 
     Args:
-        pi: This rank's inner products `(n, K)` of its augmented rows.
-        targets: Their upstream labels, class indices `(n,)` or probabilities `(n, K)`.
+        pi: This rank's inner products `(B, K)` (only the augmented rows matter).
+        upstream: The upstream labels as probabilities `(B, K)`.
+        mask: Bool `(B,)`: the augmented rows.
         layout: This step's :func:`batch_layout`.
-        rule: The decision rule (a :class:`saflex_data.functional.Rule` or its name); ``batch_max`` normalisation
-            and the column statistics of the margin rules see the global batch.
-        op: Optional op ids `(n,)` of the augmented rows, for the per-op statistics.
-        generator: Gumbel noise generator, in the same state on every rank.
-        logits: Optional detached training logits `(n, K)` of the augmented rows, for rules that use them.
-        state: A stateful rule's state (:mod:`saflex_data.rules`), the same on every rank; required by those rules.
-        reference: For a stateful rule: ``[Σ yᵀΠ, count]`` `(2,)` of this rank's clean rows (summed over ranks here).
+        logits: Optional detached training logits `(B, K)` (for rules that use them).
+        op: Optional op ids `(B,)`, for the per-op statistics.
         group: Process group; the default group if ``None``.
     """
-    rule = SF.Rule.of(rule)
-    n, num_classes = pi.shape
-    if n != layout.num_augmented[layout.rank]:
-        raise ValueError(f"pi has {n} rows but the layout gives this rank {layout.num_augmented[layout.rank]}.")
-    dtype = torch.promote_types(pi.dtype, torch.float32)
-    device = pi.device
-    sizes, total_aug = layout.num_augmented, layout.total_augmented
-    upstream = as_probabilities(targets, num_classes, dtype)
-    op_all = op
-    if len(sizes) == 1:  # one process: nothing to exchange
-        pi_all, up_all, logits_all = pi.to(dtype), upstream, logits
-    else:
-        columns = [pi.to(dtype), upstream]
-        if logits is not None and rule.name in SF._RULES_USING_LOGITS:
-            columns.append(logits.to(dtype))
-        # Row layout: [Π (K) | upstream label (K) | (logits (K)) | op id (1)], padded to the largest shard.
-        width = num_classes * len(columns) + 1
-        every = torch.zeros(0, width, dtype=dtype, device=device)
-        if total_aug:
-            rows = torch.zeros(max(sizes), width, dtype=dtype, device=device)
-            rows[:n, :-1] = torch.cat(columns, 1)
-            rows[:n, -1] = -1 if op is None else op.to(device=device, dtype=dtype)
-            shards = [torch.empty_like(rows) for _ in range(len(sizes))]
-            dist.all_gather(shards, rows, group=group)
-            every = torch.cat([shard[:size] for shard, size in zip(shards, sizes)])
-        pi_all, up_all = every[:, :num_classes], every[:, num_classes : 2 * num_classes]
-        logits_all = every[:, 2 * num_classes : 3 * num_classes] if len(columns) == 3 else None
-        op_all = every[:, -1].long()
-        op_all = op_all if bool((op_all >= 0).any()) else None
-    if rule.stateful:  # [gated rules] the clean rows' own-label gain of the global batch
-        if state is None or reference is None or logits_all is None:
-            raise ValueError(f"rule {rule.name!r} keeps state: pass state=, reference= and logits=, but got "
-                             f"state={type(state).__name__}, reference={type(reference).__name__}, "
-                             f"logits={type(logits).__name__}.")
-        reference = reference.to(device=device, dtype=dtype)
-        if len(sizes) > 1:
-            reference = reference.clone()
-            dist.all_reduce(reference, group=group)
-    new_state = state
-    # Every rank sees the same gathered Π, so every rank takes the same fallback decision.
-    finite = bool(torch.isfinite(pi_all).all())
-    if finite and total_aug and rule.stateful:
-        from .rules import gated_targets
-
-        weights_all, labels_all, new_state = gated_targets(
-            pi_all, up_all, state, rule=rule.name, threshold=rule.beta, decay=rule.decay, reference=reference,
-            logits=logits_all)  # fmt: skip
-    elif finite and total_aug:
-        weights_all, labels_all = rule(pi_all, up_all, generator=generator, logits=logits_all)
-        weights_all, labels_all = weights_all.to(device=device, dtype=dtype), labels_all.to(device=device, dtype=dtype)
-    else:
-        weights_all, labels_all = torch.ones(total_aug, dtype=dtype, device=device), up_all.clone()
+    size, num_classes = pi.shape
+    if size != layout.batch_sizes[layout.rank]:
+        raise ValueError(f"pi has {size} rows but the layout gives this rank {layout.batch_sizes[layout.rank]}.")
+    sizes = layout.batch_sizes
     offset = sum(sizes[: layout.rank])
-    mine = slice(offset, offset + n)
-    record = (up_all, weights_all, labels_all, op_all, sum(layout.batch_sizes))
-    return GlobalTargets(weights_all[mine], labels_all[mine], finite, record, new_state)
+    mine = slice(offset, offset + size)
+    if len(sizes) == 1:  # one process: nothing to exchange
+        return GatheredRows(pi, upstream, mask, logits, op, mine)
+    dtype = torch.promote_types(pi.dtype, torch.float32)
+    columns = [pi.to(dtype), upstream.to(dtype)] + ([] if logits is None else [logits.to(dtype)])
+    # Row layout: [Π (K) | upstream label (K) | (logits (K)) | op id (1) | augmented (1)], padded to the largest batch.
+    width = num_classes * len(columns) + 2
+    rows = torch.zeros(max(sizes), width, dtype=dtype, device=pi.device)
+    rows[:size, :-2] = torch.cat(columns, 1)
+    rows[:size, -2] = -1 if op is None else op.to(device=pi.device, dtype=dtype)
+    rows[:size, -1] = mask.to(dtype)
+    shards = [torch.empty_like(rows) for _ in range(len(sizes))]
+    dist.all_gather(shards, rows, group=group)
+    every = torch.cat([shard[:n] for shard, n in zip(shards, sizes, strict=False)])
+    return GatheredRows(
+        every[:, :num_classes],
+        every[:, num_classes : 2 * num_classes],
+        every[:, -1] > 0,
+        every[:, 2 * num_classes : 3 * num_classes] if len(columns) == 3 else None,
+        None if op is None else every[:, -2].long(),
+        mine,
+    )
 
 
 class Sync:
     """The collectives of a SAFLEX loss, in one place; each is a no-op in one process or with ``all_reduce=False``.
 
     A loss calls the same methods in the same order whether it runs in one process or on many ranks: ``check_once``
-    on its first training call, ``layout`` then ``decide`` every step, ``reduce`` on every validation refresh.
+    on its first training call, ``layout`` then ``gather`` every step, ``reduce`` on every validation refresh.
     """
 
     def __init__(self, all_reduce: bool, name: str) -> None:
@@ -317,24 +286,21 @@ class Sync:
             check_consistent(settings, name=self.name)
             self.checked = True
 
-    def reduce(self, signal: Any) -> Any:
-        """Average a validation signal (a dict of tensors, or a tuple with ``None`` entries) across ranks."""
+    def reduce(self, signal: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Average a validation signal (``{parameter name: gradient}``) across ranks."""
         if not self.active:
-            return signal
-        if isinstance(signal, dict):
-            return dict(zip(signal, all_reduce_mean(list(signal.values()))))
-        reduced = iter(all_reduce_mean([t for t in signal if t is not None]))
-        return tuple(None if t is None else next(reduced) for t in signal)
+            return dict(signal)
+        return dict(zip(signal, all_reduce_mean(list(signal.values())), strict=False))
 
-    def layout(self, num_augmented: int, batch_size: int, num_classes: int, device: torch.device) -> BatchLayout:
-        """This step's :func:`batch_layout` (one rank's own counts when not synced)."""
+    def layout(self, batch_size: int, num_classes: int, num_augmented: int, device: torch.device) -> BatchLayout:
+        """This step's :func:`batch_layout` (one rank's own batch when not synced)."""
         if self.active:
-            return batch_layout(num_augmented, batch_size, num_classes, device=device)
-        return BatchLayout(0, [num_augmented], [batch_size])
+            return batch_layout(batch_size, num_classes, num_augmented, device=device)
+        return BatchLayout(0, [batch_size], [num_augmented])
 
-    def decide(self, pi: Tensor, targets: Tensor, layout: BatchLayout, **kwargs: Any) -> GlobalTargets:
-        """:func:`global_saflex_targets` (exchanging only when synced)."""
-        return global_saflex_targets(pi, targets, layout, **kwargs)
+    def gather(self, pi: Tensor, upstream: Tensor, mask: Tensor, layout: BatchLayout, **kwargs: Any) -> GatheredRows:
+        """:func:`gather_rows` (exchanging only when synced)."""
+        return gather_rows(pi, upstream, mask, layout, **kwargs)
 
 
 def forward_with_tangent(
@@ -358,4 +324,4 @@ def forward_with_tangent(
     """
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         val_grad = {f"module.{name}": grad for name, grad in val_grad.items()}
-    return SF.forward_with_tangent(model, inputs, val_grad)
+    return _autodiff.forward_with_tangent(model, inputs, val_grad)

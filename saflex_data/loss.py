@@ -15,6 +15,7 @@ every collective.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
@@ -22,35 +23,31 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import functional as SF
 from . import rules as _rules
-from ._common import (
-    StepReport,
+from ._math import (
+    RULES_USING_LOGITS,
+    Rule,
     as_probabilities,
-    internal_pass,
-    model_device,
-    register_weak_hooks,
-    rng_preserved,
-    rng_state,
-    same_rng_state,
-    set_rng_state,
-    unwrap_model,
-    validation_pass,
+    check_logits,
+    check_targets,
+    check_temperature,
+    solve_dtype,
 )
-from ._common import rejects_removed_arguments  # beta=, tau=, ... of 0.1: a TypeError naming the replacement
+from ._methods import METHODS, PiMethod, Signal
+from ._passes import model_device, unwrap_model, validation_pass
+from ._removed import rejects_removed_arguments  # beta=, tau=, ... of 0.1: a TypeError naming the replacement
+from ._report import DeviceFlags, StepRecord, StepReport
 from ._stream import ValidationStream
 from .batch import SaflexTarget
-from .distributed import BatchLayout, GlobalTargets, Sync, forward_with_tangent
+from .distributed import GatheredRows, Sync, forward_with_tangent
 
 __all__ = ["SaflexLoss"]
 
 LossMethod = Literal["jvp", "last_layer", "single_pass", "jvp_frozen_stats"]
-_METHODS = ("jvp", "last_layer", "single_pass", "jvp_frozen_stats")
 _REFERENCES = ("heldout", "batch")
-DEFAULT_RULE = "gated_prior"  # the default decision rule (docs/when_to_use.md#gated); "margin" before 0.2
 VAL_TEMPERATURE = 4.0  # the tempered validation loss (see docs/method.md and the measured results)
-_MAX_CAPTURES = 4  # forwards remembered between two loss calls (a teacher pass, a second view, ...)
 
+DEFAULT_RULE = "gated_prior"  # the default decision rule (docs/when_to_use.md#gated); "margin" before 0.2
 
 class SaflexLoss(StepReport, nn.Module):
     """Cross-entropy with SAFLEX weights and soft labels for the augmented samples of each batch.
@@ -130,7 +127,7 @@ class SaflexLoss(StepReport, nn.Module):
         val_loader: Iterable[Any] | None = None,
         *,
         method: LossMethod = "last_layer",
-        rule: SF.Rule | str = DEFAULT_RULE,
+        rule: Rule | str = DEFAULT_RULE,
         reference: Literal["heldout", "batch"] = "heldout",
         val_every: int = 1,
         val_ema: float | None = None,
@@ -147,8 +144,8 @@ class SaflexLoss(StepReport, nn.Module):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, but got {type(model).__name__}.")
-        if method not in _METHODS:
-            raise ValueError(f"method must be one of {_METHODS}, but got {method!r}.")
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {tuple(METHODS)}, but got {method!r}.")
         if reference not in _REFERENCES:
             raise ValueError(f"reference must be one of {_REFERENCES}, but got {reference!r}.")
         if reference == "heldout" and (val_loader is None or not isinstance(val_loader, Iterable)):
@@ -156,13 +153,13 @@ class SaflexLoss(StepReport, nn.Module):
                 "val_loader must be an iterable of (inputs, targets) batches (or None with reference='batch'), but "
                 f"got {type(val_loader).__name__}."
             )
-        if reference == "batch" and method == "single_pass":
+        if reference == "batch" and not METHODS[method].supports_batch_reference:
             raise ValueError("reference='batch' needs the batch before its forward: use method='last_layer' or 'jvp'.")
         if not isinstance(val_every, int) or isinstance(val_every, bool) or val_every < 1:
             raise ValueError(f"val_every must be an int >= 1, but got {val_every!r}.")
         if val_ema is not None and not 0.0 <= val_ema < 1.0:
             raise ValueError(f"val_ema must be None or a decay in [0, 1), but got {val_ema!r}.")
-        SF.check_temperature(val_temperature, "val_temperature")
+        check_temperature(val_temperature, "val_temperature")
         if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 2):
             raise ValueError(f"num_splits must be None or an int >= 2 ([clean; augmented...]), but got {num_splits!r}.")
         if prepare is not None and not callable(prepare):
@@ -174,7 +171,7 @@ class SaflexLoss(StepReport, nn.Module):
         # all-reduce in forward); the extra passes of the other methods use the raw module.
         ddp = _outer_ddp(model)
         self.__dict__["_train_model"] = self.model if ddp is None else ddp
-        self.method, self.rule, self.reference = method, SF.Rule.of(rule), reference
+        self.method, self.rule, self.reference = method, Rule.of(rule), reference
         self.val_every, self.val_ema, self.val_temperature = val_every, val_ema, float(val_temperature)
         self.prepare, self.num_splits, self.label_smoothing = prepare, num_splits, label_smoothing
         self.seed, self.enabled = seed, enabled
@@ -182,28 +179,16 @@ class SaflexLoss(StepReport, nn.Module):
         self._val = None if reference == "batch" else ValidationStream(val_loader, type(self).__name__, keys=val_keys)
         self.step = 0
         self._generator = torch.Generator().manual_seed(seed)
-        self._signal: Any = None  # cached validation signal: dict (jvp) or (G_W, G_b) (last_layer)
-        self._captures: list[dict[str, Any]] = []  # the model's forwards since the last loss call, newest last
+        self._signal: Signal | None = None  # the cached validation signal
+        self._signal_valid: Tensor | None = None  # reference="batch", last_layer: whether it saw a clean row (device)
+        self._checked: dict[str, tuple] = {}  # what the value checks last saw (once per shape and dtype)
         self._warned_nonfinite = False
         self._fallback_keeps = "the upstream labels"
         self.last_step: dict[str, Tensor] = {}
         self.reset_stats()
-
-        self.classifier_name: str | None = None
-        hooks = []
-        if method == "last_layer":
-            self.classifier_name, linear = SF.find_classifier(self.model, classifier)
-            self.__dict__["_classifier"] = linear  # a plain reference, not a submodule (no state_dict entries)
-            hooks = [(linear, "post", "_on_classifier")]
-        elif method in ("jvp", "jvp_frozen_stats"):
-            hooks = [(self.model, "pre", "_on_model_start"), (self.model, "post", "_on_model")]
-        if method == "jvp_frozen_stats":
-            batchnorms = nn.modules.batchnorm._BatchNorm
-            self._bn_names = {m: n for n, m in self.model.named_modules() if isinstance(m, batchnorms)}
-            hooks += [(m, "post", "_on_batchnorm") for m in self._bn_names]
-        self._bn_stats: dict[str, tuple[Tensor, Tensor]] = {}
-        self._hooks = register_weak_hooks(self, hooks)
-        self._rng_at_start: tuple | None = None
+        # How Π is computed: the method's hooks hold it weakly; it lives (and they stay) as long as the loss does.
+        self._method: PiMethod = METHODS[method](self.model, classifier=classifier)
+        self.classifier_name: str | None = getattr(self._method, "classifier_name", None)
         # [gated rules] the gate's state: kept across steps, saved in state_dict, reset only by reset_rule_state()
         self._rule_state: dict[str, Tensor] | None = _rules.init_state() if self.rule.stateful else None
 
@@ -222,25 +207,24 @@ class SaflexLoss(StepReport, nn.Module):
         """Forget the gate's evidence (nothing else resets it: not ``reset_stats``, not ``enabled``)."""
         self._rule_state = _rules.init_state() if self.rule.stateful else None
 
-    def get_extra_state(self) -> dict[str, Any]:
-        state = super().get_extra_state()
-        if self._rule_state is not None:
-            state["rule_state"] = {k: v.detach().clone() for k, v in self._rule_state.items()}
-        return state
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        super().set_extra_state(state)
-        if self.rule.stateful:
-            saved = state.get("rule_state")
-            self._rule_state = _rules.init_state() if saved is None else {
-                k: v.clone() for k, v in _rules.check_state(saved, "state_dict's rule_state").items()}
+    def _gated_rule(self, rows: GatheredRows, finite: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
+        """A stateful rule on the rows of the (global) batch: the clean rows' ``Π`` is in ``rows`` already (every
+        method computes it when the rule is stateful); the state moves only on a finite, valid step."""
+        state = {k: v.to(rows.pi.device) for k, v in self._rule_state.items()}
+        weights, targets, new = _rules.gated_targets(
+            rows.pi, rows.upstream, state, rule=self.rule.name, threshold=self.rule.beta, decay=self.rule.decay,
+            logits=rows.logits, mask=rows.mask)  # fmt: skip
+        keep = finite if valid is None else finite & valid
+        self._rule_state = {k: torch.where(keep, new[k], state[k]) for k in state}
+        return weights, targets
 
     def settings(self) -> dict[str, Any]:
         """The settings every rank must share (compared on the first training call under torch.distributed)."""
         params = [p for p in self.model.parameters() if p.requires_grad]
         return {
             "method": self.method, "rule": self.rule.name, "beta": self.rule.beta, "tau": self.rule.tau,
-            "normalize": self.rule.normalize, "decay": self.rule.decay, "reference": self.reference, "val_every": self.val_every,
+            "normalize": self.rule.normalize, "decay": self.rule.decay, "reference": self.reference,
+            "val_every": self.val_every,
             "val_ema": self.val_ema, "val_temperature": self.val_temperature, "enabled": bool(self.enabled),
             "num_splits": self.num_splits, "label_smoothing": float(self.label_smoothing),
             "all_reduce": self.all_reduce,
@@ -249,79 +233,9 @@ class SaflexLoss(StepReport, nn.Module):
             "trainable_parameters": (len(params), sum(p.numel() for p in params)),
         }
 
-    # ------------------------------------------------------------------------------------------------------------
-    # hooks: what each forward of the model produced, keyed by its output
-    # ------------------------------------------------------------------------------------------------------------
-    def _on_model_start(self, module: nn.Module, args: tuple) -> None:
-        # Inside torch.compile the random state cannot be read without a graph break: a compiled model's tangent
-        # pass draws its own dropout masks (documented limit).
-        if not torch.compiler.is_compiling():
-            self._rng_at_start = rng_state(_input_device(args, self.model))
-
-    def _on_model(self, module: nn.Module, args: tuple, output: Any) -> None:
-        start, self._rng_at_start = self._rng_at_start, None
-        if not args or not isinstance(args[0], Tensor):
-            return
-        stochastic = start is not None and not same_rng_state(start, rng_state(_input_device(args, self.model)))
-        bn_stats, self._bn_stats = self._bn_stats, {}
-        self._remember(output, inputs=args[0], rng=start, stochastic=stochastic, bn_stats=bn_stats)
-
-    def _on_batchnorm(self, module: nn.Module, args: tuple, output: Tensor) -> None:
-        """``method="jvp_frozen_stats"``: the batch statistics a train-mode BatchNorm normalised with."""
-        stats = SF._batch_statistics(module, args)
-        if stats is not None:
-            self._bn_stats[self._bn_names[module]] = stats
-
-    def _on_classifier(self, module: nn.Module, args: tuple, output: Tensor) -> None:
-        # Detached: a forward without a loss call (a skipped step, an eval pass with grad) must not pin its graph.
-        self._remember(output, features=args[0].detach())
-
-    def _remember(self, output: Any, **capture: Any) -> None:
-        output = _first_tensor(output)
-        if output is None:
-            return
-        # Detached, so that a forward without a loss call does not pin its graph; inside torch.compile a detach
-        # here breaks the graph, so the output is kept as is there (at most _MAX_CAPTURES of them).
-        output = output if torch.compiler.is_compiling() else output.detach()
-        self._captures = [*self._captures[-(_MAX_CAPTURES - 1):], {"output": output, **capture}]
-
-    def _capture_of(self, logits: Tensor) -> dict[str, Any]:
-        """The remembered forward that produced ``logits`` (every older one is forgotten)."""
-        found = None
-        for i in range(len(self._captures) - 1, -1, -1):
-            out = self._captures[i]["output"]
-            if out.shape == logits.shape and (_same_storage(out, logits) or _same_values(out, logits.detach())):
-                found = i
-                break
-        if found is None:
-            error = self._no_capture(logits)
-            self._captures = []
-            raise error
-        self._captures = self._captures[found:]  # kept: a second loss call on the same logits decides alike
-        return self._captures[0]
-
-    def _no_capture(self, logits: Tensor) -> Exception:
-        where = {"last_layer": f"the classifier {self.classifier_name!r}", "jvp": "the model",
-                 "jvp_frozen_stats": "the model", "single_pass": "forward_train"}[self.method]
-        if not self._captures:
-            return RuntimeError(
-                f"SaflexLoss(method={self.method!r}) saw no forward of {where} since the previous loss call; call the "
-                "model (or forward_train) on the batch, then the loss with its output. (A model compiled with "
-                "torch.compile and run before SaflexLoss was built keeps a graph without the loss's hooks: build "
-                "SaflexLoss before the first compiled forward, or call torch._dynamo.reset().)"
-            )
-        return RuntimeError(
-            f"SaflexLoss(method={self.method!r}): the logits passed to the loss (shape {tuple(logits.shape)}) are not "
-            f"the output of any of the last {len(self._captures)} forwards of {where} since the previous loss call. "
-            "Extra forwards between the training forward and the loss (a teacher or EMA pass, a second view) are "
-            "fine, but logits changed after the forward (scaled, sliced, post-processed) or made by another layer "
-            "are not: " + ("pass classifier=<the nn.Linear whose output is the logits> or use method='jvp'."
-                           if self.method == "last_layer" else "pass the model's output itself.")
-        )
-
     def remove_hooks(self) -> None:
         """Detach the loss from the model (its forward hooks); deleting the loss does the same."""
-        self._hooks()
+        self._method.remove_hooks()
 
     # ------------------------------------------------------------------------------------------------------------
     # the loss
@@ -334,7 +248,7 @@ class SaflexLoss(StepReport, nn.Module):
             target: A :class:`SaflexTarget` (from ``SaflexCollate``, ``SaflexBatchSampler`` or an adapter), or a
                 plain label tensor when ``num_splits`` is set.
         """
-        SF.check_logits(logits)
+        check_logits(logits)
         labels, is_augmented, op = self._unpack(logits, target)
         training = torch.is_grad_enabled() and logits.requires_grad and self.model.training
         if training:  # [distributed] compared on training calls only, also with enabled=False
@@ -343,19 +257,10 @@ class SaflexLoss(StepReport, nn.Module):
             return F.cross_entropy(logits, labels if labels.dim() == 2 else labels.long(),
                                    label_smoothing=self.label_smoothing)
         batch, num_classes = logits.shape
-        dtype = torch.promote_types(logits.dtype, torch.float32)  # the solve and the loss in >= float32
-        aug_index = is_augmented.nonzero().squeeze(1)
-        layout = self._sync.layout(len(aug_index), batch, num_classes, logits.device)
-        weights = torch.ones(batch, dtype=dtype, device=logits.device)
-        targets = as_probabilities(labels, num_classes, dtype, copy=True)
-        if layout.total_augmented:
-            decision = self._decide(logits, labels, targets[aug_index], is_augmented, op, aug_index, layout)
-            if not decision.finite:
-                self._nonfinite_fallback()
-            weights[aug_index], targets[aug_index] = decision.weights, decision.soft_labels
-            self._record(*decision.record)
-        else:
-            self._record(targets[:0], weights[:0], targets[:0], None, sum(layout.batch_sizes))
+        dtype = solve_dtype(logits.dtype)  # the solve and the loss in >= float32
+        upstream = as_probabilities(labels, num_classes, dtype, copy=True)
+        # Fixed shapes from here on: every row is decided (the augmented ones by the rule), nothing is read back.
+        weights, targets = self._decide(logits, labels, upstream, is_augmented, op)
         self.last_step = {"is_augmented": is_augmented, "weights": weights, "targets": targets,
                           "upstream": labels if labels.dim() == 1 else labels.argmax(-1)}
         self.step += 1
@@ -374,13 +279,13 @@ class SaflexLoss(StepReport, nn.Module):
         if self.method != "single_pass":
             raise RuntimeError(f"forward_train is for method='single_pass'; this loss uses method={self.method!r}.")
         self._sync.check_once(self.settings())  # [distributed]
-        signal = self._validation_signal(None, None, None, None)
+        signal, _ = self._validation_signal(None, None, None, None)
         train_model = self._train_model
         if model is not None:
             ddp = _outer_ddp(model)
             train_model = unwrap_model(model) if ddp is None else ddp
         logits, tangent = forward_with_tangent(train_model, inputs, signal)
-        self._remember(logits, tangent=tangent)
+        self._method.remember(logits, tangent=tangent)
         return logits
 
     # ------------------------------------------------------------------------------------------------------------
@@ -417,143 +322,149 @@ class SaflexLoss(StepReport, nn.Module):
             op = None
         else:
             raise TypeError(f"target must be a SaflexTarget or a tensor, but got {type(target).__name__}.")
-        SF.check_targets(labels, batch, num_classes, "target labels")
+        # The value checks read the labels on the host: once per shape and dtype, not every step.
+        check_targets(labels, batch, num_classes, "target labels", values=self._first("target", labels, num_classes))
+        self._checked["target"] = _signature(labels, num_classes)
         return labels, is_augmented, op
 
-    def _decide(self, logits: Tensor, labels: Tensor, upstream: Tensor, is_augmented: Tensor, op: Tensor | None,
-                aug_index: Tensor, layout: BatchLayout) -> GlobalTargets:
-        """Weights and soft labels of the augmented rows (of the global batch, under torch.distributed)."""
-        capture = self._capture_of(logits)
-        op = None if op is None else op[aug_index]
+    def _first(self, name: str, tensor: Tensor, *extra: Any) -> bool:
+        """Whether ``tensor`` differs in shape, dtype or device from the last one checked as ``name``."""
+        return self._checked.get(name) != _signature(tensor, *extra)
+
+    def _decide(self, logits: Tensor, labels: Tensor, upstream: Tensor, is_augmented: Tensor,
+                op: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Weights `(B,)` and targets `(B, K)` of this rank's rows: the rule's for the augmented rows, ``1`` and the
+        upstream label for the others (and for every row of a step whose ``Π`` is not finite)."""
+        capture = self._method.capture_of(logits)
+        index = self._method.select(is_augmented)  # host indices: only methods that select rows (JVP) read them
+        layout = self._sync.layout(*logits.shape, -1 if index is None else index.numel(), logits.device)
         with torch.autocast(device_type=logits.device.type, enabled=False):
-            signal = None
-            if self.method != "single_pass":
-                signal = self._validation_signal(capture, logits, labels, is_augmented)
-                if signal is None:  # reference="batch", no clean row yet: nothing to compare with, keep all
+            signal, valid = None, None
+            if self._method.supports_batch_reference:  # the signal exists before the forward
+                if layout.total_augmented != 0:  # (no augmented row, known on the host: no validation pass)
+                    signal, valid = self._validation_signal(capture, logits, labels, is_augmented)
+                if signal is None:  # or reference="batch", no clean row yet: nothing to compare with, keep all
                     ones = upstream.new_ones(len(upstream))
-                    return GlobalTargets(ones, upstream, True, (upstream, ones, upstream, op, len(logits)))
-            pi = self._inner_products(capture, logits, aug_index, signal)
-            gate = {}
-            if self.rule.stateful:  # [gated rules] the same batch's clean rows' own-label gain, from the same Π
-                gate = {"state": self._rule_state, "reference": self._clean_gain(capture, logits, labels,
-                                                                                 is_augmented, signal)}
-            decision = self._sync.decide(pi, upstream, layout, rule=self.rule, generator=self._generator, op=op,
-                                         logits=logits[aug_index].detach(), **gate)
-            if decision.state is not None:
-                self._rule_state = decision.state
-            return decision
+                    self._record(StepRecord(upstream, ones, upstream, op, is_augmented, len(logits)))
+                    return ones, upstream
+            with torch.no_grad():
+                if self.rule.stateful and index is not None:  # [gated rules] Π of the clean rows too
+                    index = torch.arange(len(logits), device=logits.device)
+                pi = self._method.inner_products(capture, logits, is_augmented, signal, index)
+                exchange_logits = not self._sync.active or self.rule.name in RULES_USING_LOGITS
+                rows = self._sync.gather(pi.to(upstream.dtype), upstream, is_augmented, layout, op=op,
+                                         logits=logits if exchange_logits else None)
+                weights, targets, finite = self._apply_rule(rows, valid)
+        self._fallbacks.push(~finite)
+        self._record(StepRecord(rows.upstream, weights, targets, rows.op, rows.mask, sum(layout.batch_sizes)))
+        self._poll_fallbacks()
+        if rows.mine == slice(0, len(weights)):  # one process
+            return weights, targets
+        return weights[rows.mine], targets[rows.mine]
 
-    def _clean_gain(self, capture: dict[str, Any], logits: Tensor, labels: Tensor, is_augmented: Tensor,
-                    signal: Any) -> Tensor:
-        """``[Σ_clean yᵀΠ, number of clean rows]`` of this rank's batch (masked sums: nothing read back)."""
-        if self.method == "last_layer":  # the closed form over all rows: a (B, K) product, nearly free
-            features = capture["features"]
-            pi = SF.last_layer_inner_products(features.flatten(1), logits.detach(), signal[0], signal[1])
-        else:  # Π of every row (one more pass over the batch for jvp; the tangent already has them for single_pass)
-            pi = self._inner_products(capture, logits, torch.arange(len(logits), device=logits.device), signal)
-        dtype = torch.promote_types(pi.dtype, torch.float32)
-        clean = (~is_augmented).to(dtype)
-        gain = (as_probabilities(labels, logits.shape[1], dtype) * pi.to(dtype)).sum(-1)
-        return torch.stack([(gain * clean).sum(), clean.sum()])
+    def _apply_rule(self, rows: GatheredRows, valid: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """The rule on the augmented rows of the (global) batch: weights, targets, and whether ``Π`` was finite.
 
-    def _inner_products(self, capture: dict[str, Any], logits: Tensor, aug_index: Tensor, signal: Any) -> Tensor:
-        """``Π`` `(n, K)` of the augmented rows (none on a rank without augmented rows; it still refreshed)."""
-        if self.method == "single_pass":
-            return SF.inner_products_from_tangent(logits[aug_index], capture["tangent"][aug_index])
-        if self.method == "last_layer":
-            features = capture["features"]
-            return SF.last_layer_inner_products(
-                features[aug_index].flatten(1), logits[aug_index], signal[0], signal[1]
-            )
-        if not aug_index.numel():
-            return logits.new_zeros((0, logits.shape[1]))
-        inputs = capture["inputs"]
-        with internal_pass(), rng_preserved(inputs.device):
-            if self.method == "jvp_frozen_stats" and not capture["stochastic"]:
-                return SF.grad_inner_products(self.model, inputs[aug_index], signal, method="jvp",
-                                              batch_stats=capture["bn_stats"] if _batch_dependent(self.model) else None)
-            if capture["stochastic"] or _batch_dependent(self.model):
-                # Train-mode BatchNorm normalises with the whole batch's statistics, and dropout's masks are drawn for
-                # the whole batch: forward the whole batch with the training forward's random state, as the step did.
-                if capture["rng"] is not None:
-                    set_rng_state(capture["rng"], inputs.device)
-                return SF.grad_inner_products(self.model, inputs, signal, method="jvp")[aug_index]
-            return SF.grad_inner_products(self.model, inputs[aug_index], signal, method="jvp")
+        A non-finite ``Π`` of an augmented row (on any rank) makes the whole step keep the upstream labels with
+        weight 1: decided on the device, as everything here (no host synchronisation).
+        """
+        mask = rows.mask
+        pi = torch.where(mask[:, None], rows.pi, 0)  # the other rows may hold anything, NaN included
+        finite = pi.abs().amax() < math.inf  # False for a NaN as for an inf
+        if self.rule.stateful:
+            weights, targets = self._gated_rule(rows, finite, valid)
+        else:
+            weights, targets = self.rule.decide(pi, rows.upstream, mask, generator=self._generator,
+                                                logits=rows.logits)
+        decided = mask & finite if valid is None else mask & finite & valid
+        weights = torch.where(decided, weights, 1)
+        if self.rule.relabels:
+            targets = torch.where(decided[:, None], targets, rows.upstream)
+        return weights, targets, finite
 
     # ------------------------------------------------------------------------------------------------------------
     # the validation signal
     # ------------------------------------------------------------------------------------------------------------
-    def _validation_signal(self, capture: Any, logits: Tensor | None, labels: Any, is_augmented: Any) -> Any:
+    def _validation_signal(self, capture: Any, logits: Tensor | None, labels: Any,
+                           is_augmented: Any) -> tuple[Signal | None, Tensor | None]:
+        """This step's signal and, for ``reference="batch"`` with ``last_layer``, a device bool saying whether it
+        comes from at least one clean row (``None``: it does)."""
         if self._signal is not None and self.step % self.val_every != 0:
-            return self._signal
+            return self._signal, self._signal_valid
+        valid = None
         if self.reference == "batch":
-            signal = self._batch_signal(capture, logits, labels, is_augmented)
-            if signal is None:
-                return self._signal
+            fresh = self._batch_signal(capture, logits, labels, is_augmented)
+            if fresh is None:  # known on the host: no clean row
+                return self._signal, self._signal_valid
+            signal, valid = fresh
         else:
             signal = self._heldout_signal()
         signal = self._sync.reduce(signal)
-        if not _tree_finite(signal):
-            # Used once (this step falls back, counted) but never cached nor averaged in: one bad validation batch
-            # must not switch SAFLEX off for val_every steps, or for good through val_ema.
-            return signal
-        if self.val_ema is not None and self._signal is not None:
-            signal = _tree_lerp(signal, self._signal, self.val_ema)
-        self._signal = signal
-        return signal
+        old = self._signal
+        if old is not None and valid is None and self.val_every == 1 and self.val_ema is None:
+            # Refreshed every step and never averaged: the cache serves only a saved state, so it is replaced
+            # without the finiteness test (a non-finite Π falls back on its own).
+            self._signal = signal
+            return signal, None
+        finite = _finite(signal)
+        if old is None:
+            # The first signal is checked on the host (once): a non-finite one is used for this step (which falls
+            # back) but not cached, so that the next step draws a new one.
+            if bool(finite):
+                self._signal, self._signal_valid = signal, valid
+            return signal, valid
+        if self.val_ema is not None:
+            signal = _lerp(signal, old, self.val_ema)
+        # Cached only when finite (and from a clean row): one bad validation batch must not switch SAFLEX off for
+        # val_every steps, or for good through val_ema. Decided on the device, no host synchronisation.
+        use = finite if valid is None else finite & valid
+        self._signal = {k: torch.where(use, v, old[k]) if k in old else v for k, v in signal.items()}
+        if valid is not None:
+            step_signal = {k: torch.where(valid, v, old[k]) if k in old else v for k, v in signal.items()}
+            old_valid = self._signal_valid
+            self._signal_valid = valid if old_valid is None else valid | old_valid
+            return step_signal, self._signal_valid
+        return signal, self._signal_valid
 
-    def _heldout_signal(self) -> Any:
+    def _heldout_signal(self) -> Signal:
         model = self.model
         inputs, targets = self._val.next(model_device(model), self.prepare)
+        first = self._first("val", targets)
         with validation_pass(model, inputs.device), self._val.model_call(inputs):
-            if self.method != "last_layer":
-                return SF.validation_gradient(model, inputs, targets, temperature=self.val_temperature)
-            capture = SF._FeatureCapture(self._classifier)
-            try:
-                with torch.no_grad(), SF._running_stats_frozen(model):
-                    logits = model(inputs)
-            finally:
-                capture.remove()
-        SF.check_logits(logits, "model(validation inputs)")
-        return self._last_layer_signal(capture.features.flatten(1), logits, targets)
+            signal = self._method.heldout_signal(inputs, targets, self.val_temperature, check=first)
+        self._checked["val"] = _signature(targets)
+        return signal
 
-    def _batch_signal(self, capture: Any, logits: Tensor, labels: Tensor, is_augmented: Tensor) -> Any:
-        """The signal of the batch's clean rows (``reference="batch"``); ``None`` when it has none."""
-        clean = (~is_augmented).nonzero().squeeze(1)
-        if not clean.numel():
-            if not self._sync.active:
-                return None
-            # [distributed] every rank joins the all-reduce; a rank without clean rows contributes zero
-            zeros = {n: logits.new_zeros(shape, dtype=torch.promote_types(logits.dtype, torch.float32))
-                     for n, shape in self._signal_shapes().items()}
-            return (zeros["weight"], zeros.get("bias")) if self.method == "last_layer" else zeros
-        if self.method == "last_layer":
-            return self._last_layer_signal(capture["features"][clean].flatten(1), logits[clean].detach(), labels[clean])
+    def _batch_signal(self, capture: Any, logits: Tensor, labels: Tensor,
+                      is_augmented: Tensor) -> tuple[Signal, Tensor | None] | None:
+        """The signal of the batch's clean rows (``reference="batch"``); ``None`` when it (known on the host) has
+        none."""
         with validation_pass(self.model, logits.device):
-            return SF.validation_gradient(self.model, capture["inputs"][clean], labels[clean],
-                                          temperature=self.val_temperature)
-
-    def _last_layer_signal(self, features: Tensor, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor | None]:
-        grad_weight, grad_bias = SF.last_layer_validation_gradient(
-            features, logits, targets, temperature=self.val_temperature
-        )
-        linear = self._classifier
-        if not linear.weight.requires_grad:
-            raise ValueError(
-                f"method='last_layer' needs a trainable classifier, but {self.classifier_name!r}.weight "
-                "has requires_grad=False (a frozen head never moves, so its gradient says nothing about "
-                "the step); use method='jvp', which counts the trainable parameters."
-            )
-        if linear.bias is None or not linear.bias.requires_grad:
-            grad_bias = None  # only trainable parameters count
-        return grad_weight, grad_bias
+            fresh = self._method.batch_signal(capture, logits, labels, ~is_augmented, self.val_temperature)
+        if fresh is None and self._sync.active:
+            # [distributed] every rank joins the all-reduce; a rank without clean rows contributes zero
+            dtype = solve_dtype(logits.dtype)
+            return {n: logits.new_zeros(shape, dtype=dtype) for n, shape in self._signal_shapes().items()}, None
+        return fresh
 
     def _signal_shapes(self) -> dict[str, tuple[int, ...]]:
-        if self.method == "last_layer":
-            linear = self._classifier
-            bias = {} if linear.bias is None else {"bias": tuple(linear.bias.shape)}
-            return {"weight": tuple(linear.weight.shape), **bias}
-        return {n: tuple(p.shape) for n, p in self.model.named_parameters() if p.requires_grad}
+        return self._method.signal_shapes()
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        # Earlier versions: a last_layer loss saved its signal as the tuple (grad_weight, grad_bias | None) and its
+        # shapes as {"weight", "bias"}: the same tensors, now keyed by the classifier's parameter names.
+        saved = state.get("signal")
+        if isinstance(saved, (tuple, list)) and self.method == "last_layer":
+            names = (self._method.weight_name, self._method.bias_name)
+            state = {**state, "signal": {n: t for n, t in zip(names, saved, strict=False) if t is not None}}
+            if state.get("signal_shapes") is not None:
+                state["signal_shapes"] = {names[0] if k == "weight" else names[1] if k == "bias" else k: v
+                                          for k, v in state["signal_shapes"].items()}
+        super().set_extra_state(state)
+        if self.rule.stateful:
+            saved_rule = state.get("rule_state")
+            self._rule_state = _rules.init_state() if saved_rule is None else {
+                k: v.clone() for k, v in _rules.check_state(saved_rule, "state_dict's rule_state").items()}
 
     # ------------------------------------------------------------------------------------------------------------
     # statistics
@@ -562,37 +473,98 @@ class SaflexLoss(StepReport, nn.Module):
         """Clear the cumulative (per-op) statistics."""
         self._op_names: tuple[str, ...] | None = None
         self._totals: dict[str, Tensor] = {}
-        self._last: dict[str, Tensor] = {}
+        self._op_counts: Tensor | None = None  # (3, len(op_names)) on the device: count, kept, relabeled
+        self._last_record: StepRecord | None = None
+        self._fallbacks = DeviceFlags()
         self.nonfinite_steps = 0
 
+    @property
+    def stats(self) -> dict[str, float]:
+        """Statistics of the last step (fractions of its augmented samples) plus the non-finite fallback count.
+
+        Computed when read (from the last step's decisions, still on the device): reading them is the host
+        synchronisation a training step does not do.
+        """
+        self._poll_fallbacks(wait=True)
+        return StepReport.stats.fget(self)
+
+    @property
+    def _last(self) -> dict[str, Tensor]:
+        record = self._last_record
+        if record is None:
+            return {}
+        with torch.no_grad():
+            mask = record.mask
+            n_aug = mask.sum().float()
+            denom = n_aug.clamp_min(1)
+            relabeled = (record.soft_labels.argmax(-1) != record.upstream.argmax(-1)) & mask
+            return {
+                "augmented_fraction": n_aug / record.batch_size,
+                "kept_fraction": ((record.weights > 0) & mask).sum().float() / denom,
+                "relabeled_fraction": relabeled.sum().float() / denom,
+                "weight_mean": torch.where(mask, record.weights, 0).sum().float() / denom,
+            }
+
+    def _poll_fallbacks(self, wait: bool = False) -> None:
+        for _ in range(self._fallbacks.poll(wait)):
+            self._nonfinite_fallback()
+
+    def get_extra_state(self) -> dict[str, Any]:
+        self._poll_fallbacks(wait=True)
+        state = super().get_extra_state()
+        if self._rule_state is not None:
+            state["rule_state"] = {k: v.detach().clone() for k, v in self._rule_state.items()}
+        return state
+
     @torch.no_grad()
-    def _record(self, upstream: Tensor, weights: Tensor, targets: Tensor, op: Tensor | None, batch: int) -> None:
-        """Statistics of the augmented rows ``upstream``/``weights``/``targets`` of a batch of ``batch`` rows."""
-        relabeled = targets.argmax(-1) != upstream.argmax(-1)
-        kept = weights > 0
-        n_aug = torch.tensor(float(len(weights)))
-        denom = n_aug.clamp_min(1)
-        self._last = {
-            "augmented_fraction": n_aug / batch,
-            "kept_fraction": kept.sum().float() / denom,
-            "relabeled_fraction": relabeled.sum().float() / denom,
-            "weight_mean": weights.sum().float() / denom,
-        }
-        if op is None or not op.numel() or int(op.max()) < 0:
+    def _record(self, record: StepRecord) -> None:
+        """Keep the step's decisions for ``stats`` (computed when read) and add them to the per-op totals."""
+        self._last_record = record
+        if record.op is None:
+            return
+        kept = (record.weights > 0) & record.mask
+        relabeled = (record.soft_labels.argmax(-1) != record.upstream.argmax(-1)) & record.mask
+        valid = record.mask & (record.op >= 0)
+        columns = torch.stack([valid, kept & valid, relabeled & valid])
+        size = None if self._op_names is None else len(self._op_names)
+        if size is not None and (self._op_counts is None or self._op_counts.shape[1] == size):
+            # Known op names (SaflexCollate gives them): fixed-size totals on the device, no host synchronisation.
+            if self._op_counts is None:
+                self._op_counts = torch.zeros(3, size, dtype=torch.long, device=record.op.device)
+            valid = valid & (record.op < size)
+            self._op_counts.index_add_(1, torch.where(valid, record.op, 0), (columns & valid).long())
+            return
+        # Op ids without names: their range is read on the host (one synchronisation per step with op ids).
+        self._fold_op_stats()
+        self._add_op_totals(torch.where(valid, record.op, -1), columns.long())
+
+    def _add_op_totals(self, op: Tensor, columns: Tensor) -> None:
+        if not op.numel() or int(op.max()) < 0:
             return
         size = int(op.max()) + 1
         valid = op >= 0
         rows = op.clamp_min(0)
-        for name, mask in (("count", valid), ("kept", kept & valid), ("relabeled", relabeled & valid)):
-            counts = torch.bincount(rows[mask], minlength=size).cpu()
-            old = self._totals.get(name, torch.zeros(0, dtype=torch.long))
-            if len(old) < size:
-                old = torch.cat([old, old.new_zeros(size - len(old))])
-            old[:size] += counts
-            self._totals[name] = old
+        for name, column in zip(("count", "kept", "relabeled"), columns, strict=False):
+            counts = torch.zeros(size, dtype=torch.long).index_add_(0, rows[valid].cpu(), column[valid].cpu())
+            self._add_total(name, counts)
+
+    def _add_total(self, name: str, counts: Tensor) -> None:
+        old = self._totals.get(name, torch.zeros(0, dtype=torch.long))
+        if len(old) < len(counts):
+            old = torch.cat([old, old.new_zeros(len(counts) - len(old))])
+        old[: len(counts)] += counts
+        self._totals[name] = old
+
+    def _fold_op_stats(self) -> None:
+        """Move the device totals into the host totals (a host read: when the statistics are read)."""
+        counts, self._op_counts = self._op_counts, None
+        if counts is not None:
+            for name, column in zip(("count", "kept", "relabeled"), counts.cpu(), strict=False):
+                self._add_total(name, column)
 
     def op_stats(self) -> dict[str, dict[str, float]]:
         """Cumulative keep/relabel rates per upstream op since the last ``reset_stats()``."""
+        self._fold_op_stats()
         if "count" not in self._totals:
             return {}
         names = self._op_names
@@ -625,43 +597,18 @@ def _outer_ddp(model: nn.Module) -> nn.parallel.DistributedDataParallel | None:
     return model
 
 
-def _first_tensor(output: Any) -> Tensor | None:
-    """The logits of a forward's output: the tensor itself, the first tensor of a tuple, or a dict's ``logits``."""
-    if isinstance(output, Tensor):
-        return output
-    if isinstance(output, dict) or hasattr(output, "logits"):
-        value = output.get("logits") if isinstance(output, dict) else output.logits
-        return value if isinstance(value, Tensor) else None
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
-        return output[0]
-    return None
+def _lerp(new: Signal, old: Signal, decay: float) -> Signal:
+    # A parameter unfrozen since the last refresh has no average yet: it starts from its fresh gradient.
+    return {k: decay * old[k] + (1 - decay) * new[k] if k in old else new[k] for k in new}
 
 
-def _input_device(args: tuple, model: nn.Module) -> torch.device:
-    return args[0].device if args and isinstance(args[0], Tensor) else model_device(model)
+def _finite(signal: Signal) -> Tensor:
+    """Whether every entry of the signal is finite, as a device bool."""
+    tensors = list(signal.values())
+    if not tensors:
+        return torch.tensor(True)
+    return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
 
 
-def _batch_dependent(model: nn.Module) -> bool:
-    """Whether a sample's output depends on the rest of the batch (BatchNorm using batch statistics)."""
-    return any(SF._uses_batch_stats(m) for m in model.modules())
-
-
-def _tree_lerp(new: Any, old: Any, decay: float) -> Any:
-    if isinstance(new, dict):
-        # A parameter unfrozen since the last refresh has no average yet: it starts from its fresh gradient.
-        return {k: decay * old[k] + (1 - decay) * new[k] if k in old else new[k] for k in new}
-    return tuple(n if n is None or o is None else decay * o + (1 - decay) * n for n, o in zip(new, old))
-
-
-def _tree_finite(signal: Any) -> bool:
-    tensors = list(signal.values()) if isinstance(signal, dict) else [t for t in signal if t is not None]
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()) if tensors else True
-
-
-def _same_storage(a: Tensor, b: Tensor) -> bool:
-    return a.data_ptr() == b.data_ptr() and a.stride() == b.stride() and a.dtype == b.dtype
-
-
-def _same_values(a: Tensor, b: Tensor) -> bool:
-    """``torch.equal`` that also matches NaN with NaN (a non-finite step must fall back, not fail the check)."""
-    return bool(((a == b) | (a.isnan() & b.isnan())).all())
+def _signature(tensor: Tensor, *extra: Any) -> tuple:
+    return (tuple(tensor.shape), tensor.dtype, tensor.device, *extra)

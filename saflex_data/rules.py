@@ -77,22 +77,29 @@ def check_state(state: object, name: str = "state") -> dict[str, Tensor]:
     return state
 
 
-def gate_statistic(pi: Tensor, upstream: Tensor, reference: Tensor) -> tuple[Tensor, Tensor]:
+def gate_statistic(pi: Tensor, upstream: Tensor, reference: Tensor | None = None,
+                   mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``(d, valid)``: this step's normalised difference of own-label gains, augmented minus clean rows.
 
     Args:
-        pi: Inner products of the augmented rows `(n, K)`.
+        pi: Inner products `(n, K)`: of the augmented rows, or of the whole batch with ``mask``.
         upstream: Their upstream labels as probabilities `(n, K)`.
-        reference: ``[Σ_clean yᵀΠ, number of clean rows]`` `(2,)` (summed over ranks under torch.distributed).
+        reference: ``[Σ_clean yᵀΠ, number of clean rows]`` `(2,)`; ``None``: from the rows outside ``mask``.
+        mask: Bool `(n,)`: the augmented rows (``None``: every row is one).
 
     Returns:
         0-d tensors: ``d`` (0 where not valid) and ``valid`` (bool: augmented and clean rows, a finite ``d``).
     """
     dtype = torch.promote_types(pi.dtype, torch.float32)
     gain = (upstream.to(dtype) * pi.to(dtype)).sum(-1)
-    n = torch.full((), gain.shape[0], dtype=dtype, device=gain.device)
-    aug_mean = gain.sum() / n.clamp_min(1)
-    scale = gain.abs().sum() / n.clamp_min(1)
+    aug = torch.ones_like(gain) > 0 if mask is None else mask
+    zero = torch.zeros_like(gain)
+    if reference is None:
+        clean = ~aug
+        reference = torch.stack([torch.where(clean, gain, zero).sum(), clean.sum(dtype=dtype)])
+    n = aug.sum(dtype=dtype)
+    aug_mean = torch.where(aug, gain, zero).sum() / n.clamp_min(1)
+    scale = torch.where(aug, gain.abs(), zero).sum() / n.clamp_min(1)
     ref = reference.to(device=gain.device, dtype=dtype)
     clean_mean = ref[0] / ref[1].clamp_min(1)
     d = (aug_mean - clean_mean) / scale.clamp_min(torch.finfo(dtype).tiny)
@@ -137,18 +144,21 @@ def gate_strength(z: Tensor, threshold: float, continuous: bool) -> Tensor:
     return (z > threshold).to(z.dtype)
 
 
-def soft_weights(kind: str, pi: Tensor, upstream: Tensor, logits: Tensor) -> Tensor:
-    """The soft weights in ``[0, 1]`` of the augmented rows.
+def soft_weights(kind: str, pi: Tensor, upstream: Tensor, logits: Tensor, mask: Tensor | None = None) -> Tensor:
+    """The soft weights in ``[0, 1]`` of the augmented rows (the rows ``mask`` of a batch: the margin's column
+    statistics over those rows only).
 
     ``kind``: ``"p"`` (the model's ``p[y] = yᵀ softmax(logits)``), ``"margin"`` (``σ((m + 1.5) / 0.5)`` of the
     standardised margin ``m = yᵀZ − max_k Z_k ≤ 0``, ``Z`` the column z-score of ``Π``) or ``"product"``.
     """
-    from .functional import standardize_inner_products
+    from ._math import standardize_inner_products
 
     dtype = torch.promote_types(pi.dtype, torch.float32)
     y = upstream.to(dtype)
     p = (y * torch.softmax(logits.detach().to(dtype), -1)).sum(-1)
-    z = standardize_inner_products(pi.to(dtype))
+    raw = pi.to(dtype)
+    z = standardize_inner_products(raw) if mask is None else standardize_inner_products(
+        torch.where(mask[:, None], raw, 0), mask=mask)
     margin = (y * z).sum(-1) - z.amax(-1)
     w_margin = torch.sigmoid((margin + MARGIN_CENTRE) / MARGIN_WIDTH)
     if kind == "p":
@@ -168,8 +178,9 @@ def gated_targets(
     rule: str,
     threshold: float,
     decay: float,
-    reference: Tensor,
     logits: Tensor,
+    reference: Tensor | None = None,
+    mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """One step of a gated rule: ``(weights (n,), soft labels (n, K), new state)``.
 
@@ -185,8 +196,10 @@ def gated_targets(
         rule: One of :data:`GATED_RULES`.
         threshold: ``β``, in standard errors of the gate's mean.
         decay: ``ρ`` of the exponential weights, in ``(0, 1)``.
-        reference: ``[Σ_clean yᵀΠ, number of clean rows]`` of the same batch.
         logits: The augmented rows' detached training logits `(n, K)`.
+        reference: ``[Σ_clean yᵀΠ, number of clean rows]`` of the same batch; ``None`` with ``mask``.
+        mask: Bool `(n,)`: ``pi``, ``upstream`` and ``logits`` are the whole batch and these its augmented rows
+            (what ``SaflexLoss`` passes: fixed shapes, no host synchronisation); the other rows' weights are 1.
     """
     if rule not in _GATED:
         raise ValueError(f"rule must be one of {GATED_RULES}, but got {rule!r}.")
@@ -194,7 +207,7 @@ def gated_targets(
     prior_on = rule in ("gated_prior", "gated_hold", "gated_latch")
     previous = state["strength"]
     dtype = torch.promote_types(pi.dtype, torch.float32)
-    d, valid = gate_statistic(pi, upstream, reference)
+    d, valid = gate_statistic(pi, upstream, reference, mask)
     state = {k: v.to(device=pi.device) for k, v in state.items()}
     state = update_gate(state, d.to(state["mean"].dtype), valid, decay)
     _, se, z = gate_evidence(state)
@@ -211,5 +224,8 @@ def gated_targets(
     state["strength"] = s.to(state["strength"].dtype)
     s = s.to(dtype)
     y = upstream.to(dtype)
-    w_soft = soft_weights(kind, pi, y, logits)
-    return (1 - s) + s * w_soft, y.clone(), state
+    w_soft = soft_weights(kind, pi, y, logits, mask)
+    weights = (1 - s) + s * w_soft
+    if mask is not None:
+        weights = torch.where(mask, weights, torch.ones_like(weights))
+    return weights, y.clone(), state

@@ -45,7 +45,7 @@ def reference_inner_products(model: nn.Module, inputs: Tensor, val_grad: dict[st
             grads = torch.autograd.grad(-log_p[i, k], [params[n] for n in val_grad], retain_graph=True,
                                         allow_unused=True)
             pi[i, k] = sum(float((g.double() * val_grad[n].double()).sum())
-                           for n, g in zip(val_grad, grads) if g is not None)
+                           for n, g in zip(val_grad, grads, strict=False) if g is not None)
     return pi
 
 
@@ -61,7 +61,7 @@ def l2r_meta_gradient(model: nn.Module, inputs: Tensor, labels: Tensor, val_inpu
     eps = torch.zeros(inputs.shape[0], dtype=inputs.dtype, requires_grad=True)
     losses = F.cross_entropy(clone(inputs), labels, reduction="none")
     grads = torch.autograd.grad((eps * losses).sum(), [params[n] for n in names], create_graph=True)
-    stepped = {n: params[n] - lr * g for n, g in zip(names, grads)}
+    stepped = {n: params[n] - lr * g for n, g in zip(names, grads, strict=False)}
     val_loss = F.cross_entropy(torch.func.functional_call(clone, stepped, (val_inputs,)), val_labels)
     (meta,) = torch.autograd.grad(val_loss, eps)
     return meta

@@ -16,7 +16,6 @@ from timm.data import AugMixDataset, create_dataset, create_loader  # noqa: E402
 from timm.data.loader import PrefetchLoader  # noqa: E402
 
 from saflex_data import SaflexLoss, SaflexTarget  # noqa: E402
-from saflex_data.collate import SaflexCollate  # noqa: E402
 from saflex_data.adapters.timm import (  # noqa: E402
     SaflexTask,
     SplitsCollate,
@@ -27,6 +26,7 @@ from saflex_data.adapters.timm import (  # noqa: E402
     has_task_api,
     step_stats,
 )
+from saflex_data.collate import SaflexCollate  # noqa: E402
 
 CPU = torch.device("cpu")
 SIZE = (3, 32, 32)

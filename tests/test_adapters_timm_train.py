@@ -24,7 +24,8 @@ from saflex_data.adapters.timm import (  # noqa: E402
 )
 
 from .conftest import make_model  # noqa: E402
-from .test_adapters_timm import CPU, SIZE, data_dir, dataset, train_loader, write_image_folder  # noqa: E402, F401
+from .test_adapters_timm import CPU, SIZE, dataset, train_loader, write_image_folder  # noqa: E402, F401
+from .test_adapters_timm import data_dir as data_dir  # noqa: E402  (a fixture: the tests take it by name)
 
 
 def _batch(rows: int = 6, classes: int = 3) -> tuple[torch.Tensor, SaflexTarget]:

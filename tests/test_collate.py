@@ -210,7 +210,12 @@ class TestSaflexCollateErrors:
             SaflexCollate(to_double, num_copies=1)([IdxDataset(2)[0]])
 
     @pytest.mark.parametrize(
-        "label, what", [("cat", r"an object of type str \('cat'\)"), (0.5, r"an object of type float \(0.5\)"), (torch.zeros(2, 2), r"a tensor of shape \(2, 2\)")]
+        "label, what",
+        [
+            ("cat", r"an object of type str \('cat'\)"),
+            (0.5, r"an object of type float \(0.5\)"),
+            (torch.zeros(2, 2), r"a tensor of shape \(2, 2\)"),
+        ],
     )
     def test_wrong_label_kind(self, label: object, what: str) -> None:
         with pytest.raises(

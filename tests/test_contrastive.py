@@ -134,7 +134,7 @@ def _reference_pi(image_tower, text_tower, log_scale, images, texts, val_grad, p
     for i in range(logits.shape[0]):
         for j in range(logits.shape[1]):
             grads = torch.autograd.grad(-log_p[i, j], params, retain_graph=True, allow_unused=True)
-            pi[i, j] = sum((gr * gv).sum() for gr, gv in zip(grads, val_grad) if gr is not None)
+            pi[i, j] = sum((gr * gv).sum() for gr, gv in zip(grads, val_grad, strict=False) if gr is not None)
     return pi
 
 
@@ -216,7 +216,7 @@ class TestInnerProducts:
         expected = _reference_val_grad(
             image_tower, text_tower, criterion.logit_scale, *val, [named[n] for n in g], temperature
         )
-        for (name, actual), ref in zip(g.items(), expected):
+        for (name, actual), ref in zip(g.items(), expected, strict=False):
             torch.testing.assert_close(actual, ref, rtol=1e-12, atol=1e-14, msg=name)
         assert all(p.grad is None for p in named.values())
 
@@ -224,8 +224,8 @@ class TestInnerProducts:
         towers, images, texts, is_augmented, val = _problem(seed=2, batch=8)
         losses, targets = [], []
         for method in ("jvp", "single_pass"):
-            criterion = SaflexContrastiveLoss(towers, [val], PROMPTS, method=method, rule=Rule("paper", beta=0.5, tau=None),
-                                              init_logit_scale=2.0)
+            criterion = SaflexContrastiveLoss(towers, [val], PROMPTS, method=method,
+                                              rule=Rule("paper", beta=0.5, tau=None), init_logit_scale=2.0)
             losses.append(criterion(images, texts, is_augmented))
             targets.append(criterion.last_step["targets"])
         torch.testing.assert_close(losses[0], losses[1], rtol=1e-12, atol=0)
@@ -245,7 +245,7 @@ class TestOneStep:
 
         def stepped(loss: Tensor) -> dict[str, Tensor]:
             grads = torch.autograd.grad(loss, params)
-            return {n: p.detach() - lr * g for (n, p), g in zip(named.items(), grads)}
+            return {n: p.detach() - lr * g for (n, p), g in zip(named.items(), grads, strict=False)}
 
         theta_saflex = stepped(criterion(images, texts, is_augmented))
         criterion.enabled = False
@@ -476,7 +476,7 @@ class TestOpenClip:
             model.encode_text(prompts), dim=-1
         ).T
         val_grad = torch.autograd.grad(F.cross_entropy(val_logits, val_labels), params, allow_unused=True)
-        val_grad = [torch.zeros_like(p) if v is None else v for p, v in zip(params, val_grad)]
+        val_grad = [torch.zeros_like(p) if v is None else v for p, v in zip(params, val_grad, strict=False)]
         towers = (model.encode_image, model.encode_text)
         expected = _reference_pi(*towers, model.logit_scale, images, texts, val_grad, params)
         assert _relative_error(pi, expected) <= 1e-10

@@ -199,14 +199,14 @@ class TestStratifiedSplit:
         assert [len(p) for p in parts] == [104, 24, 32]
         joined = torch.cat(parts)
         assert len(torch.unique(joined)) == len(y) == len(joined)
-        for p, f in zip(parts, (0.65, 0.15, 0.20)):
+        for p, f in zip(parts, (0.65, 0.15, 0.20), strict=False):
             np.testing.assert_allclose(torch.bincount(y[p], minlength=3).numpy(), np.array([100, 40, 20]) * f)
 
     def test_seeded(self) -> None:
         y = torch.arange(50) % 3
         a, b, c = (D.stratified_split(y, seed=s) for s in (1, 1, 2))
-        assert all(torch.equal(p, q) for p, q in zip(a, b))
-        assert not all(torch.equal(p, q) for p, q in zip(a, c))
+        assert all(torch.equal(p, q) for p, q in zip(a, b, strict=False))
+        assert not all(torch.equal(p, q) for p, q in zip(a, c, strict=False))
 
     def test_partial_fractions_leave_rest(self) -> None:
         parts = D.stratified_split(np.zeros(10, dtype=int), (0.2, 0.3))

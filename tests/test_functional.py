@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import saflex_data._autodiff as SF_autodiff
 import saflex_data.functional as SF
 from tests._reference import (
     l2r_meta_gradient,
@@ -40,7 +41,7 @@ def _assert_untouched(model: nn.Module, snap) -> None:
     state, grads, modes = snap
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k]), f"{k} changed"
-    for p, g in zip(model.parameters(), grads):
+    for p, g in zip(model.parameters(), grads, strict=False):
         assert (p.grad is None and g is None) or torch.equal(p.grad, g)
     assert [m.training for m in model.modules()] == modes
 
@@ -125,7 +126,7 @@ class TestValidationGradient:
     def test_last_layer_closed_form(self):
         model, _, xv, yv = _problem("cnn")
         full = SF.validation_gradient(model, xv, yv)
-        features, logits = SF._forward_features(model, model.fc, xv)
+        features, logits = SF_autodiff.forward_features(model, model.fc, xv)
         gw, gb = SF.last_layer_validation_gradient(features, logits, yv)
         torch.testing.assert_close(gw, full["fc.weight"], rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(gb, full["fc.bias"], rtol=1e-10, atol=1e-12)
@@ -209,7 +210,7 @@ class TestGradInnerProducts:
         torch.testing.assert_close(SF.inner_products_from_tangent(logits, tangent), expected, rtol=1e-10, atol=1e-13)
         F.cross_entropy(logits, yv.new_zeros(7)).backward()
         F.cross_entropy(twin(x), yv.new_zeros(7)).backward()
-        for p, q in zip(model.parameters(), twin.parameters()):
+        for p, q in zip(model.parameters(), twin.parameters(), strict=False):
             torch.testing.assert_close(p.grad, q.grad)
         # The single pass is the real training forward: running statistics advance as in a plain forward.
         torch.testing.assert_close(model[1].running_mean, twin[1].running_mean)
@@ -278,7 +279,8 @@ class TestSaflexTargets:
         """At small τ, the Gumbel-softmax label is a draw from softmax(S)."""
         pi = torch.tensor([[0.0, 1.0, -1.0]]).expand(4000, 3)
         g = torch.Generator().manual_seed(0)
-        _, y = SF.saflex_targets(pi, torch.zeros(4000, dtype=torch.long), beta=0.0, normalize="none", generator=g, rule="paper")
+        _, y = SF.saflex_targets(pi, torch.zeros(4000, dtype=torch.long), beta=0.0, normalize="none", generator=g,
+                                 rule="paper")
         freq = y.argmax(1).bincount(minlength=3).double() / 4000
         torch.testing.assert_close(freq, torch.softmax(torch.tensor([0.0, 1.0, -1.0]), 0).double(), atol=0.03,
                                    rtol=0)

@@ -211,18 +211,23 @@ def test_state_is_reset_only_by_the_user():
 
 
 def test_clean_rows_gain_comes_from_the_same_closed_form():
+    """One step of the loss moves the gate exactly as the rule on the last_layer Π of the whole batch says."""
     model, criterion = _setup()
     x, target = _batches(1)[0]
     h = model[:-1](x)
     logits = model[-1](h)
     criterion(logits, target)  # draws the validation batch and caches the signal
-    gw, gb = criterion._signal
+    gw, gb = criterion._signal["2.weight"], criterion._signal["2.bias"]
     pi = SF.last_layer_inner_products(h.detach(), logits.detach(), gw, gb)
+    up = F.one_hot(target.labels, 3).float()
+    d, valid = R.gate_statistic(pi, up, mask=target.is_augmented)
     gain = pi.gather(1, target.labels[:, None]).squeeze(1)
-    clean = ~target.is_augmented
-    capture = {"features": h.detach()}
-    got = criterion._clean_gain(capture, logits, target.labels, target.is_augmented, criterion._signal)
-    torch.testing.assert_close(got, torch.stack([gain[clean].sum(), clean.sum().float()]), rtol=1e-6, atol=1e-7)
+    aug, clean = target.is_augmented, ~target.is_augmented
+    by_hand = (gain[aug].mean() - gain[clean].mean()) / gain[aug].abs().mean()
+    torch.testing.assert_close(d, by_hand, rtol=1e-5, atol=1e-6)
+    expected = R.update_gate(R.init_state(), d, valid, 0.8)
+    for k in ("weight", "mean", "square"):
+        torch.testing.assert_close(criterion.rule_state[k], expected[k], rtol=1e-6, atol=1e-7)
 
 
 def test_settings_carry_the_decay_for_the_rank_check():

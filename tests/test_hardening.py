@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import saflex_data.functional as SF
+import saflex_data._math as saflex_math
 from saflex_data import SaflexLoss, SaflexTarget
 from tests import _hardening_run as job_module
 from tests.conftest import SmallCNN
@@ -85,7 +85,7 @@ class TestDeterminism:
         # The job really makes decisions (not all weights 1 and all labels kept), so equality means something.
         assert any(bool((w != 1).any()) for w, _, _ in reference_records)
         for records, params in runs[1:]:
-            for (w1, y1, l1), (w2, y2, l2) in zip(reference_records, records):
+            for (w1, y1, l1), (w2, y2, l2) in zip(reference_records, records, strict=False):
                 assert torch.equal(w1, w2) and torch.equal(y1, y2) and torch.equal(l1, l2)
             for name, value in reference_params.items():
                 assert torch.equal(value, params[name]), name
@@ -116,8 +116,8 @@ class TestDeterminism:
         for num_workers in (0, 2):
             first, second = run(num_workers), run(num_workers)
             assert len(first) == 12
-            for a, b in zip(first, second):
-                assert all(torch.equal(u, v) for u, v in zip(a, b))
+            for a, b in zip(first, second, strict=False):
+                assert all(torch.equal(u, v) for u, v in zip(a, b, strict=False))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -136,7 +136,7 @@ def _assert_resumed_run_is_identical(out: Path) -> None:
         expected = full[method]["records"][job_module.STOP:]
         got = resumed[method]["records"]
         assert len(got) == len(expected) == job_module.STEPS - job_module.STOP
-        for step, ((w1, y1, l1), (w2, y2, l2)) in enumerate(zip(expected, got), start=job_module.STOP):
+        for step, ((w1, y1, l1), (w2, y2, l2)) in enumerate(zip(expected, got, strict=False), start=job_module.STOP):
             assert torch.equal(w1, w2) and torch.equal(y1, y2) and torch.equal(l1, l2), f"{method}: step {step}"
         for name, value in full[method]["final"]["model"].items():
             assert torch.equal(value, resumed[method]["final"]["model"][name]), f"{method}: {name}"
@@ -203,7 +203,7 @@ def _memory_run(method: str) -> tuple[int, int, int, int]:
     model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, K))
     g = torch.Generator().manual_seed(0)
     val = [(torch.randn(32, 16, generator=g), torch.randint(0, K, (32,), generator=g)) for _ in range(7)]
-    criterion = SaflexLoss(model, DataLoader(TensorDataset(*map(torch.cat, zip(*val))), batch_size=32),
+    criterion = SaflexLoss(model, DataLoader(TensorDataset(*map(torch.cat, zip(*val, strict=False))), batch_size=32),
                            method=method)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     xs = torch.randn(10, 64, 16, generator=g)
@@ -234,13 +234,13 @@ class TestMixedPrecision:
     @pytest.mark.parametrize("method", METHODS)
     def test_bf16_autocast_decides_like_float32_and_solves_in_float32(self, method, monkeypatch):
         solved_dtypes = []
-        original = SF.saflex_targets
+        original = saflex_math.rule_targets
 
         def spy(pi, *args, **kwargs):
             solved_dtypes.append(pi.dtype)
             return original(pi, *args, **kwargs)
 
-        monkeypatch.setattr(SF, "saflex_targets", spy)
+        monkeypatch.setattr(saflex_math, "rule_targets", spy)  # what Rule.decide calls
         x, target = _batch()
         decisions = {}
         for precision in ("float32", "bfloat16"):
@@ -314,7 +314,7 @@ def _compiled_vs_eager(method: str, backend: str) -> None:
         net = torch.compile(model, backend=backend) if compiled else model
         # the compiled wrapper is unwrapped; a hard rule: decisions compared bit for bit
         criterion = SaflexLoss(net, _val(), method=method, rule="margin")
-        for step in range(2):  # the second step reuses the compiled graph
+        for _step in range(2):  # the second step reuses the compiled graph
             loss = criterion(net(x), target)
             loss.backward()
         decisions.append(_decisions(criterion))

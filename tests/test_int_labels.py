@@ -51,7 +51,7 @@ class TestLossPaths:
         ref_loss, ref_grads = _loss_and_grads(torch.int64, path)
         loss, grads = _loss_and_grads(dtype, path)
         torch.testing.assert_close(loss, ref_loss, rtol=0, atol=0)
-        for g, r in zip(grads, ref_grads):
+        for g, r in zip(grads, ref_grads, strict=False):
             torch.testing.assert_close(g, r, rtol=0, atol=0)
 
     @pytest.mark.parametrize("dtype", INT_DTYPES, ids=str)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import copy
-import math
 import io
+import math
 import warnings
 
 import pytest
@@ -115,7 +115,7 @@ class TestSaflexLoss:
         x, target = _batch()
         criterion(model(x), target)
         twin(x)
-        for (k, a), (_, b) in zip(model.named_buffers(), twin.named_buffers()):
+        for (k, a), (_, b) in zip(model.named_buffers(), twin.named_buffers(), strict=False):
             assert torch.equal(a, b), k
 
     @pytest.mark.parametrize("method", METHODS)
@@ -222,8 +222,35 @@ class TestResume:
         criterion2 = SaflexLoss(model2, _val(batches=2), method=method, seed=0, val_every=2)
         criterion2.load_state_dict(state["loss"])
         got = run(4, model2, criterion2, opt2, start=3)
-        for (w1, y1), (w2, y2) in zip(expected, got):
+        for (w1, y1), (w2, y2) in zip(expected, got, strict=False):
             assert torch.equal(w1, w2) and torch.equal(y1, y2)
+
+
+    def test_last_layer_state_of_the_tuple_signal_format_loads(self):
+        # Before the Π methods became classes, a last_layer loss saved its signal as (grad_weight, grad_bias) with
+        # shapes keyed "weight"/"bias"; such a state loads and decides as the same state in today's format.
+        model = _model(batchnorm=False)
+        criterion = SaflexLoss(model, _val(batches=2), method="last_layer", seed=7)
+        x, target = _batch(seed=0)
+        criterion(model(x), target)
+        state = criterion.state_dict()
+        extra = dict(state["_extra_state"])
+        name = criterion.classifier_name
+        extra["signal"] = (extra["signal"][f"{name}.weight"], extra["signal"][f"{name}.bias"])
+        extra["signal_shapes"] = {k.rsplit(".", 1)[1]: v for k, v in extra["signal_shapes"].items()}
+        old = SaflexLoss(model, _val(batches=2), method="last_layer", val_every=5)
+        old.load_state_dict({"_extra_state": extra})
+        new = SaflexLoss(model, _val(batches=2), method="last_layer", val_every=5)
+        new.load_state_dict(state)
+        assert old._signal.keys() == new._signal.keys() == {f"{name}.weight", f"{name}.bias"}
+        x, target = _batch(seed=1)
+        logits = model(x)
+        old(logits, target)
+        new(logits, target)
+        assert torch.equal(old.last_step["weights"], new.last_step["weights"])
+        extra["signal_shapes"] = {"weight": (3, 3), "bias": (3,)}
+        with pytest.raises(ValueError, match="the saved validation signal does not fit this model"):
+            SaflexLoss(model, _val(), method="last_layer").load_state_dict({"_extra_state": extra})
 
 
 class TestFallback:
@@ -341,7 +368,8 @@ class TestErrors:
         model = Scaled()
         criterion = SaflexLoss(model, _val(), method="last_layer")
         x, target = _batch()
-        with pytest.raises(RuntimeError, match="are not the output of any of the last 1 forwards of the classifier 'fc'"):
+        message = "are not the output of any of the last 1 forwards of the classifier 'fc'"
+        with pytest.raises(RuntimeError, match=message):
             criterion(model(x), target)
 
     def test_loss_called_without_a_model_forward(self):

@@ -73,7 +73,7 @@ class TestDecisionsFollowTheLogits:
                 model(other[0])  # a teacher / monitoring pass
             criterion(logits, batch[1])
         reference = _reference(method, [batch, batch])
-        for got, want in zip(_decisions(criterion), reference[-1]):
+        for got, want in zip(_decisions(criterion), reference[-1], strict=False):
             assert torch.equal(got, want)
 
     @pytest.mark.parametrize("method", METHODS)
@@ -87,7 +87,7 @@ class TestDecisionsFollowTheLogits:
         criterion(out2, view2[1])
         second = _decisions(criterion)
         reference = _reference(method, [view1, view2])
-        for got, want in zip((*first, *second), (*reference[0], *reference[1])):
+        for got, want in zip((*first, *second), (*reference[0], *reference[1]), strict=False):
             assert torch.equal(got, want)
 
     def test_two_losses_on_one_model_do_not_see_each_other(self):
@@ -100,7 +100,8 @@ class TestDecisionsFollowTheLogits:
         model = _mlp()
         ref_ll = SaflexLoss(model, _val(seed=9), method="last_layer")
         ref_ll(model(batch[0]), batch[1])
-        for got, want in zip((*_decisions(losses[0]), *_decisions(losses[1])), (*ref_jvp, *_decisions(ref_ll))):
+        got_all = (*_decisions(losses[0]), *_decisions(losses[1]))
+        for got, want in zip(got_all, (*ref_jvp, *_decisions(ref_ll)), strict=False):
             assert torch.equal(got, want)
 
     @pytest.mark.parametrize("method", METHODS)
@@ -200,8 +201,8 @@ def test_jvp_uses_the_training_forwards_dropout_masks():
     val = _val(n=1)
     criterion = SaflexLoss(model, val, method="jvp")
     seen = []
-    decide = criterion._sync.decide
-    criterion._sync.decide = lambda pi, *args, **kwargs: (seen.append(pi), decide(pi, *args, **kwargs))[1]
+    gather = criterion._sync.gather
+    criterion._sync.gather = lambda pi, *args, **kwargs: (seen.append(pi), gather(pi, *args, **kwargs))[1]
     x, target = _batch(n=8)
     state = torch.get_rng_state()
     criterion(model(x), target)
@@ -219,8 +220,8 @@ def test_jvp_uses_the_training_forwards_dropout_masks():
     for row, i in enumerate(aug.tolist()):
         for k in range(K):
             grads = torch.autograd.grad(-log_p[i, k], params, retain_graph=True)
-            reference[row, k] = sum((gr * g[n]).sum() for gr, n in zip(grads, names))
-    torch.testing.assert_close(seen[0], reference, rtol=1e-10, atol=1e-12)
+            reference[row, k] = sum((gr * g[n]).sum() for gr, n in zip(grads, names, strict=False))
+    torch.testing.assert_close(seen[0][target.is_augmented], reference, rtol=1e-10, atol=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -271,7 +272,7 @@ def test_integer_label_dtypes_behave_alike(dtype):
         disabled = criterion(model(x), tagged)
         split = SaflexLoss(model, _val(), num_splits=2)(model(x), labels)
         out[name] = (train, no_grad, disabled, split)
-    for a, b in zip(out["int64"], out["other"]):
+    for a, b in zip(out["int64"], out["other"], strict=False):
         assert torch.equal(a, b)
 
 
@@ -325,9 +326,11 @@ class TestRule:
         "kwargs, error, match",
         [
             ({"name": "median"}, ValueError, r"rule must be one of \('paper', 'centered', 'margin', 'margin_relabel'"),
-            ({"beta": float("nan")}, ValueError, r"beta must be a finite float or None \(the rule's default\), but got nan"),
+            ({"beta": float("nan")}, ValueError,
+             r"beta must be a finite float or None \(the rule's default\), but got nan"),
             ({"tau": 0.0}, ValueError, r"tau must be a positive float or None \(argmax\), but got 0.0"),
-            ({"normalize": "l2"}, ValueError, r"normalize must be one of \('batch_max', 'row_max', 'none'\), but got 'l2'"),
+            ({"normalize": "l2"}, ValueError,
+             r"normalize must be one of \('batch_max', 'row_max', 'none'\), but got 'l2'"),
         ],
     )
     def test_bad_settings(self, kwargs, error, match):
@@ -343,10 +346,11 @@ class TestRule:
         loss = criterion(logits, target)
         aug = target.is_augmented
         pi_seen = []
-        decide = criterion._sync.decide
-        criterion._sync.decide = lambda pi, *a, **k: (pi_seen.append((pi, k["logits"])), decide(pi, *a, **k))[1]
+        gather = criterion._sync.gather
+        criterion._sync.gather = lambda pi, *a, **k: (pi_seen.append((pi, k["logits"])), gather(pi, *a, **k))[1]
         loss = criterion(logits, target)
-        pi, seen_logits = pi_seen[0]
+        pi, seen_logits = pi_seen[0]  # every row; the rule decides for the augmented ones
+        pi, seen_logits = pi[aug], seen_logits[aug]
         assert torch.equal(seen_logits, logits[aug].detach())
         w, _ = SF.saflex_targets(pi, target.labels[aug], rule=name, logits=logits[aug].detach())
         assert torch.equal(criterion.last_step["weights"][aug], w)

@@ -17,7 +17,7 @@ IMAGE_SETS = ("fmnist", "mnist", "digits")
 TABLE_SETS = ("hpc", "churn", "credit")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load(name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
     """``(x, y, x_test, y_test)``; ``x_test`` is None when the set has no official test split (the run cuts one)."""
     if name == "fmnist":

@@ -234,16 +234,13 @@ def _saflex_scores(criterion, model, ref, h_aug, logits_aug, ya, xc, yc, *, gate
             xv_logits = model.fc(hv)
     gw, gb = SF.last_layer_validation_gradient(hv, xv_logits, yv, temperature=criterion.val_temperature)
     pi = SF.last_layer_inner_products(h_aug, logits_aug, gw, gb)
-    if gate is not None:
+    if gate is not None:  # the loss's own path: the whole batch's Π and its augmented rows as a mask
         state, h_all, logits_all, y_all, is_aug = gate
         pi_all = SF.last_layer_inner_products(h_all, logits_all, gw, gb)
-        clean = (~is_aug).float()
-        gain = (F.one_hot(y_all, pi.shape[1]).float() * pi_all).sum(-1)
-        reference = torch.stack([(gain * clean).sum(), clean.sum()])
         rule = criterion.rule
-        w, _, _ = gated_targets(pi, F.one_hot(ya, pi.shape[1]).float(), state, rule=rule.name, threshold=rule.beta,
-                                decay=rule.decay, reference=reference, logits=logits_aug)
-        return w, w, pi
+        w, _, _ = gated_targets(pi_all, F.one_hot(y_all, pi.shape[1]).float(), state, rule=rule.name,
+                                threshold=rule.beta, decay=rule.decay, logits=logits_all, mask=is_aug)
+        return w[is_aug], w[is_aug], pi
     score = SF.weight_scores(pi, ya, rule=criterion.rule.name, logits=logits_aug)
     w, _ = criterion.rule(pi, ya, generator=torch.Generator().manual_seed(0), logits=logits_aug)
     return score, w, pi

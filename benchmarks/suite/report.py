@@ -101,7 +101,7 @@ def index(doc: dict) -> dict[str, dict[str, dict]]:
 
 def delta(a: dict, b: dict) -> tuple[float, float]:
     """Paired by seed id (the seeds both entries have): mean and SE of ``a - b`` in points."""
-    sa, sb = dict(zip(a["seeds"], a["scores"])), dict(zip(b["seeds"], b["scores"]))
+    sa, sb = dict(zip(a["seeds"], a["scores"], strict=False)), dict(zip(b["seeds"], b["scores"], strict=False))
     common = [k for k in sa if k in sb]
     return paired([sa[k] for k in common], [sb[k] for k in common])
 
@@ -239,7 +239,7 @@ def plot(doc: dict, path: Path) -> None:
     k = 0
     labels = []
     for s in names:
-        for name, color in [(DEFAULT, "C3"), ("small-loss q=30%", "C0")]:
+        for name, _color in [(DEFAULT, "C3"), ("small-loss q=30%", "C0")]:
             e = idx[s].get(name)
             if not e or "op_scores" not in e:
                 continue

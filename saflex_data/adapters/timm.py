@@ -295,7 +295,7 @@ def _loader_config(loader: Any) -> dict[str, Any] | None:
 
 
 def _same(a: Sequence[float], b: Sequence[float]) -> bool:
-    return len(a) == len(b) and all(math.isclose(x, y, rel_tol=1e-4, abs_tol=1e-6) for x, y in zip(a, b))
+    return len(a) == len(b) and all(math.isclose(x, y, rel_tol=1e-4, abs_tol=1e-6) for x, y in zip(a, b, strict=True))
 
 
 def create_val_loader(
