@@ -24,10 +24,17 @@ from ..._deps import require
 
 timm = require("timm")
 
+from ._holdout import create_holdout_dataset, describe_holdout  # noqa: E402
 from ._prepare import ValPrepare, is_channels_last  # noqa: E402
 from ._task import SaflexTask, has_task_api, step_stats  # noqa: E402
 from ._train_loader import SplitsCollate, TaggedAugmentDataset, create_train_loader  # noqa: E402
-from ._train_script import TaggedMixup, check_train_args, log_line, mixup_args_from  # noqa: E402
+from ._train_script import (  # noqa: E402
+    TaggedMixup,
+    check_train_args,
+    log_line,
+    mixup_args_from,
+    plain_cross_entropy,
+)
 from ._val_loader import create_val_loader, train_class_map  # noqa: E402
 
 __all__ = [
@@ -45,4 +52,7 @@ __all__ = [
     "log_line",
     "train_class_map",
     "mixup_args_from",
+    "plain_cross_entropy",
+    "create_holdout_dataset",
+    "describe_holdout",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import timm
@@ -99,6 +100,38 @@ class SaflexTask(_TaskBase):  # type: ignore[misc, valid-type]
         result = {"loss": loss, "output": output}
         result.update(step_stats(criterion))
         return result
+
+    def get_task_state(self, module: nn.Module | None = None, ema: bool = False) -> dict[str, Any]:
+        """``{'saflex_loss': criterion.state_dict()}``: timm's ``CheckpointSaver(task=task)`` saves it as
+        ``task_state`` (step counter, cached validation signal, noise generator, validation-stream position)."""
+        if ema:
+            return {}
+        return {"saflex_loss": self.criterion.state_dict()}
+
+    def load_task_state(
+        self,
+        state: dict[str, Any] | None,
+        strict: bool = True,
+        module: nn.Module | None = None,
+        ema: bool = False,
+    ) -> None:
+        """Restores the loss from a checkpoint's ``task_state`` (what timm's ``resume_task_checkpoint`` calls).
+
+        A checkpoint without it (saved by a run without SAFLEX, or by timm < 1.0.23) warns and leaves the loss
+        fresh: its step counter and validation signal start over.
+        """
+        if ema:
+            return
+        saved = (state or {}).get("saflex_loss")
+        if saved is None:
+            warnings.warn(
+                "the checkpoint has no SAFLEX state (task_state['saflex_loss']): it was saved without SaflexTask; "
+                "the loss starts over (step 0, a fresh validation signal).",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return
+        self.criterion.load_state_dict(saved, strict=strict)
 
 
 @torch.no_grad()

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...batch import SaflexTarget
@@ -116,8 +117,9 @@ def check_train_args(args: Any) -> None:
 
     ``--jsd-loss`` (JSD consistency on the clean split: another loss than the weighted cross-entropy SAFLEX
     decides for) and ``--bce-loss`` (SAFLEX's decisions are derived for softmax cross-entropy) raise; so do the
-    NaFlex loader and scheduled image sizes (``create_train_loader`` builds neither) and mixing options that
-    :class:`TaggedMixup` does not support. Options that are absent from ``args`` are skipped.
+    NaFlex loader and scheduled image sizes (``create_train_loader`` builds neither), distillation
+    (``--kd-model-name``), a ``--saflex-aug-prob`` outside ``(0, 1]`` and mixing options that :class:`TaggedMixup`
+    does not support. Options that are absent from ``args`` are skipped.
 
     Raises:
         ValueError: Naming the option and what to do instead.
@@ -143,6 +145,15 @@ def check_train_args(args: Any) -> None:
         raise ValueError("--train-img-sizes (scheduled resolutions) is not supported with SAFLEX; drop it.")
     if flag("no_aug"):
         raise ValueError("--no-aug leaves SAFLEX nothing to weigh; drop it.")
+    if flag("kd_model_name") is not None:
+        raise ValueError(
+            f"--kd-model-name {flag('kd_model_name')!r} (distillation) is not supported with SAFLEX: timm's "
+            "distillation tasks mix the criterion's loss with a teacher loss, and SAFLEX's weights and soft labels are "
+            "decided for the cross-entropy alone. Drop --kd-model-name (and the other --kd-* options)."
+        )
+    aug_prob = flag("saflex_aug_prob")
+    if aug_prob is not None and not 0.0 < aug_prob <= 1.0:
+        raise ValueError(f"--saflex-aug-prob must be in (0, 1], but got {aug_prob!r}.")
     if (flag("mixup") or 0) > 0 or (flag("cutmix") or 0) > 0 or flag("cutmix_minmax") is not None:
         TaggedMixup(**mixup_args_from(args))  # raises for the options it does not support
 
@@ -150,12 +161,16 @@ def check_train_args(args: Any) -> None:
 _LOGGED: weakref.WeakKeyDictionary[nn.Module, tuple[float, float, float]] = weakref.WeakKeyDictionary()
 
 
-def log_line(criterion: SaflexLoss) -> str:
+def log_line(criterion: SaflexLoss, output: Tensor | None = None, target: SaflexTarget | Tensor | None = None) -> str:
     """One log line: SAFLEX's kept and relabeled fractions of the augmented samples since the previous call.
 
     Counted over every step in between (from ``criterion.op_stats()``; the first call counts from the start), plus
     the last step's own fractions and mean weight. Call it where the training loop logs (``train.py``'s
     ``--log-interval``); under DDP the numbers are global and equal on every rank.
+
+    With the batch's ``output`` and ``target`` it also reports the batch's plain cross-entropy
+    (:func:`plain_cross_entropy`: the upstream labels, every weight 1, the loss's ``label_smoothing``), the number a
+    run without SAFLEX logs as its loss: ``train.py``'s ``Loss:`` is SAFLEX's weighted loss, which is smaller.
     """
     stats = criterion.op_stats()
     count = sum(s["count"] for s in stats.values())
@@ -175,8 +190,36 @@ def log_line(criterion: SaflexLoss) -> str:
         if n > 0
         else "no augmented samples since the last log"
     )
+    plain = ""
+    if output is not None and target is not None:
+        plain = f"; plain CE of the batch {plain_cross_entropy(criterion, output, target):.4g}"
     return (
         f"SAFLEX: {interval} (last step: kept {last['kept_fraction']:.3f}, relabeled "
         f"{last['relabeled_fraction']:.3f}, weight {last['weight_mean']:.3f}, augmented "
-        f"{last['augmented_fraction']:.3f}; step {int(last['step'])})"
+        f"{last['augmented_fraction']:.3f}; step {int(last['step'])}){plain}"
     )
+
+
+@torch.no_grad()
+def plain_cross_entropy(criterion: SaflexLoss, output: Tensor, target: SaflexTarget | Tensor) -> float:
+    """The batch's cross-entropy without SAFLEX: upstream labels (mixed ones as mixed), every weight 1.
+
+    What ``train.py`` would log as its loss without the patch (``SoftTargetCrossEntropy`` under mixing,
+    ``LabelSmoothingCrossEntropy`` with ``--smoothing``), for comparing runs with and without SAFLEX. One host sync:
+    call it at log time only.
+
+    Raises:
+        TypeError: If ``output`` is not a `(B, K)` tensor or ``target`` is neither a ``SaflexTarget`` nor a tensor.
+        ValueError: If their batch sizes differ.
+    """
+    if not isinstance(output, Tensor) or output.dim() != 2:
+        shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
+        raise TypeError(f"output must be the (B, K) logits of the batch, but got {shape}.")
+    labels = target.labels if isinstance(target, SaflexTarget) else target
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"target must be a SaflexTarget or a label tensor, but got {type(target).__name__}.")
+    if len(labels) != len(output):
+        raise ValueError(f"target has {len(labels)} samples but output has {len(output)}; pass the same batch's.")
+    labels = labels.to(output.device)
+    labels = labels.float() if labels.dim() == 2 else labels.long()
+    return float(F.cross_entropy(output.detach().float(), labels, label_smoothing=float(criterion.label_smoothing)))
