@@ -153,7 +153,8 @@ class TestLogLine:
         with pytest.raises(TypeError, match="target must be a SaflexTarget or a label tensor, but got list"):
             plain_cross_entropy(criterion, torch.zeros(4, 2), [0, 1])  # type: ignore[arg-type]
         soft = SaflexTarget(torch.full((4, 2), 0.5), torch.zeros(4, dtype=torch.bool))
-        assert plain_cross_entropy(criterion, torch.zeros(4, 2), soft) == pytest.approx(float(torch.log(torch.tensor(2.0))))
+        expected = float(torch.log(torch.tensor(2.0)))
+        assert plain_cross_entropy(criterion, torch.zeros(4, 2), soft) == pytest.approx(expected)
 
 
 @pytest.mark.skipif(not has_task_api(), reason="needs timm >= 1.0.23 (timm.task)")
