@@ -50,6 +50,7 @@ import common as C  # noqa: E402
 
 from saflex_data import SaflexLoss, SaflexTarget  # noqa: E402
 from saflex_data import functional as SF  # noqa: E402
+from saflex_data import _autodiff as SF_autodiff  # noqa: E402
 
 VARIANTS = ("plain", "jvp", "jvp_frozen_stats", "last_layer", "last_layer@val128", "last_layer@ema0.9",
             "jvp_frozen_stats@every4")  # the default run; also: single_pass, jvp@every4, any method@setting
@@ -347,7 +348,7 @@ def frozen_stats_agreement(args: argparse.Namespace) -> dict:
             g = SF.validation_gradient(model, xv[vi], yv[vi], temperature=4.0)
             model.train()
             capture = SF.BatchStatsCapture(model)
-            with torch.no_grad(), SF._running_stats_frozen(model):
+            with torch.no_grad(), SF_autodiff.running_stats_frozen(model):
                 model(x)  # the training forward's statistics (buffers untouched)
             stats = capture.pop()
             capture.remove()

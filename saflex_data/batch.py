@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._common import as_probabilities
-from ._common import describe as _describe
+from ._describe import describe as _describe
+from ._math import as_probabilities
 
 __all__ = ["SaflexTarget"]
 

@@ -24,8 +24,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, default_collate, get_worker_info
 
-from ._common import describe as _describe
-from ._common import _MASK63, draw_seed, mix_seed, seeded
+from ._describe import describe as _describe
+from ._seeds import MASK63, draw_seed, mix_seed, seeded
 from .batch import SaflexTarget
 
 __all__ = [
@@ -335,7 +335,7 @@ class SaflexCollate:
             seed = (
                 process_seed if self.seed is None else (self.seed if info is None else mix_seed(self.seed, info.seed))
             )
-            self._generator = torch.Generator().manual_seed(seed & _MASK63)
+            self._generator = torch.Generator().manual_seed(seed & MASK63)
             self._generator_key = key
         return self._generator
 

@@ -29,18 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._common import StepReport, describe, rng_preserved, unwrap_model, validation_pass
+from ._describe import describe
+from ._passes import rng_preserved, unwrap_model, validation_pass
+from ._report import StepReport
 from ._stream import ValidationStream
-from .functional import (
-    Rule,
-    _math_attention,
-    check_logits,
-    check_temperature,
-    forward_with_tangent,
-    grad_inner_products,
-    inner_products_from_tangent,
-    validation_gradient,
-)
+from ._autodiff import forward_with_tangent, grad_inner_products, math_attention, validation_gradient
+from ._math import Rule, check_logits, check_temperature, inner_products_from_tangent
 
 __all__ = ["SaflexContrastiveLoss", "clip_logits", "clip_loss", "ContrastiveMethod"]
 
@@ -330,7 +324,7 @@ class SaflexContrastiveLoss(StepReport, nn.Module):
         if self.val_grad is None:
             self.refresh_validation_gradient()
         assert self.val_grad is not None
-        with _math_attention():
+        with math_attention():
             return grad_inner_products(self.towers, (images, texts), self.val_grad, method="jvp")
 
     # -- the step ------------------------------------------------------------------------------------------------
@@ -371,14 +365,14 @@ class SaflexContrastiveLoss(StepReport, nn.Module):
         augmented = is_augmented.to(images.device).nonzero().squeeze(1)
         signal = self._validation_signal()
         if self.method == "single_pass":
-            with _math_attention():
+            with math_attention():
                 logits, tangent = forward_with_tangent(self.towers, (images, texts), signal)
             with torch.autocast(device_type=logits.device.type, enabled=False):
                 pi = inner_products_from_tangent(logits[augmented], tangent[augmented])
         else:
             # Row i of L depends on image i and every text, so the tangent pass needs only the augmented images.
             # Its own random state (dropout draws its own masks here), so the training forward's is left as it was.
-            with torch.autocast(device_type=images.device.type, enabled=False), _math_attention(), \
+            with torch.autocast(device_type=images.device.type, enabled=False), math_attention(), \
                     rng_preserved(images.device):
                 pi = grad_inner_products(self.towers, (images[augmented], texts), signal, method="jvp")
             logits = self.towers((images, texts))

@@ -24,7 +24,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from ._common import describe as _describe
+from ._describe import describe as _describe
 from .batch import SaflexTarget
 
 __all__ = ["DeviceAugment", "as_target"]

@@ -8,7 +8,7 @@ concatenated global batch:
    tensors (:func:`all_reduce_mean`). The mean of the ranks' gradients on their ``V``-sample validation batches is
    the gradient on the concatenated ``world_size * V`` batch.
 2. **Weights and soft labels** (every step): the augmented rows' ``Π`` and upstream labels are all-gathered
-   (:func:`global_saflex_targets`), every rank solves the same global problem with the same Gumbel noise (the loss's
+   (:func:`gather_augmented_rows`), every rank solves the same global problem with the same Gumbel noise (the loss's
    generator is seeded identically on every rank and advances identically), then keeps its own rows. So
    ``normalize="batch_max"``, ``rule="centered"`` and the noise see the global batch, and ``SaflexLoss.stats``
    describes the global batch and is identical on every rank.
@@ -49,8 +49,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import functional as SF
-from ._common import as_probabilities
+from . import _autodiff
 
 __all__ = [
     "is_distributed",
@@ -59,8 +58,8 @@ __all__ = [
     "Sync",
     "batch_layout",
     "BatchLayout",
-    "global_saflex_targets",
-    "GlobalTargets",
+    "gather_augmented_rows",
+    "GatheredRows",
     "forward_with_tangent",
 ]
 
@@ -181,99 +180,83 @@ def batch_layout(
     return BatchLayout(dist.get_rank(group), [row[0] for row in table], [row[1] for row in table])
 
 
-class GlobalTargets(NamedTuple):
-    """Result of :func:`global_saflex_targets`."""
+class GatheredRows(NamedTuple):
+    """The augmented rows of the global batch, in rank order (from :func:`gather_augmented_rows`)."""
 
-    weights: Tensor
-    """This rank's weights `(n,)`."""
-    soft_labels: Tensor
-    """This rank's soft labels `(n, K)`."""
-    finite: bool
-    """``False`` when any rank's ``Π`` was non-finite: every rank then keeps the upstream labels with weight 1."""
-    record: tuple[Tensor, Tensor, Tensor, Tensor | None, int]
-    """The global batch for statistics: ``(upstream (N, K), weights (N,), soft_labels (N, K), op (N,) | None,
-    batch size)`` over the augmented rows of all ranks, in rank order, and the number of rows of all ranks."""
+    pi: Tensor
+    """``Π`` `(N, K)` of every rank's augmented rows."""
+    upstream: Tensor
+    """Their upstream labels as probabilities `(N, K)`."""
+    logits: Tensor | None
+    """Their detached training logits `(N, K)`, when exchanged (``with_logits``)."""
+    op: Tensor | None
+    """Their op ids `(N,)`, or ``None`` when no rank gave any."""
+    mine: slice
+    """This rank's rows of the ``N``."""
 
 
-def global_saflex_targets(
+def gather_augmented_rows(
     pi: Tensor,
-    targets: Tensor,
+    upstream: Tensor,
     layout: BatchLayout,
     *,
-    rule: SF.Rule | str = "margin",
-    op: Tensor | None = None,
-    generator: torch.Generator | None = None,
     logits: Tensor | None = None,
+    op: Tensor | None = None,
     group: Any = None,
-) -> GlobalTargets:
-    """:func:`~saflex_data.functional.saflex_targets` on the augmented rows of all ranks; returns this rank's rows.
+) -> GatheredRows:
+    """All-gather the augmented rows' ``Π``, upstream labels, logits and op ids of every rank, in rank order.
 
     Every rank must call it at the same step (also with zero augmented rows: ``pi`` of shape `(0, K)`) with the
-    ``layout`` of that step and a ``generator`` in the same state on every rank. The result equals
-    ``saflex_targets`` on the rows concatenated in rank order, sliced to this rank, Gumbel noise included: a 2-rank
-    run with batch ``b`` decides exactly like one process with the batch ``[rank 0's b; rank 1's b]``. With a
-    one-rank ``layout`` (one process) nothing is exchanged.
+    ``layout`` of that step. The loss then applies its rule to the global rows (the same Gumbel noise on every rank,
+    as the generators are seeded alike) and keeps ``rows.mine``: a 2-rank run with batch ``b`` decides exactly like
+    one process with the batch ``[rank 0's b; rank 1's b]``. With a one-rank ``layout`` nothing is exchanged.
 
-    Cost: one all-gather of ``max_rank(n) * (2K + 1)`` floats (none when no rank has an augmented row).
+    Cost: one all-gather of ``max_rank(n) * (2K + 1)`` floats (``3K + 1`` with logits; none when no rank has an
+    augmented row).
 
     Args:
         pi: This rank's inner products `(n, K)` of its augmented rows.
-        targets: Their upstream labels, class indices `(n,)` or probabilities `(n, K)`.
+        upstream: Their upstream labels as probabilities `(n, K)`.
         layout: This step's :func:`batch_layout`.
-        rule: The decision rule (a :class:`~saflex_data.functional.Rule` or its name); ``batch_max`` normalisation
-            and the column statistics of the margin rules see the global batch.
+        logits: Optional detached training logits `(n, K)` of the augmented rows (for rules that use them).
         op: Optional op ids `(n,)` of the augmented rows, for the per-op statistics.
-        generator: Gumbel noise generator, in the same state on every rank.
-        logits: Optional detached training logits `(n, K)` of the augmented rows, for rules that use them.
         group: Process group; the default group if ``None``.
     """
-    rule = SF.Rule.of(rule)
     n, num_classes = pi.shape
     if n != layout.num_augmented[layout.rank]:
         raise ValueError(f"pi has {n} rows but the layout gives this rank {layout.num_augmented[layout.rank]}.")
-    dtype = torch.promote_types(pi.dtype, torch.float32)
-    device = pi.device
-    sizes, total_aug = layout.num_augmented, layout.total_augmented
-    upstream = as_probabilities(targets, num_classes, dtype)
-    op_all = op
-    if len(sizes) == 1:  # one process: nothing to exchange
-        pi_all, up_all, logits_all = pi.to(dtype), upstream, logits
-    else:
-        columns = [pi.to(dtype), upstream]
-        if logits is not None and rule.name in SF._RULES_USING_LOGITS:
-            columns.append(logits.to(dtype))
-        # Row layout: [Π (K) | upstream label (K) | (logits (K)) | op id (1)], padded to the largest shard.
-        width = num_classes * len(columns) + 1
-        every = torch.zeros(0, width, dtype=dtype, device=device)
-        if total_aug:
-            rows = torch.zeros(max(sizes), width, dtype=dtype, device=device)
-            rows[:n, :-1] = torch.cat(columns, 1)
-            rows[:n, -1] = -1 if op is None else op.to(device=device, dtype=dtype)
-            shards = [torch.empty_like(rows) for _ in range(len(sizes))]
-            dist.all_gather(shards, rows, group=group)
-            every = torch.cat([shard[:size] for shard, size in zip(shards, sizes)])
-        pi_all, up_all = every[:, :num_classes], every[:, num_classes : 2 * num_classes]
-        logits_all = every[:, 2 * num_classes : 3 * num_classes] if len(columns) == 3 else None
-        op_all = every[:, -1].long()
-        op_all = op_all if bool((op_all >= 0).any()) else None
-    # Every rank sees the same gathered Π, so every rank takes the same fallback decision.
-    finite = bool(torch.isfinite(pi_all).all())
-    if finite and total_aug:
-        weights_all, labels_all = rule(pi_all, up_all, generator=generator, logits=logits_all)
-        weights_all, labels_all = weights_all.to(device=device, dtype=dtype), labels_all.to(device=device, dtype=dtype)
-    else:
-        weights_all, labels_all = torch.ones(total_aug, dtype=dtype, device=device), up_all.clone()
+    sizes = layout.num_augmented
     offset = sum(sizes[: layout.rank])
     mine = slice(offset, offset + n)
-    record = (up_all, weights_all, labels_all, op_all, sum(layout.batch_sizes))
-    return GlobalTargets(weights_all[mine], labels_all[mine], finite, record)
+    if len(sizes) == 1:  # one process: nothing to exchange
+        return GatheredRows(pi, upstream, logits, op, mine)
+    dtype = torch.promote_types(pi.dtype, torch.float32)
+    columns = [pi.to(dtype), upstream.to(dtype)] + ([] if logits is None else [logits.to(dtype)])
+    # Row layout: [Π (K) | upstream label (K) | (logits (K)) | op id (1)], padded to the largest shard.
+    width = num_classes * len(columns) + 1
+    every = torch.zeros(0, width, dtype=dtype, device=pi.device)
+    if layout.total_augmented:
+        rows = torch.zeros(max(sizes), width, dtype=dtype, device=pi.device)
+        rows[:n, :-1] = torch.cat(columns, 1)
+        rows[:n, -1] = -1 if op is None else op.to(device=pi.device, dtype=dtype)
+        shards = [torch.empty_like(rows) for _ in range(len(sizes))]
+        dist.all_gather(shards, rows, group=group)
+        every = torch.cat([shard[:size] for shard, size in zip(shards, sizes)])
+    op_all = every[:, -1].long()
+    return GatheredRows(
+        every[:, :num_classes],
+        every[:, num_classes : 2 * num_classes],
+        every[:, 2 * num_classes : 3 * num_classes] if len(columns) == 3 else None,
+        op_all if bool((op_all >= 0).any()) else None,
+        mine,
+    )
 
 
 class Sync:
     """The collectives of a SAFLEX loss, in one place; each is a no-op in one process or with ``all_reduce=False``.
 
     A loss calls the same methods in the same order whether it runs in one process or on many ranks: ``check_once``
-    on its first training call, ``layout`` then ``decide`` every step, ``reduce`` on every validation refresh.
+    on its first training call, ``layout`` then ``gather`` every step, ``reduce`` on every validation refresh.
     """
 
     def __init__(self, all_reduce: bool, name: str) -> None:
@@ -292,14 +275,11 @@ class Sync:
             check_consistent(settings, name=self.name)
             self.checked = True
 
-    def reduce(self, signal: Any) -> Any:
-        """Average a validation signal (a dict of tensors, or a tuple with ``None`` entries) across ranks."""
+    def reduce(self, signal: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Average a validation signal (``{parameter name: gradient}``) across ranks."""
         if not self.active:
-            return signal
-        if isinstance(signal, dict):
-            return dict(zip(signal, all_reduce_mean(list(signal.values()))))
-        reduced = iter(all_reduce_mean([t for t in signal if t is not None]))
-        return tuple(None if t is None else next(reduced) for t in signal)
+            return dict(signal)
+        return dict(zip(signal, all_reduce_mean(list(signal.values()))))
 
     def layout(self, num_augmented: int, batch_size: int, num_classes: int, device: torch.device) -> BatchLayout:
         """This step's :func:`batch_layout` (one rank's own counts when not synced)."""
@@ -307,9 +287,9 @@ class Sync:
             return batch_layout(num_augmented, batch_size, num_classes, device=device)
         return BatchLayout(0, [num_augmented], [batch_size])
 
-    def decide(self, pi: Tensor, targets: Tensor, layout: BatchLayout, **kwargs: Any) -> GlobalTargets:
-        """:func:`global_saflex_targets` (exchanging only when synced)."""
-        return global_saflex_targets(pi, targets, layout, **kwargs)
+    def gather(self, pi: Tensor, upstream: Tensor, layout: BatchLayout, **kwargs: Any) -> GatheredRows:
+        """:func:`gather_augmented_rows` (exchanging only when synced)."""
+        return gather_augmented_rows(pi, upstream, layout, **kwargs)
 
 
 def forward_with_tangent(
@@ -333,4 +313,4 @@ def forward_with_tangent(
     """
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         val_grad = {f"module.{name}": grad for name, grad in val_grad.items()}
-    return SF.forward_with_tangent(model, inputs, val_grad)
+    return _autodiff.forward_with_tangent(model, inputs, val_grad)

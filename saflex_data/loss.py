@@ -22,31 +22,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import functional as SF
-from ._common import (
-    StepReport,
-    as_probabilities,
-    internal_pass,
-    model_device,
-    register_weak_hooks,
-    rng_preserved,
-    rng_state,
-    same_rng_state,
-    set_rng_state,
-    unwrap_model,
-    validation_pass,
-)
+from ._math import RULES_USING_LOGITS, Rule, as_probabilities, check_logits, check_targets, check_temperature
+from ._methods import METHODS, PiMethod, Signal
+from ._passes import model_device, unwrap_model, validation_pass
+from ._report import StepRecord, StepReport
 from ._stream import ValidationStream
 from .batch import SaflexTarget
-from .distributed import BatchLayout, GlobalTargets, Sync, forward_with_tangent
+from .distributed import BatchLayout, Sync, forward_with_tangent
 
 __all__ = ["SaflexLoss"]
 
 LossMethod = Literal["jvp", "last_layer", "single_pass", "jvp_frozen_stats"]
-_METHODS = ("jvp", "last_layer", "single_pass", "jvp_frozen_stats")
 _REFERENCES = ("heldout", "batch")
 VAL_TEMPERATURE = 4.0  # the tempered validation loss (see docs/method.md and the measured results)
-_MAX_CAPTURES = 4  # forwards remembered between two loss calls (a teacher pass, a second view, ...)
 
 
 class SaflexLoss(StepReport, nn.Module):
@@ -122,7 +110,7 @@ class SaflexLoss(StepReport, nn.Module):
         val_loader: Iterable[Any] | None = None,
         *,
         method: LossMethod = "last_layer",
-        rule: SF.Rule | str = "margin",
+        rule: Rule | str = "margin",
         reference: Literal["heldout", "batch"] = "heldout",
         val_every: int = 1,
         val_ema: float | None = None,
@@ -139,8 +127,8 @@ class SaflexLoss(StepReport, nn.Module):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, but got {type(model).__name__}.")
-        if method not in _METHODS:
-            raise ValueError(f"method must be one of {_METHODS}, but got {method!r}.")
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {tuple(METHODS)}, but got {method!r}.")
         if reference not in _REFERENCES:
             raise ValueError(f"reference must be one of {_REFERENCES}, but got {reference!r}.")
         if reference == "heldout" and (val_loader is None or not isinstance(val_loader, Iterable)):
@@ -148,13 +136,13 @@ class SaflexLoss(StepReport, nn.Module):
                 "val_loader must be an iterable of (inputs, targets) batches (or None with reference='batch'), but "
                 f"got {type(val_loader).__name__}."
             )
-        if reference == "batch" and method == "single_pass":
+        if reference == "batch" and not METHODS[method].supports_batch_reference:
             raise ValueError("reference='batch' needs the batch before its forward: use method='last_layer' or 'jvp'.")
         if not isinstance(val_every, int) or isinstance(val_every, bool) or val_every < 1:
             raise ValueError(f"val_every must be an int >= 1, but got {val_every!r}.")
         if val_ema is not None and not 0.0 <= val_ema < 1.0:
             raise ValueError(f"val_ema must be None or a decay in [0, 1), but got {val_ema!r}.")
-        SF.check_temperature(val_temperature, "val_temperature")
+        check_temperature(val_temperature, "val_temperature")
         if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 2):
             raise ValueError(f"num_splits must be None or an int >= 2 ([clean; augmented...]), but got {num_splits!r}.")
         if prepare is not None and not callable(prepare):
@@ -166,7 +154,7 @@ class SaflexLoss(StepReport, nn.Module):
         # all-reduce in forward); the extra passes of the other methods use the raw module.
         ddp = _outer_ddp(model)
         self.__dict__["_train_model"] = self.model if ddp is None else ddp
-        self.method, self.rule, self.reference = method, SF.Rule.of(rule), reference
+        self.method, self.rule, self.reference = method, Rule.of(rule), reference
         self.val_every, self.val_ema, self.val_temperature = val_every, val_ema, float(val_temperature)
         self.prepare, self.num_splits, self.label_smoothing = prepare, num_splits, label_smoothing
         self.seed, self.enabled = seed, enabled
@@ -174,28 +162,14 @@ class SaflexLoss(StepReport, nn.Module):
         self._val = None if reference == "batch" else ValidationStream(val_loader, type(self).__name__, keys=val_keys)
         self.step = 0
         self._generator = torch.Generator().manual_seed(seed)
-        self._signal: Any = None  # cached validation signal: dict (jvp) or (G_W, G_b) (last_layer)
-        self._captures: list[dict[str, Any]] = []  # the model's forwards since the last loss call, newest last
+        self._signal: Signal | None = None  # the cached validation signal
         self._warned_nonfinite = False
         self._fallback_keeps = "the upstream labels"
         self.last_step: dict[str, Tensor] = {}
         self.reset_stats()
-
-        self.classifier_name: str | None = None
-        hooks = []
-        if method == "last_layer":
-            self.classifier_name, linear = SF.find_classifier(self.model, classifier)
-            self.__dict__["_classifier"] = linear  # a plain reference, not a submodule (no state_dict entries)
-            hooks = [(linear, "post", "_on_classifier")]
-        elif method in ("jvp", "jvp_frozen_stats"):
-            hooks = [(self.model, "pre", "_on_model_start"), (self.model, "post", "_on_model")]
-        if method == "jvp_frozen_stats":
-            batchnorms = nn.modules.batchnorm._BatchNorm
-            self._bn_names = {m: n for n, m in self.model.named_modules() if isinstance(m, batchnorms)}
-            hooks += [(m, "post", "_on_batchnorm") for m in self._bn_names]
-        self._bn_stats: dict[str, tuple[Tensor, Tensor]] = {}
-        self._hooks = register_weak_hooks(self, hooks)
-        self._rng_at_start: tuple | None = None
+        # How Π is computed: the method's hooks hold it weakly; it lives (and they stay) as long as the loss does.
+        self._method: PiMethod = METHODS[method](self.model, classifier=classifier)
+        self.classifier_name: str | None = getattr(self._method, "classifier_name", None)
 
     @property
     def all_reduce(self) -> bool:
@@ -215,79 +189,9 @@ class SaflexLoss(StepReport, nn.Module):
             "trainable_parameters": (len(params), sum(p.numel() for p in params)),
         }
 
-    # ------------------------------------------------------------------------------------------------------------
-    # hooks: what each forward of the model produced, keyed by its output
-    # ------------------------------------------------------------------------------------------------------------
-    def _on_model_start(self, module: nn.Module, args: tuple) -> None:
-        # Inside torch.compile the random state cannot be read without a graph break: a compiled model's tangent
-        # pass draws its own dropout masks (documented limit).
-        if not torch.compiler.is_compiling():
-            self._rng_at_start = rng_state(_input_device(args, self.model))
-
-    def _on_model(self, module: nn.Module, args: tuple, output: Any) -> None:
-        start, self._rng_at_start = self._rng_at_start, None
-        if not args or not isinstance(args[0], Tensor):
-            return
-        stochastic = start is not None and not same_rng_state(start, rng_state(_input_device(args, self.model)))
-        bn_stats, self._bn_stats = self._bn_stats, {}
-        self._remember(output, inputs=args[0], rng=start, stochastic=stochastic, bn_stats=bn_stats)
-
-    def _on_batchnorm(self, module: nn.Module, args: tuple, output: Tensor) -> None:
-        """``method="jvp_frozen_stats"``: the batch statistics a train-mode BatchNorm normalised with."""
-        stats = SF._batch_statistics(module, args)
-        if stats is not None:
-            self._bn_stats[self._bn_names[module]] = stats
-
-    def _on_classifier(self, module: nn.Module, args: tuple, output: Tensor) -> None:
-        # Detached: a forward without a loss call (a skipped step, an eval pass with grad) must not pin its graph.
-        self._remember(output, features=args[0].detach())
-
-    def _remember(self, output: Any, **capture: Any) -> None:
-        output = _first_tensor(output)
-        if output is None:
-            return
-        # Detached, so that a forward without a loss call does not pin its graph; inside torch.compile a detach
-        # here breaks the graph, so the output is kept as is there (at most _MAX_CAPTURES of them).
-        output = output if torch.compiler.is_compiling() else output.detach()
-        self._captures = [*self._captures[-(_MAX_CAPTURES - 1):], {"output": output, **capture}]
-
-    def _capture_of(self, logits: Tensor) -> dict[str, Any]:
-        """The remembered forward that produced ``logits`` (every older one is forgotten)."""
-        found = None
-        for i in range(len(self._captures) - 1, -1, -1):
-            out = self._captures[i]["output"]
-            if out.shape == logits.shape and (_same_storage(out, logits) or _same_values(out, logits.detach())):
-                found = i
-                break
-        if found is None:
-            error = self._no_capture(logits)
-            self._captures = []
-            raise error
-        self._captures = self._captures[found:]  # kept: a second loss call on the same logits decides alike
-        return self._captures[0]
-
-    def _no_capture(self, logits: Tensor) -> Exception:
-        where = {"last_layer": f"the classifier {self.classifier_name!r}", "jvp": "the model",
-                 "jvp_frozen_stats": "the model", "single_pass": "forward_train"}[self.method]
-        if not self._captures:
-            return RuntimeError(
-                f"SaflexLoss(method={self.method!r}) saw no forward of {where} since the previous loss call; call the "
-                "model (or forward_train) on the batch, then the loss with its output. (A model compiled with "
-                "torch.compile and run before SaflexLoss was built keeps a graph without the loss's hooks: build "
-                "SaflexLoss before the first compiled forward, or call torch._dynamo.reset().)"
-            )
-        return RuntimeError(
-            f"SaflexLoss(method={self.method!r}): the logits passed to the loss (shape {tuple(logits.shape)}) are not "
-            f"the output of any of the last {len(self._captures)} forwards of {where} since the previous loss call. "
-            "Extra forwards between the training forward and the loss (a teacher or EMA pass, a second view) are "
-            "fine, but logits changed after the forward (scaled, sliced, post-processed) or made by another layer "
-            "are not: " + ("pass classifier=<the nn.Linear whose output is the logits> or use method='jvp'."
-                           if self.method == "last_layer" else "pass the model's output itself.")
-        )
-
     def remove_hooks(self) -> None:
         """Detach the loss from the model (its forward hooks); deleting the loss does the same."""
-        self._hooks()
+        self._method.remove_hooks()
 
     # ------------------------------------------------------------------------------------------------------------
     # the loss
@@ -300,7 +204,7 @@ class SaflexLoss(StepReport, nn.Module):
             target: A :class:`SaflexTarget` (from ``SaflexCollate``, ``SaflexBatchSampler`` or an adapter), or a
                 plain label tensor when ``num_splits`` is set.
         """
-        SF.check_logits(logits)
+        check_logits(logits)
         labels, is_augmented, op = self._unpack(logits, target)
         training = torch.is_grad_enabled() and logits.requires_grad and self.model.training
         if training:  # [distributed] compared on training calls only, also with enabled=False
@@ -315,13 +219,12 @@ class SaflexLoss(StepReport, nn.Module):
         weights = torch.ones(batch, dtype=dtype, device=logits.device)
         targets = as_probabilities(labels, num_classes, dtype, copy=True)
         if layout.total_augmented:
-            decision = self._decide(logits, labels, targets[aug_index], is_augmented, op, aug_index, layout)
-            if not decision.finite:
-                self._nonfinite_fallback()
-            weights[aug_index], targets[aug_index] = decision.weights, decision.soft_labels
-            self._record(*decision.record)
+            aug_weights, aug_targets, record = self._decide(logits, labels, targets[aug_index], is_augmented, op,
+                                                            aug_index, layout)
+            weights[aug_index], targets[aug_index] = aug_weights, aug_targets
+            self._record(record)
         else:
-            self._record(targets[:0], weights[:0], targets[:0], None, sum(layout.batch_sizes))
+            self._record(StepRecord(targets[:0], weights[:0], targets[:0], None, sum(layout.batch_sizes)))
         self.last_step = {"is_augmented": is_augmented, "weights": weights, "targets": targets,
                           "upstream": labels if labels.dim() == 1 else labels.argmax(-1)}
         self.step += 1
@@ -346,7 +249,7 @@ class SaflexLoss(StepReport, nn.Module):
             ddp = _outer_ddp(model)
             train_model = unwrap_model(model) if ddp is None else ddp
         logits, tangent = forward_with_tangent(train_model, inputs, signal)
-        self._remember(logits, tangent=tangent)
+        self._method.remember(logits, tangent=tangent)
         return logits
 
     # ------------------------------------------------------------------------------------------------------------
@@ -383,53 +286,48 @@ class SaflexLoss(StepReport, nn.Module):
             op = None
         else:
             raise TypeError(f"target must be a SaflexTarget or a tensor, but got {type(target).__name__}.")
-        SF.check_targets(labels, batch, num_classes, "target labels")
+        check_targets(labels, batch, num_classes, "target labels")
         return labels, is_augmented, op
 
     def _decide(self, logits: Tensor, labels: Tensor, upstream: Tensor, is_augmented: Tensor, op: Tensor | None,
-                aug_index: Tensor, layout: BatchLayout) -> GlobalTargets:
-        """Weights and soft labels of the augmented rows (of the global batch, under torch.distributed)."""
-        capture = self._capture_of(logits)
+                aug_index: Tensor, layout: BatchLayout) -> tuple[Tensor, Tensor, StepRecord]:
+        """Weights and soft labels of this rank's augmented rows, and the record of the (global) batch."""
+        capture = self._method.capture_of(logits)
         op = None if op is None else op[aug_index]
         with torch.autocast(device_type=logits.device.type, enabled=False):
             signal = None
-            if self.method != "single_pass":
+            if self._method.supports_batch_reference:  # the signal exists before the forward
                 signal = self._validation_signal(capture, logits, labels, is_augmented)
                 if signal is None:  # reference="batch", no clean row yet: nothing to compare with, keep all
                     ones = upstream.new_ones(len(upstream))
-                    return GlobalTargets(ones, upstream, True, (upstream, ones, upstream, op, len(logits)))
-            pi = self._inner_products(capture, logits, aug_index, signal)
-            return self._sync.decide(pi, upstream, layout, rule=self.rule, generator=self._generator, op=op,
-                                     logits=logits[aug_index].detach())
+                    return ones, upstream, StepRecord(upstream, ones, upstream, op, len(logits))
+            pi = self._method.inner_products(capture, logits, aug_index, signal)
+            return self._apply_rule(pi, upstream, logits[aug_index].detach(), op, layout)
 
-    def _inner_products(self, capture: dict[str, Any], logits: Tensor, aug_index: Tensor, signal: Any) -> Tensor:
-        """``Π`` `(n, K)` of the augmented rows (none on a rank without augmented rows; it still refreshed)."""
-        if self.method == "single_pass":
-            return SF.inner_products_from_tangent(logits[aug_index], capture["tangent"][aug_index])
-        if self.method == "last_layer":
-            features = capture["features"]
-            return SF.last_layer_inner_products(
-                features[aug_index].flatten(1), logits[aug_index], signal[0], signal[1]
-            )
-        if not aug_index.numel():
-            return logits.new_zeros((0, logits.shape[1]))
-        inputs = capture["inputs"]
-        with internal_pass(), rng_preserved(inputs.device):
-            if self.method == "jvp_frozen_stats" and not capture["stochastic"]:
-                return SF.grad_inner_products(self.model, inputs[aug_index], signal, method="jvp",
-                                              batch_stats=capture["bn_stats"] if _batch_dependent(self.model) else None)
-            if capture["stochastic"] or _batch_dependent(self.model):
-                # Train-mode BatchNorm normalises with the whole batch's statistics, and dropout's masks are drawn for
-                # the whole batch: forward the whole batch with the training forward's random state, as the step did.
-                if capture["rng"] is not None:
-                    set_rng_state(capture["rng"], inputs.device)
-                return SF.grad_inner_products(self.model, inputs, signal, method="jvp")[aug_index]
-            return SF.grad_inner_products(self.model, inputs[aug_index], signal, method="jvp")
+    def _apply_rule(self, pi: Tensor, upstream: Tensor, logits: Tensor, op: Tensor | None,
+                    layout: BatchLayout) -> tuple[Tensor, Tensor, StepRecord]:
+        """The rule on the augmented rows of the global batch (every rank alike); this rank's rows and the record."""
+        dtype = torch.promote_types(pi.dtype, torch.float32)
+        exchange_logits = not self._sync.active or self.rule.name in RULES_USING_LOGITS
+        rows = self._sync.gather(pi.to(dtype), upstream.to(dtype), layout, logits=logits if exchange_logits else None,
+                                 op=op)
+        total = layout.total_augmented
+        # Every rank sees the same gathered Π, so every rank takes the same fallback decision.
+        finite = bool(torch.isfinite(rows.pi).all())
+        if finite and total:
+            weights, labels = self.rule(rows.pi, rows.upstream, generator=self._generator, logits=rows.logits)
+            weights, labels = weights.to(device=pi.device, dtype=dtype), labels.to(device=pi.device, dtype=dtype)
+        else:
+            weights, labels = torch.ones(total, dtype=dtype, device=pi.device), rows.upstream.clone()
+        if not finite:
+            self._nonfinite_fallback()
+        record = StepRecord(rows.upstream, weights, labels, rows.op, sum(layout.batch_sizes))
+        return weights[rows.mine], labels[rows.mine], record
 
     # ------------------------------------------------------------------------------------------------------------
     # the validation signal
     # ------------------------------------------------------------------------------------------------------------
-    def _validation_signal(self, capture: Any, logits: Tensor | None, labels: Any, is_augmented: Any) -> Any:
+    def _validation_signal(self, capture: Any, logits: Tensor | None, labels: Any, is_augmented: Any) -> Signal | None:
         if self._signal is not None and self.step % self.val_every != 0:
             return self._signal
         if self.reference == "batch":
@@ -439,67 +337,47 @@ class SaflexLoss(StepReport, nn.Module):
         else:
             signal = self._heldout_signal()
         signal = self._sync.reduce(signal)
-        if not _tree_finite(signal):
+        if not _finite(signal):
             # Used once (this step falls back, counted) but never cached nor averaged in: one bad validation batch
             # must not switch SAFLEX off for val_every steps, or for good through val_ema.
             return signal
         if self.val_ema is not None and self._signal is not None:
-            signal = _tree_lerp(signal, self._signal, self.val_ema)
+            signal = _lerp(signal, self._signal, self.val_ema)
         self._signal = signal
         return signal
 
-    def _heldout_signal(self) -> Any:
+    def _heldout_signal(self) -> Signal:
         model = self.model
         inputs, targets = self._val.next(model_device(model), self.prepare)
         with validation_pass(model, inputs.device), self._val.model_call(inputs):
-            if self.method != "last_layer":
-                return SF.validation_gradient(model, inputs, targets, temperature=self.val_temperature)
-            capture = SF._FeatureCapture(self._classifier)
-            try:
-                with torch.no_grad(), SF._running_stats_frozen(model):
-                    logits = model(inputs)
-            finally:
-                capture.remove()
-        SF.check_logits(logits, "model(validation inputs)")
-        return self._last_layer_signal(capture.features.flatten(1), logits, targets)
+            return self._method.heldout_signal(inputs, targets, self.val_temperature)
 
-    def _batch_signal(self, capture: Any, logits: Tensor, labels: Tensor, is_augmented: Tensor) -> Any:
+    def _batch_signal(self, capture: Any, logits: Tensor, labels: Tensor, is_augmented: Tensor) -> Signal | None:
         """The signal of the batch's clean rows (``reference="batch"``); ``None`` when it has none."""
         clean = (~is_augmented).nonzero().squeeze(1)
         if not clean.numel():
             if not self._sync.active:
                 return None
             # [distributed] every rank joins the all-reduce; a rank without clean rows contributes zero
-            zeros = {n: logits.new_zeros(shape, dtype=torch.promote_types(logits.dtype, torch.float32))
-                     for n, shape in self._signal_shapes().items()}
-            return (zeros["weight"], zeros.get("bias")) if self.method == "last_layer" else zeros
-        if self.method == "last_layer":
-            return self._last_layer_signal(capture["features"][clean].flatten(1), logits[clean].detach(), labels[clean])
+            dtype = torch.promote_types(logits.dtype, torch.float32)
+            return {n: logits.new_zeros(shape, dtype=dtype) for n, shape in self._signal_shapes().items()}
         with validation_pass(self.model, logits.device):
-            return SF.validation_gradient(self.model, capture["inputs"][clean], labels[clean],
-                                          temperature=self.val_temperature)
-
-    def _last_layer_signal(self, features: Tensor, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor | None]:
-        grad_weight, grad_bias = SF.last_layer_validation_gradient(
-            features, logits, targets, temperature=self.val_temperature
-        )
-        linear = self._classifier
-        if not linear.weight.requires_grad:
-            raise ValueError(
-                f"method='last_layer' needs a trainable classifier, but {self.classifier_name!r}.weight "
-                "has requires_grad=False (a frozen head never moves, so its gradient says nothing about "
-                "the step); use method='jvp', which counts the trainable parameters."
-            )
-        if linear.bias is None or not linear.bias.requires_grad:
-            grad_bias = None  # only trainable parameters count
-        return grad_weight, grad_bias
+            return self._method.batch_signal(capture, logits, labels, clean, self.val_temperature)
 
     def _signal_shapes(self) -> dict[str, tuple[int, ...]]:
-        if self.method == "last_layer":
-            linear = self._classifier
-            bias = {} if linear.bias is None else {"bias": tuple(linear.bias.shape)}
-            return {"weight": tuple(linear.weight.shape), **bias}
-        return {n: tuple(p.shape) for n, p in self.model.named_parameters() if p.requires_grad}
+        return self._method.signal_shapes()
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        # Earlier versions: a last_layer loss saved its signal as the tuple (grad_weight, grad_bias | None) and its
+        # shapes as {"weight", "bias"}: the same tensors, now keyed by the classifier's parameter names.
+        saved = state.get("signal")
+        if isinstance(saved, (tuple, list)) and self.method == "last_layer":
+            names = (self._method.weight_name, self._method.bias_name)
+            state = {**state, "signal": {n: t for n, t in zip(names, saved) if t is not None}}
+            if state.get("signal_shapes") is not None:
+                state["signal_shapes"] = {names[0] if k == "weight" else names[1] if k == "bias" else k: v
+                                          for k, v in state["signal_shapes"].items()}
+        super().set_extra_state(state)
 
     # ------------------------------------------------------------------------------------------------------------
     # statistics
@@ -512,8 +390,9 @@ class SaflexLoss(StepReport, nn.Module):
         self.nonfinite_steps = 0
 
     @torch.no_grad()
-    def _record(self, upstream: Tensor, weights: Tensor, targets: Tensor, op: Tensor | None, batch: int) -> None:
-        """Statistics of the augmented rows ``upstream``/``weights``/``targets`` of a batch of ``batch`` rows."""
+    def _record(self, record: StepRecord) -> None:
+        """Statistics of the augmented rows of a batch (:class:`StepRecord`)."""
+        upstream, weights, targets, op, batch = record
         relabeled = targets.argmax(-1) != upstream.argmax(-1)
         kept = weights > 0
         n_aug = torch.tensor(float(len(weights)))
@@ -571,43 +450,11 @@ def _outer_ddp(model: nn.Module) -> nn.parallel.DistributedDataParallel | None:
     return model
 
 
-def _first_tensor(output: Any) -> Tensor | None:
-    """The logits of a forward's output: the tensor itself, the first tensor of a tuple, or a dict's ``logits``."""
-    if isinstance(output, Tensor):
-        return output
-    if isinstance(output, dict) or hasattr(output, "logits"):
-        value = output.get("logits") if isinstance(output, dict) else output.logits
-        return value if isinstance(value, Tensor) else None
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
-        return output[0]
-    return None
+def _lerp(new: Signal, old: Signal, decay: float) -> Signal:
+    # A parameter unfrozen since the last refresh has no average yet: it starts from its fresh gradient.
+    return {k: decay * old[k] + (1 - decay) * new[k] if k in old else new[k] for k in new}
 
 
-def _input_device(args: tuple, model: nn.Module) -> torch.device:
-    return args[0].device if args and isinstance(args[0], Tensor) else model_device(model)
-
-
-def _batch_dependent(model: nn.Module) -> bool:
-    """Whether a sample's output depends on the rest of the batch (BatchNorm using batch statistics)."""
-    return any(SF._uses_batch_stats(m) for m in model.modules())
-
-
-def _tree_lerp(new: Any, old: Any, decay: float) -> Any:
-    if isinstance(new, dict):
-        # A parameter unfrozen since the last refresh has no average yet: it starts from its fresh gradient.
-        return {k: decay * old[k] + (1 - decay) * new[k] if k in old else new[k] for k in new}
-    return tuple(n if n is None or o is None else decay * o + (1 - decay) * n for n, o in zip(new, old))
-
-
-def _tree_finite(signal: Any) -> bool:
-    tensors = list(signal.values()) if isinstance(signal, dict) else [t for t in signal if t is not None]
+def _finite(signal: Signal) -> bool:
+    tensors = list(signal.values())
     return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()) if tensors else True
-
-
-def _same_storage(a: Tensor, b: Tensor) -> bool:
-    return a.data_ptr() == b.data_ptr() and a.stride() == b.stride() and a.dtype == b.dtype
-
-
-def _same_values(a: Tensor, b: Tensor) -> bool:
-    """``torch.equal`` that also matches NaN with NaN (a non-finite step must fall back, not fail the check)."""
-    return bool(((a == b) | (a.isnan() & b.isnan())).all())

@@ -22,8 +22,9 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from ._common import as_probabilities, draw_seed, seeded
-from ._common import describe as _describe
+from ._describe import describe as _describe
+from ._math import as_probabilities
+from ._seeds import draw_seed, seeded
 from .batch import SaflexTarget
 
 __all__ = ["MixParams", "MixUp", "CutMix", "TabularCutMix"]

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ._common import mix_seed
+from ._seeds import mix_seed
 from .collate import SaflexCollate, TaggedSample
 from saflex_data.sampler import _split_key
 

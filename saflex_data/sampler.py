@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from ._common import mix_seed
+from ._seeds import mix_seed
 from .collate import AugmentPipeline, SaflexCollate, TaggedSample
 
 __all__ = ["SaflexBatchSampler", "SaflexDataset"]

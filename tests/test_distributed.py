@@ -249,7 +249,7 @@ def _part_single_pass(rank: int) -> dict[str, list[torch.Tensor]]:
     def through_wrapper(inputs: torch.Tensor) -> torch.Tensor:  # the fix proposed for SaflexLoss.forward_train
         criterion._sync.check_once(criterion.settings())
         logits, tangent = sdist.forward_with_tangent(ddp, inputs, criterion._validation_signal(None, None, None, None))
-        criterion._remember(logits, tangent=tangent)
+        criterion._method.remember(logits, tangent=tangent)
         return logits
 
     out["through_wrapper"] = _train_single_pass(ddp, criterion, data, rows, through_wrapper)

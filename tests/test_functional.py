@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import saflex_data.functional as SF
+import saflex_data._autodiff as SF_autodiff
 from tests._reference import (
     l2r_meta_gradient,
     reference_inner_products,
@@ -125,7 +126,7 @@ class TestValidationGradient:
     def test_last_layer_closed_form(self):
         model, _, xv, yv = _problem("cnn")
         full = SF.validation_gradient(model, xv, yv)
-        features, logits = SF._forward_features(model, model.fc, xv)
+        features, logits = SF_autodiff.forward_features(model, model.fc, xv)
         gw, gb = SF.last_layer_validation_gradient(features, logits, yv)
         torch.testing.assert_close(gw, full["fc.weight"], rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(gb, full["fc.bias"], rtol=1e-10, atol=1e-12)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+import saflex_data._math as saflex_math
 import saflex_data.functional as SF
 from saflex_data import SaflexLoss, SaflexTarget
 from tests import _hardening_run as job_module
@@ -240,7 +241,7 @@ class TestMixedPrecision:
             solved_dtypes.append(pi.dtype)
             return original(pi, *args, **kwargs)
 
-        monkeypatch.setattr(SF, "saflex_targets", spy)
+        monkeypatch.setattr(saflex_math, "saflex_targets", spy)  # what Rule calls
         x, target = _batch()
         decisions = {}
         for precision in ("float32", "bfloat16"):

@@ -153,13 +153,13 @@ class TestSaflexLossFrozenStats:
     def test_uses_the_fixed_statistics_pi(self):
         model, x, y, val, crit, target = self._loss("jvp_frozen_stats")
         seen = {}
-        original = crit._inner_products
+        original = crit._method.inner_products
 
         def spy(*args):
             seen["pi"] = original(*args)
             return seen["pi"]
 
-        crit._inner_products = spy
+        crit._method.inner_products = spy
         logits = model(x)
         reference_model = copy.deepcopy(model)  # after the step's running-statistics update, which g sees
         loss = crit(logits, target)
@@ -174,7 +174,7 @@ class TestSaflexLossFrozenStats:
         model, x, y, val, crit, target = self._loss("jvp_frozen_stats")
         logits = model(x)
         model(x[:6])  # another forward in between: its statistics are its own
-        first, second = crit._captures
+        first, second = crit._method.captures
         assert first["output"].shape[0] == 10 and second["output"].shape[0] == 6
         assert not torch.equal(first["bn_stats"]["bn"][0], second["bn_stats"]["bn"][0])
         assert torch.isfinite(crit(logits, target))
@@ -183,4 +183,4 @@ class TestSaflexLossFrozenStats:
         model, x, y, val, crit, target = self._loss("jvp_frozen_stats")
         crit.remove_hooks()
         model(x)
-        assert crit._captures == [] and crit._bn_stats == {}
+        assert crit._method.captures == [] and crit._method.bn_stats == {}

@@ -226,6 +226,33 @@ class TestResume:
             assert torch.equal(w1, w2) and torch.equal(y1, y2)
 
 
+    def test_last_layer_state_of_the_tuple_signal_format_loads(self):
+        # Before the Π methods became classes, a last_layer loss saved its signal as (grad_weight, grad_bias) with
+        # shapes keyed "weight"/"bias"; such a state loads and decides as the same state in today's format.
+        model = _model(batchnorm=False)
+        criterion = SaflexLoss(model, _val(batches=2), method="last_layer", seed=7)
+        x, target = _batch(seed=0)
+        criterion(model(x), target)
+        state = criterion.state_dict()
+        extra = dict(state["_extra_state"])
+        name = criterion.classifier_name
+        extra["signal"] = (extra["signal"][f"{name}.weight"], extra["signal"][f"{name}.bias"])
+        extra["signal_shapes"] = {k.rsplit(".", 1)[1]: v for k, v in extra["signal_shapes"].items()}
+        old = SaflexLoss(model, _val(batches=2), method="last_layer", val_every=5)
+        old.load_state_dict({"_extra_state": extra})
+        new = SaflexLoss(model, _val(batches=2), method="last_layer", val_every=5)
+        new.load_state_dict(state)
+        assert old._signal.keys() == new._signal.keys() == {f"{name}.weight", f"{name}.bias"}
+        x, target = _batch(seed=1)
+        logits = model(x)
+        old(logits, target)
+        new(logits, target)
+        assert torch.equal(old.last_step["weights"], new.last_step["weights"])
+        extra["signal_shapes"] = {"weight": (3, 3), "bias": (3,)}
+        with pytest.raises(ValueError, match="the saved validation signal does not fit this model"):
+            SaflexLoss(model, _val(), method="last_layer").load_state_dict({"_extra_state": extra})
+
+
 class TestFallback:
     def test_nonfinite_validation_gradient_keeps_upstream_labels(self):
         model = _model()

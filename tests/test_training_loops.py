@@ -200,8 +200,8 @@ def test_jvp_uses_the_training_forwards_dropout_masks():
     val = _val(n=1)
     criterion = SaflexLoss(model, val, method="jvp")
     seen = []
-    decide = criterion._sync.decide
-    criterion._sync.decide = lambda pi, *args, **kwargs: (seen.append(pi), decide(pi, *args, **kwargs))[1]
+    gather = criterion._sync.gather
+    criterion._sync.gather = lambda pi, *args, **kwargs: (seen.append(pi), gather(pi, *args, **kwargs))[1]
     x, target = _batch(n=8)
     state = torch.get_rng_state()
     criterion(model(x), target)
@@ -343,8 +343,8 @@ class TestRule:
         loss = criterion(logits, target)
         aug = target.is_augmented
         pi_seen = []
-        decide = criterion._sync.decide
-        criterion._sync.decide = lambda pi, *a, **k: (pi_seen.append((pi, k["logits"])), decide(pi, *a, **k))[1]
+        gather = criterion._sync.gather
+        criterion._sync.gather = lambda pi, *a, **k: (pi_seen.append((pi, k["logits"])), gather(pi, *a, **k))[1]
         loss = criterion(logits, target)
         pi, seen_logits = pi_seen[0]
         assert torch.equal(seen_logits, logits[aug].detach())

@@ -1,0 +1,311 @@
+"""The ways :class:`~saflex_data.SaflexLoss` computes ``Π``: one class per ``method``, one small interface.
+
+A method says which forward hooks it needs (:meth:`PiMethod.hooks`) and what they remember of each forward of the
+model, how it makes the validation signal (:meth:`PiMethod.heldout_signal` from a held-out batch,
+:meth:`PiMethod.batch_signal` from the clean rows of the training batch) and how it turns the remembered forward and
+the signal into ``Π`` of the augmented rows (:meth:`PiMethod.inner_products`). The signal is always a
+:data:`Signal`: the validation gradient of the parameters the method uses, keyed by parameter name.
+
+Adding a method means adding one subclass with a ``name``: ``SaflexLoss(method=name)`` finds it in :data:`METHODS`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ._autodiff import (
+    FeatureCapture,
+    batch_dependent,
+    batch_statistics,
+    find_classifier,
+    grad_inner_products,
+    running_stats_frozen,
+    validation_gradient,
+)
+from ._hooks import internal_pass, register_weak_hooks
+from ._math import check_logits, inner_products_from_tangent, last_layer_inner_products, last_layer_validation_gradient
+from ._passes import model_device, rng_preserved, rng_state, same_rng_state, set_rng_state
+
+__all__ = ["Signal", "PiMethod", "LastLayer", "Jvp", "JvpFrozenStats", "SinglePass", "METHODS"]
+
+Signal = dict[str, Tensor]
+"""The validation signal: ``{parameter name: gradient of the validation loss}`` for the parameters a method uses."""
+
+MAX_CAPTURES = 4  # forwards remembered between two loss calls (a teacher pass, a second view, ...)
+
+METHODS: dict[str, type[PiMethod]] = {}
+"""Every method by name, filled by :meth:`PiMethod.__init_subclass__`."""
+
+
+class PiMethod:
+    """One way of computing ``Π``; subclasses set ``name`` and implement the three steps.
+
+    The method holds the model (a plain reference) and remembers the model's last few forwards through its hooks
+    (:meth:`remember`); :meth:`capture_of` finds the forward that produced a loss call's logits.
+    """
+
+    name: ClassVar[str]
+    where: ClassVar[str] = "the model"  # what the hooks watch, for error messages
+    supports_batch_reference: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            METHODS[cls.name] = cls
+
+    def __init__(self, model: nn.Module, *, classifier: nn.Module | str | None = None) -> None:
+        self.model = model
+        self.captures: list[dict[str, Any]] = []  # the model's forwards since the last loss call, newest last
+        self.remove_hooks = register_weak_hooks(self, self.hooks())
+
+    # -- the interface ---------------------------------------------------------------------------------------------
+    def hooks(self) -> list[tuple[nn.Module, str, str]]:
+        """``(module, "pre" | "post", method name)`` forward hooks; they hold this object weakly."""
+        return []
+
+    def signal_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Names and shapes of the signal for this model (checked when a saved state is loaded)."""
+        return {n: tuple(p.shape) for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def heldout_signal(self, inputs: Tensor, targets: Tensor, temperature: float) -> Signal:
+        """The signal of a validation batch; runs inside the loss's ``validation_pass``."""
+        return validation_gradient(self.model, inputs, targets, temperature=temperature)
+
+    def batch_signal(self, capture: dict[str, Any], logits: Tensor, labels: Tensor, clean: Tensor,
+                     temperature: float) -> Signal:
+        """The signal of the clean rows ``clean`` (indices) of the training batch (``reference="batch"``)."""
+        raise NotImplementedError
+
+    def inner_products(self, capture: dict[str, Any], logits: Tensor, aug_index: Tensor, signal: Signal) -> Tensor:
+        """``Π`` `(n, K)` of the augmented rows ``aug_index`` of the forward ``capture`` that gave ``logits``."""
+        raise NotImplementedError
+
+    # -- the remembered forwards -----------------------------------------------------------------------------------
+    def remember(self, output: Any, **capture: Any) -> None:
+        output = first_tensor(output)
+        if output is None:
+            return
+        # Detached, so that a forward without a loss call does not pin its graph; inside torch.compile a detach
+        # here breaks the graph, so the output is kept as is there (at most MAX_CAPTURES of them).
+        output = output if torch.compiler.is_compiling() else output.detach()
+        self.captures = [*self.captures[-(MAX_CAPTURES - 1):], {"output": output, **capture}]
+
+    def capture_of(self, logits: Tensor) -> dict[str, Any]:
+        """The remembered forward that produced ``logits`` (every older one is forgotten)."""
+        found = None
+        for i in range(len(self.captures) - 1, -1, -1):
+            out = self.captures[i]["output"]
+            if out.shape == logits.shape and (_same_storage(out, logits) or _same_values(out, logits.detach())):
+                found = i
+                break
+        if found is None:
+            error = self._no_capture(logits)
+            self.captures = []
+            raise error
+        self.captures = self.captures[found:]  # kept: a second loss call on the same logits decides alike
+        return self.captures[0]
+
+    def _no_capture(self, logits: Tensor) -> Exception:
+        if not self.captures:
+            return RuntimeError(
+                f"SaflexLoss(method={self.name!r}) saw no forward of {self.where} since the previous loss call; "
+                "call the model (or forward_train) on the batch, then the loss with its output. (A model compiled with "
+                "torch.compile and run before SaflexLoss was built keeps a graph without the loss's hooks: build "
+                "SaflexLoss before the first compiled forward, or call torch._dynamo.reset().)"
+            )
+        return RuntimeError(
+            f"SaflexLoss(method={self.name!r}): the logits passed to the loss (shape {tuple(logits.shape)}) are not "
+            f"the output of any of the last {len(self.captures)} forwards of {self.where} since the previous loss "
+            "call. "
+            "Extra forwards between the training forward and the loss (a teacher or EMA pass, a second view) are "
+            "fine, but logits changed after the forward (scaled, sliced, post-processed) or made by another layer "
+            "are not: " + self._fix_hint
+        )
+
+    _fix_hint: ClassVar[str] = "pass the model's output itself."
+
+
+class LastLayer(PiMethod):
+    """``"last_layer"``: the closed form from the classifier's input features (``docs/method.md#computing-pi``)."""
+
+    name = "last_layer"
+    _fix_hint = "pass classifier=<the nn.Linear whose output is the logits> or use method='jvp'."
+
+    def __init__(self, model: nn.Module, *, classifier: nn.Module | str | None = None) -> None:
+        self.classifier_name, self.classifier = find_classifier(model, classifier)
+        prefix = f"{self.classifier_name}." if self.classifier_name else ""
+        self.weight_name, self.bias_name = prefix + "weight", prefix + "bias"
+        super().__init__(model)
+
+    @property
+    def where(self) -> str:  # type: ignore[override]
+        return f"the classifier {self.classifier_name!r}"
+
+    def hooks(self) -> list[tuple[nn.Module, str, str]]:
+        return [(self.classifier, "post", "on_classifier")]
+
+    def on_classifier(self, module: nn.Module, args: tuple, output: Tensor) -> None:
+        # Detached: a forward without a loss call (a skipped step, an eval pass with grad) must not pin its graph.
+        self.remember(output, features=args[0].detach())
+
+    def signal_shapes(self) -> dict[str, tuple[int, ...]]:
+        linear = self.classifier
+        bias = {} if linear.bias is None else {self.bias_name: tuple(linear.bias.shape)}
+        return {self.weight_name: tuple(linear.weight.shape), **bias}
+
+    def heldout_signal(self, inputs: Tensor, targets: Tensor, temperature: float) -> Signal:
+        capture = FeatureCapture(self.classifier)
+        try:
+            with torch.no_grad(), running_stats_frozen(self.model):
+                logits = self.model(inputs)
+        finally:
+            capture.remove()
+        check_logits(logits, "model(validation inputs)")
+        return self._signal(capture.features.flatten(1), logits, targets, temperature)
+
+    def batch_signal(self, capture: dict[str, Any], logits: Tensor, labels: Tensor, clean: Tensor,
+                     temperature: float) -> Signal:
+        return self._signal(capture["features"][clean].flatten(1), logits[clean].detach(), labels[clean], temperature)
+
+    def _signal(self, features: Tensor, logits: Tensor, targets: Tensor, temperature: float) -> Signal:
+        grad_weight, grad_bias = last_layer_validation_gradient(features, logits, targets, temperature=temperature)
+        linear = self.classifier
+        if not linear.weight.requires_grad:
+            raise ValueError(
+                f"method='last_layer' needs a trainable classifier, but {self.classifier_name!r}.weight "
+                "has requires_grad=False (a frozen head never moves, so its gradient says nothing about "
+                "the step); use method='jvp', which counts the trainable parameters."
+            )
+        if linear.bias is None or not linear.bias.requires_grad:
+            return {self.weight_name: grad_weight}  # only trainable parameters count
+        return {self.weight_name: grad_weight, self.bias_name: grad_bias}
+
+    def inner_products(self, capture: dict[str, Any], logits: Tensor, aug_index: Tensor, signal: Signal) -> Tensor:
+        features = capture["features"]
+        return last_layer_inner_products(features[aug_index].flatten(1), logits[aug_index], signal[self.weight_name],
+                                         signal.get(self.bias_name))
+
+
+class Jvp(PiMethod):
+    """``"jvp"``: exact, one forward-mode pass over the augmented rows (the whole batch when BatchNorm uses batch
+    statistics or the forward drew random numbers, whose masks are then replayed)."""
+
+    name = "jvp"
+
+    def __init__(self, model: nn.Module, *, classifier: nn.Module | str | None = None) -> None:
+        self._rng_at_start: tuple | None = None
+        super().__init__(model)
+
+    def hooks(self) -> list[tuple[nn.Module, str, str]]:
+        return [(self.model, "pre", "on_model_start"), (self.model, "post", "on_model")]
+
+    def on_model_start(self, module: nn.Module, args: tuple) -> None:
+        # Inside torch.compile the random state cannot be read without a graph break: a compiled model's tangent
+        # pass draws its own dropout masks (documented limit).
+        if not torch.compiler.is_compiling():
+            self._rng_at_start = rng_state(input_device(args, self.model))
+
+    def on_model(self, module: nn.Module, args: tuple, output: Any) -> None:
+        start, self._rng_at_start = self._rng_at_start, None
+        if not args or not isinstance(args[0], Tensor):
+            return
+        stochastic = start is not None and not same_rng_state(start, rng_state(input_device(args, self.model)))
+        self.remember(output, inputs=args[0], rng=start, stochastic=stochastic, **self._extra_capture())
+
+    def _extra_capture(self) -> dict[str, Any]:
+        return {}
+
+    def batch_signal(self, capture: dict[str, Any], logits: Tensor, labels: Tensor, clean: Tensor,
+                     temperature: float) -> Signal:
+        return validation_gradient(self.model, capture["inputs"][clean], labels[clean], temperature=temperature)
+
+    def inner_products(self, capture: dict[str, Any], logits: Tensor, aug_index: Tensor, signal: Signal) -> Tensor:
+        if not aug_index.numel():
+            return logits.new_zeros((0, logits.shape[1]))
+        inputs = capture["inputs"]
+        with internal_pass(), rng_preserved(inputs.device):
+            return self._inner_products(capture, inputs, aug_index, signal)
+
+    def _inner_products(self, capture: dict[str, Any], inputs: Tensor, aug_index: Tensor, signal: Signal) -> Tensor:
+        if capture["stochastic"] or batch_dependent(self.model):
+            # Train-mode BatchNorm normalises with the whole batch's statistics, and dropout's masks are drawn for
+            # the whole batch: forward the whole batch with the training forward's random state, as the step did.
+            if capture["rng"] is not None:
+                set_rng_state(capture["rng"], inputs.device)
+            return grad_inner_products(self.model, inputs, signal, method="jvp")[aug_index]
+        return grad_inner_products(self.model, inputs[aug_index], signal, method="jvp")
+
+
+class JvpFrozenStats(Jvp):
+    """``"jvp_frozen_stats"``: the JVP of the augmented rows only, with the batch statistics train-mode BatchNorm
+    used in the training forward held fixed (no tangent through the statistics)."""
+
+    name = "jvp_frozen_stats"
+
+    def __init__(self, model: nn.Module, *, classifier: nn.Module | str | None = None) -> None:
+        batchnorms = nn.modules.batchnorm._BatchNorm
+        self._bn_names = {m: n for n, m in model.named_modules() if isinstance(m, batchnorms)}
+        self.bn_stats: dict[str, tuple[Tensor, Tensor]] = {}
+        super().__init__(model)
+
+    def hooks(self) -> list[tuple[nn.Module, str, str]]:
+        return [*super().hooks(), *((m, "post", "on_batchnorm") for m in self._bn_names)]
+
+    def on_batchnorm(self, module: nn.Module, args: tuple, output: Tensor) -> None:
+        """The batch statistics a train-mode BatchNorm normalised with."""
+        stats = batch_statistics(module, args)
+        if stats is not None:
+            self.bn_stats[self._bn_names[module]] = stats
+
+    def _extra_capture(self) -> dict[str, Any]:
+        bn_stats, self.bn_stats = self.bn_stats, {}
+        return {"bn_stats": bn_stats}
+
+    def _inner_products(self, capture: dict[str, Any], inputs: Tensor, aug_index: Tensor, signal: Signal) -> Tensor:
+        if capture["stochastic"]:
+            return super()._inner_products(capture, inputs, aug_index, signal)
+        return grad_inner_products(self.model, inputs[aug_index], signal, method="jvp",
+                                   batch_stats=capture["bn_stats"] if batch_dependent(self.model) else None)
+
+
+class SinglePass(PiMethod):
+    """``"single_pass"``: the training forward itself carries the tangent (``SaflexLoss.forward_train``)."""
+
+    name = "single_pass"
+    where = "forward_train"
+    supports_batch_reference = False
+
+    def inner_products(self, capture: dict[str, Any], logits: Tensor, aug_index: Tensor, signal: Signal) -> Tensor:
+        return inner_products_from_tangent(logits[aug_index], capture["tangent"][aug_index])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------------------------
+def first_tensor(output: Any) -> Tensor | None:
+    """The logits of a forward's output: the tensor itself, the first tensor of a tuple, or a dict's ``logits``."""
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, dict) or hasattr(output, "logits"):
+        value = output.get("logits") if isinstance(output, dict) else output.logits
+        return value if isinstance(value, Tensor) else None
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    return None
+
+
+def input_device(args: tuple, model: nn.Module) -> torch.device:
+    return args[0].device if args and isinstance(args[0], Tensor) else model_device(model)
+
+
+def _same_storage(a: Tensor, b: Tensor) -> bool:
+    return a.data_ptr() == b.data_ptr() and a.stride() == b.stride() and a.dtype == b.dtype
+
+
+def _same_values(a: Tensor, b: Tensor) -> bool:
+    """``torch.equal`` that also matches NaN with NaN (a non-finite step must fall back, not fail the check)."""
+    return bool(((a == b) | (a.isnan() & b.isnan())).all())
+

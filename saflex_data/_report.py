@@ -1,0 +1,110 @@
+"""The per-step report and resumable state both SAFLEX losses keep."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["StepRecord", "StepReport"]
+
+
+class StepRecord(NamedTuple):
+    """What a step decided for the augmented rows of its (global) batch, for the statistics."""
+
+    upstream: Tensor
+    """Upstream labels as probabilities `(N, K)` of the augmented rows."""
+    weights: Tensor
+    """Their weights `(N,)`."""
+    soft_labels: Tensor
+    """Their soft labels `(N, K)`."""
+    op: Tensor | None
+    """Their upstream op ids `(N,)` (``-1``: none), or ``None``."""
+    batch_size: int
+    """Rows of the whole batch, clean and augmented (of every rank under torch.distributed)."""
+
+
+class StepReport:
+    """What both SAFLEX losses share: the per-step ``stats``, the warn-once non-finite fallback counter and the
+    resumable state (``get_extra_state``/``set_extra_state``, with the saved method and validation-signal shapes
+    checked at load time).
+
+    The host sets ``_last`` (tensors of the last step), ``step``, ``method``, ``nonfinite_steps``,
+    ``_warned_nonfinite``, ``_fallback_keeps`` (what a fallback step keeps, for the warning), ``_generator``,
+    ``_val`` (its ``ValidationStream`` or ``None``), ``_state_signal`` (the state key and attribute of its cached
+    validation signal) and ``_signal_shapes()`` (the names and shapes a signal of this model has).
+    """
+
+    _last: dict[str, Tensor]
+    step: int
+    method: str
+    nonfinite_steps: int
+    _warned_nonfinite: bool
+    _fallback_keeps: str
+    _generator: torch.Generator
+    _val: Any
+    _state_signal: tuple[str, str]
+
+    def _signal_shapes(self) -> dict[str, tuple[int, ...]]:
+        raise NotImplementedError
+
+    @property
+    def stats(self) -> dict[str, float]:
+        """Statistics of the last step (fractions of its augmented samples) plus the non-finite fallback count."""
+        out = {k: float(v) for k, v in self._last.items()}
+        out["nonfinite_steps"] = float(self.nonfinite_steps)
+        out["step"] = float(self.step)
+        return out
+
+    def _nonfinite_fallback(self) -> None:
+        self.nonfinite_steps += 1
+        if not self._warned_nonfinite:
+            self._warned_nonfinite = True
+            warnings.warn(
+                f"{type(self).__name__}: non-finite inner products (NaN/inf in the validation gradient, the logits or "
+                f"their tangent); this step keeps {self._fallback_keeps} with weight 1. Counted in "
+                "stats['nonfinite_steps'].",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    def get_extra_state(self) -> dict[str, Any]:
+        key, attr = self._state_signal
+        return {
+            "step": self.step,
+            "method": self.method,
+            "signal_shapes": self._signal_shapes(),
+            "generator": self._generator.get_state(),
+            key: getattr(self, attr),
+            "nonfinite_steps": self.nonfinite_steps,
+            **(self._val.state() if self._val is not None else {}),
+        }
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        key, attr = self._state_signal
+        name = type(self).__name__
+        saved = state.get("method", self.method)
+        if saved != self.method:
+            raise ValueError(
+                f"{name}.load_state_dict: the state was saved by method={saved!r}, but this loss uses "
+                f"method={self.method!r}; build the loss with the same method to resume."
+            )
+        shapes, expected = state.get("signal_shapes"), self._signal_shapes()
+        if state.get(key) is not None and shapes is not None and dict(shapes) != expected:
+            missing = sorted(set(expected) - set(shapes))
+            extra = sorted(set(shapes) - set(expected))
+            changed = sorted(n for n in set(shapes) & set(expected) if tuple(shapes[n]) != tuple(expected[n]))
+            raise ValueError(
+                f"{name}.load_state_dict: the saved validation signal does not fit this model (missing: "
+                f"{missing[:5]}, unexpected: {extra[:5]}, other shape: "
+                f"{[(n, tuple(shapes[n]), expected[n]) for n in changed[:5]]}); the state was saved with another "
+                "model or another set of trainable parameters."
+            )
+        self.step = int(state["step"])
+        self._generator.set_state(state["generator"])
+        setattr(self, attr, state.get(key))
+        self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
+        if self._val is not None:
+            self._val.load_state(state)  # a fresh iterator, fast-forwarded to where the saved run was
