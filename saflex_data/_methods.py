@@ -11,6 +11,7 @@ Adding a method means adding one subclass with a ``name``: ``SaflexLoss(method=n
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, ClassVar
 
 import torch
@@ -59,6 +60,7 @@ class PiMethod:
     def __init__(self, model: nn.Module, *, classifier: nn.Module | str | None = None) -> None:
         self.model = model
         self.captures: list[dict[str, Any]] = []  # the model's forwards since the last loss call, newest last
+        self._forgotten: list[weakref.ref] = []  # outputs of forwards the loss passed over (for the error message)
         self.remove_hooks = register_weak_hooks(self, self.hooks())
 
     # -- the interface ---------------------------------------------------------------------------------------------
@@ -88,27 +90,71 @@ class PiMethod:
         output = first_tensor(output)
         if output is None:
             return
-        # Detached, so that a forward without a loss call does not pin its graph; inside torch.compile a detach
-        # here breaks the graph, so the output is kept as is there (at most MAX_CAPTURES of them).
-        output = output if torch.compiler.is_compiling() else output.detach()
-        self.captures = [*self.captures[-(MAX_CAPTURES - 1):], {"output": output, **capture}]
+        if torch.compiler.is_compiling():
+            # Inside torch.compile a detach (or a weak reference) here breaks the graph: the output is kept as is
+            # (at most MAX_CAPTURES of them) and found by storage or value.
+            capture["output"] = output
+        else:
+            # Detached, so that a forward without a loss call does not pin its graph. The weak reference finds the
+            # very tensor the loss gets (two forwards with equal outputs are not confused); the version counter,
+            # shared with the detached copy, tells whether it was changed in place afterwards. Both are metadata.
+            capture.update(output=output.detach(), ref=weakref.ref(output), version=output._version)
+        self.captures = [*self.captures[-(MAX_CAPTURES - 1):], capture]
 
     def capture_of(self, logits: Tensor) -> dict[str, Any]:
-        """The remembered forward that produced ``logits`` (every older one is forgotten)."""
-        found = None
-        for i in range(len(self.captures) - 1, -1, -1):
-            out = self.captures[i]["output"]
-            if out.shape == logits.shape and (_same_storage(out, logits) or _same_values(out, logits.detach())):
-                found = i
-                break
+        """The remembered forward that produced ``logits`` (every older one is forgotten).
+
+        Found by identity (the tensor the forward returned), else by storage (a view of it, e.g. through a wrapper
+        that re-wraps the output), else by value (a compiled forward). Values equal to more than one remembered
+        forward's, or logits changed in place after their forward, raise instead of mixing two forwards.
+        """
+        captures = self.captures
+        found = next((i for i in range(len(captures) - 1, -1, -1)
+                      if captures[i].get("ref") is not None and captures[i]["ref"]() is logits), None)
+        if found is None:
+            found = next((i for i in range(len(captures) - 1, -1, -1)
+                          if captures[i]["output"].shape == logits.shape
+                          and _same_storage(captures[i]["output"], logits)), None)
+        if found is None:
+            detached = logits.detach()
+            equal = [i for i in range(len(captures) - 1, -1, -1)
+                     if captures[i]["output"].shape == logits.shape and _same_values(captures[i]["output"], detached)]
+            if len(equal) > 1:
+                self.captures = []
+                raise RuntimeError(
+                    f"SaflexLoss(method={self.name!r}): the logits passed to the loss are not the tensor any forward "
+                    f"of {self.where} returned, and their values equal the outputs of {len(equal)} of its last "
+                    f"{len(captures)} forwards (e.g. a zero-initialised head gives every input the same logits), so "
+                    "it cannot tell which forward's features they belong to. Pass the forward's output tensor itself "
+                    "(not a copy)."
+                )
+            found = equal[0] if equal else None
         if found is None:
             error = self._no_capture(logits)
+            self._forgotten = [*self._forgotten[-(MAX_CAPTURES - 1):], *(c["ref"] for c in captures if "ref" in c)]
             self.captures = []
             raise error
-        self.captures = self.captures[found:]  # kept: a second loss call on the same logits decides alike
+        capture = captures[found]
+        version = capture.get("version")
+        if version is not None and capture["output"]._version != version:
+            self.captures = []
+            raise RuntimeError(
+                f"SaflexLoss(method={self.name!r}): the logits were changed in place after the forward of {self.where} "
+                f"(their version counter went from {version} to {capture['output']._version}, e.g. out.clamp_() or "
+                "out.div_()); the decisions would mix the changed logits with the forward's features. Change a copy "
+                "(out = out.clamp(...)) or pass the model's output unchanged."
+            )
+        self._forgotten = [*self._forgotten[-(MAX_CAPTURES - 1):], *(c["ref"] for c in captures[:found] if "ref" in c)]
+        self.captures = captures[found:]  # kept: a second loss call on the same logits decides alike
         return self.captures[0]
 
     def _no_capture(self, logits: Tensor) -> Exception:
+        if any(ref() is logits for ref in self._forgotten):
+            return RuntimeError(
+                f"SaflexLoss(method={self.name!r}): the logits come from a forward of {self.where} that the loss "
+                "already passed over: a later forward's logits went to the loss first (e.g. view 2 before view 1). "
+                "Call the loss on each forward's logits in the order of the forwards, or right after each forward."
+            )
         if not self.captures:
             return RuntimeError(
                 f"SaflexLoss(method={self.name!r}) saw no forward of {self.where} since the previous loss call; "
@@ -153,7 +199,8 @@ class LastLayer(PiMethod):
 
     def signal_shapes(self) -> dict[str, tuple[int, ...]]:
         linear = self.classifier
-        bias = {} if linear.bias is None else {self.bias_name: tuple(linear.bias.shape)}
+        # Only trainable parameters count (as in the signal itself, see _signal).
+        bias = {} if linear.bias is None or not linear.bias.requires_grad else {self.bias_name: tuple(linear.bias.shape)}
         return {self.weight_name: tuple(linear.weight.shape), **bias}
 
     def heldout_signal(self, inputs: Tensor, targets: Tensor, temperature: float) -> Signal:

@@ -70,21 +70,60 @@ class StepReport:
                 stacklevel=3,
             )
 
+    # The version of the saved state (``state_dict()['_extra_state']['version']``). Bump it when the layout changes
+    # and convert older layouts in ``_upgrade_state`` (0.1 saved no version: version 1).
+    STATE_VERSION = 2
+    _STATE_REQUIRED = ("step", "generator")
+
     def get_extra_state(self) -> dict[str, Any]:
         key, attr = self._state_signal
+        signal = getattr(self, attr)
         return {
+            "version": self.STATE_VERSION,
             "step": self.step,
             "method": self.method,
-            "signal_shapes": self._signal_shapes(),
+            # The shapes of the cached signal itself (not of the model's parameters now), so that a state saved
+            # after a layer was frozen or unfrozen does not pass the check.
+            "signal_shapes": _shapes(signal) if isinstance(signal, dict) else self._signal_shapes(),
             "generator": self._generator.get_state(),
             key: getattr(self, attr),
             "nonfinite_steps": self.nonfinite_steps,
             **(self._val.state() if self._val is not None else {}),
         }
 
+    def _upgrade_state(self, state: dict[str, Any], version: int) -> dict[str, Any]:
+        """Convert a state of an older ``version`` to the current layout (subclasses extend it)."""
+        return state
+
     def set_extra_state(self, state: dict[str, Any]) -> None:
         key, attr = self._state_signal
         name = type(self).__name__
+        if not isinstance(state, dict):
+            raise TypeError(f"{name}.load_state_dict: '_extra_state' must be a dict, but got {type(state).__name__}.")
+        version = state.get("version", 1)
+        if not isinstance(version, int) or version > self.STATE_VERSION:
+            raise ValueError(
+                f"{name}.load_state_dict: the state has version {version!r}, newer than this saflex_data reads "
+                f"(<= {self.STATE_VERSION}); upgrade saflex_data, or build the loss fresh without loading it."
+            )
+        origin = "saflex_data 0.1 (state version 1)" if version == 1 else f"state version {version}"
+        missing = [k for k in self._STATE_REQUIRED if k not in state]
+        if missing:
+            raise ValueError(
+                f"{name}.load_state_dict: the saved state ({origin}) lacks {missing} (it has {sorted(state)}); pass "
+                "the whole state_dict() the loss saved, or build the loss fresh without loading it."
+            )
+        state = self._upgrade_state(dict(state), version)
+        signal = state.get(key)
+        if signal is not None and not (isinstance(signal, dict) and all(
+                isinstance(k, str) and isinstance(v, Tensor) for k, v in signal.items())):
+            raise ValueError(
+                f"{name}.load_state_dict: the saved validation signal ({origin}) is a {type(signal).__name__}, not "
+                "the {parameter name: tensor} dict this version uses; build the loss fresh without loading this state "
+                "(it recomputes the signal on its first step; only the step counter and noise state are lost)."
+            )
+        if signal is not None:
+            state["signal_shapes"] = _shapes(signal)  # what the signal is, whatever the state says
         saved = state.get("method", self.method)
         if saved != self.method:
             raise ValueError(
@@ -99,8 +138,8 @@ class StepReport:
             raise ValueError(
                 f"{name}.load_state_dict: the saved validation signal does not fit this model (missing: "
                 f"{missing[:5]}, unexpected: {extra[:5]}, other shape: "
-                f"{[(n, tuple(shapes[n]), expected[n]) for n in changed[:5]]}); the state was saved with another "
-                "model or another set of trainable parameters."
+                f"{[(n, tuple(shapes[n]), expected[n]) for n in changed[:5]]}); the state ({origin}) was saved with "
+                "another model or another set of trainable parameters."
             )
         self.step = int(state["step"])
         self._generator.set_state(state["generator"])
@@ -108,3 +147,7 @@ class StepReport:
         self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
         if self._val is not None:
             self._val.load_state(state)  # a fresh iterator, fast-forwarded to where the saved run was
+
+
+def _shapes(signal: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    return {n: tuple(v.shape) for n, v in signal.items() if isinstance(v, Tensor)}

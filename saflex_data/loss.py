@@ -193,6 +193,25 @@ class SaflexLoss(StepReport, nn.Module):
         """Detach the loss from the model (its forward hooks); deleting the loss does the same."""
         self._method.remove_hooks()
 
+    # A copy would have no live hooks on the model (they hold the original weakly) and would share or re-open the
+    # validation loader: it could never decide. Refuse, and say what works instead.
+    def _refuse_copy(self, how: str) -> TypeError:
+        return TypeError(
+            f"{type(self).__name__} cannot be {how}: it watches its model through forward hooks and cycles a "
+            "validation loader, which a copy would not have. Build a new loss on the copy's model "
+            f"({type(self).__name__}(model, val_loader, ...)) and carry the state with "
+            "new.load_state_dict(old.state_dict())."
+        )
+
+    def __copy__(self) -> SaflexLoss:
+        raise self._refuse_copy("copied (copy.copy)")
+
+    def __deepcopy__(self, memo: dict) -> SaflexLoss:
+        raise self._refuse_copy("copied (copy.deepcopy)")
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise self._refuse_copy("pickled (pickle, torch.save)")
+
     # ------------------------------------------------------------------------------------------------------------
     # the loss
     # ------------------------------------------------------------------------------------------------------------
@@ -221,7 +240,8 @@ class SaflexLoss(StepReport, nn.Module):
         if layout.total_augmented:
             aug_weights, aug_targets, record = self._decide(logits, labels, targets[aug_index], is_augmented, op,
                                                             aug_index, layout)
-            weights[aug_index], targets[aug_index] = aug_weights, aug_targets
+            # In the loss's dtype: float64 logits from a float32 model give float32 decisions.
+            weights[aug_index], targets[aug_index] = aug_weights.to(dtype), aug_targets.to(dtype)
             self._record(record)
         else:
             self._record(StepRecord(targets[:0], weights[:0], targets[:0], None, sum(layout.batch_sizes)))
@@ -267,6 +287,12 @@ class SaflexLoss(StepReport, nn.Module):
             if target.device != logits.device:
                 target = target.to(logits.device)  # documented: moved, never reinterpreted
             labels, is_augmented, op = target.labels, target.is_augmented, target.op
+            for name, value in (("is_augmented", is_augmented), ("op", op)):  # the attributes are settable
+                if value is not None and value.device != logits.device:
+                    raise ValueError(
+                        f"target.{name} is on {value.device} but target.labels and the logits are on "
+                        f"{logits.device}; move the whole target with target.to(device)."
+                    )
             self._op_names = target.op_names
         elif isinstance(target, Tensor):
             if self.num_splits is None:
@@ -328,12 +354,15 @@ class SaflexLoss(StepReport, nn.Module):
     # the validation signal
     # ------------------------------------------------------------------------------------------------------------
     def _validation_signal(self, capture: Any, logits: Tensor | None, labels: Any, is_augmented: Any) -> Signal | None:
-        if self._signal is not None and self.step % self.val_every != 0:
+        # Reused between refreshes, unless the trainable parameters changed since (a layer frozen or unfrozen): the
+        # cached signal would still count the frozen layer (or miss the unfrozen one) until the next refresh.
+        if (self._signal is not None and self.step % self.val_every != 0
+                and self._signal.keys() == self._signal_shapes().keys()):
             return self._signal
         if self.reference == "batch":
             signal = self._batch_signal(capture, logits, labels, is_augmented)
-            if signal is None:
-                return self._signal
+            if signal is None:  # no clean row in this batch: it keeps every sample (not an earlier batch's signal)
+                return None
         else:
             signal = self._heldout_signal()
         signal = self._sync.reduce(signal)
@@ -367,7 +396,7 @@ class SaflexLoss(StepReport, nn.Module):
     def _signal_shapes(self) -> dict[str, tuple[int, ...]]:
         return self._method.signal_shapes()
 
-    def set_extra_state(self, state: dict[str, Any]) -> None:
+    def _upgrade_state(self, state: dict[str, Any], version: int) -> dict[str, Any]:
         # Earlier versions: a last_layer loss saved its signal as the tuple (grad_weight, grad_bias | None) and its
         # shapes as {"weight", "bias"}: the same tensors, now keyed by the classifier's parameter names.
         saved = state.get("signal")
@@ -377,7 +406,7 @@ class SaflexLoss(StepReport, nn.Module):
             if state.get("signal_shapes") is not None:
                 state["signal_shapes"] = {names[0] if k == "weight" else names[1] if k == "bias" else k: v
                                           for k, v in state["signal_shapes"].items()}
-        super().set_extra_state(state)
+        return state
 
     # ------------------------------------------------------------------------------------------------------------
     # statistics

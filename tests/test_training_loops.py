@@ -326,7 +326,7 @@ class TestRule:
         [
             ({"name": "median"}, ValueError, r"rule must be one of \('paper', 'centered', 'margin', 'margin_relabel'"),
             ({"beta": float("nan")}, ValueError, r"beta must be a finite float or None \(the rule's default\), but got nan"),
-            ({"tau": 0.0}, ValueError, r"tau must be a positive float or None \(argmax\), but got 0.0"),
+            ({"tau": 0.0}, ValueError, r"tau must be a finite positive float \(0, inf\) or None \(argmax\), but got 0.0"),
             ({"normalize": "l2"}, ValueError, r"normalize must be one of \('batch_max', 'row_max', 'none'\), but got 'l2'"),
         ],
     )

@@ -1,0 +1,210 @@
+"""Issue 22: nothing silently wrong. One test per S (silently wrong) and U (misleading error) case."""
+
+from __future__ import annotations
+
+import copy
+import math
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+from saflex_data import SaflexLoss, SaflexTarget
+from saflex_data.functional import Rule
+
+from .conftest import make_model
+
+METHODS = ["last_layer", "jvp"]
+
+
+def _val(n: int = 8, dtype: torch.dtype = torch.float64) -> list:
+    gen = torch.Generator().manual_seed(1)
+    return [(torch.randn(n, 5, generator=gen, dtype=dtype), torch.arange(n) % 4)]
+
+
+def _batch(rows: int = 6, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, SaflexTarget]:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, 5, generator=gen, dtype=dtype)
+    aug = torch.arange(rows) >= rows // 2
+    return x, SaflexTarget(torch.arange(rows) % 4, aug)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_s1_equal_outputs_of_two_forwards_are_not_confused(method: str) -> None:
+    model = make_model("mlp")
+    nn.init.zeros_(model[-1].weight), nn.init.zeros_(model[-1].bias)  # every input gives the same logits
+    x, target = _batch()
+    criterion = SaflexLoss(model, _val(), method=method, rule=Rule("paper", tau=None))
+    reference = SaflexLoss(make_model("mlp"), _val(), method=method, rule=Rule("paper", tau=None))
+    reference.model.load_state_dict(model.state_dict())
+    out = model(x)
+    model(torch.randn_like(x))  # a second view, equal logits
+    criterion(out, target)
+    reference(reference.model(x), target)
+    torch.testing.assert_close(criterion.last_step["targets"], reference.last_step["targets"])
+    torch.testing.assert_close(criterion.last_step["weights"], reference.last_step["weights"])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_s1_a_copy_equal_to_two_forwards_raises(method: str) -> None:
+    model = make_model("mlp")
+    nn.init.zeros_(model[-1].weight), nn.init.zeros_(model[-1].bias)
+    x, target = _batch()
+    criterion = SaflexLoss(model, _val(), method=method)
+    out = model(x)
+    model(torch.randn_like(x))
+    with pytest.raises(RuntimeError, match=r"their values equal the outputs of 2 of its last 2 forwards"):
+        criterion(out.clone(), target)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_s2_logits_changed_in_place_raise(method: str) -> None:
+    model = make_model("mlp")
+    x, target = _batch()
+    criterion = SaflexLoss(model, _val(), method=method)
+    out = model(x)
+    out.clamp_(-0.1, 0.1)
+    with pytest.raises(RuntimeError, match=r"the logits were changed in place after the forward .*version counter "
+                                           r"went from \d+ to \d+"):
+        criterion(out, target)
+    criterion(model(x), target)  # an unchanged output: fine
+
+
+def test_s5_batch_reference_without_clean_rows_keeps_everything() -> None:
+    model = make_model("mlp")
+    criterion = SaflexLoss(model, None, reference="batch", method="last_layer", rule=Rule("margin", beta=0.0))
+    x, target = _batch()
+    criterion(model(x), target)  # has clean rows: a signal is cached
+    all_aug = SaflexTarget(target.labels, torch.ones(6, dtype=torch.bool))
+    criterion(model(x), all_aug)
+    assert torch.equal(criterion.last_step["weights"], torch.ones(6, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("method", ["last_layer", "jvp"])
+def test_s6_freezing_a_layer_between_refreshes_refreshes_the_signal(method: str) -> None:
+    model = make_model("mlp")
+    criterion = SaflexLoss(model, _val(), method=method, val_every=4)
+    x, target = _batch()
+    criterion(model(x), target)
+    frozen = "2.bias" if method == "jvp" else "4.bias"
+    dict(model.named_parameters())[frozen].requires_grad_(False)
+    criterion(model(x), target)
+    assert frozen not in criterion._signal
+    # a state saved now has the signal's own shapes; a loss on the unfrozen model refuses it
+    state = criterion.state_dict()
+    fresh = SaflexLoss(make_model("mlp"), _val(), method=method, val_every=4)
+    with pytest.raises(ValueError, match=r"the saved validation signal does not fit this model \(missing: \['"
+                                         + frozen.replace(".", r"\.")):
+        fresh.load_state_dict(state)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"name": "margin", "beta": -1.0}, r"beta for rule='margin' is a margin or bonus in \[0, inf\) \(default 1.5\)"),
+        ({"name": "margin_fix", "beta": -1.0}, r"beta for rule='margin_fix' is a margin or bonus in \[0, inf\)"),
+        ({"name": "paper", "beta": -0.5}, r"beta for rule='paper' is a margin or bonus in \[0, inf\)"),
+        ({"name": "paper", "tau": math.inf}, r"tau must be a finite positive float \(0, inf\) or None \(argmax\), "
+                                             r"but got inf"),
+    ],
+)
+def test_s7_degenerate_rule_settings_are_refused(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Rule(**kwargs)
+    Rule(kwargs["name"], beta=0.0)  # the edge of the range is allowed
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_s8_empty_validation_batch_raises(method: str) -> None:
+    model = make_model("mlp")
+    val = [(torch.zeros(0, 5, dtype=torch.float64), torch.zeros(0, dtype=torch.long))]
+    criterion = SaflexLoss(model, val, method=method)
+    x, target = _batch()
+    with pytest.raises(ValueError, match=r"val_loader yielded a batch of \(0, 5\) inputs and \(0,\) targets: every "
+                                         r"validation batch needs at least one sample"):
+        criterion(model(x), target)
+
+
+def _trained(method: str = "last_layer") -> SaflexLoss:
+    model = make_model("mlp")
+    criterion = SaflexLoss(model, _val(), method=method)
+    x, target = _batch()
+    criterion(model(x), target)
+    return criterion
+
+
+def test_u1_state_has_a_version_and_0_1_states_load_or_say_where_they_came_from() -> None:
+    state = _trained().state_dict()
+    assert state["_extra_state"]["version"] == SaflexLoss.STATE_VERSION == 2
+    # 0.1 (no version): a last_layer tuple signal is converted
+    old = dict(state["_extra_state"])
+    old.pop("version")
+    old["signal"] = (old["signal"]["4.weight"], old["signal"]["4.bias"])
+    old["signal_shapes"] = {"weight": (4, 12), "bias": (4,)}
+    fresh = SaflexLoss(make_model("mlp"), _val())
+    fresh.load_state_dict({"_extra_state": old})
+    assert fresh.step == 1 and set(fresh._signal) == {"4.weight", "4.bias"}
+    # a 0.1 jvp state whose signal is a list: named, not a KeyError / TypeError
+    jvp_state = _trained("jvp").state_dict()["_extra_state"]
+    jvp_state.pop("version")
+    jvp_state["signal"] = list(jvp_state["signal"].values())
+    with pytest.raises(ValueError, match=r"the saved validation signal \(saflex_data 0.1 \(state version 1\)\) is a "
+                                         r"list, not the \{parameter name: tensor\} dict"):
+        SaflexLoss(make_model("mlp"), _val(), method="jvp").load_state_dict({"_extra_state": jvp_state})
+    newer = dict(state["_extra_state"], version=99)
+    with pytest.raises(ValueError, match=r"the state has version 99, newer than this saflex_data reads \(<= 2\)"):
+        fresh.load_state_dict({"_extra_state": newer})
+
+
+@pytest.mark.parametrize("method", ["jvp", "jvp_frozen_stats", "last_layer"])
+def test_u2_float64_logits_from_a_float32_model_work(method: str) -> None:
+    model = make_model("mlp", dtype=torch.float32)
+    criterion = SaflexLoss(model, _val(dtype=torch.float32), method=method)
+    x, target = _batch(dtype=torch.float32)
+    loss = criterion(model(x).double(), target)
+    assert loss.dtype == torch.float64 and criterion.last_step["weights"].dtype == torch.float64
+    loss.backward()
+
+
+def test_u3_call_order_is_named() -> None:
+    model = make_model("mlp")
+    criterion = SaflexLoss(model, _val(), method="jvp")
+    x, target = _batch()
+    view1 = model(x)
+    view2 = model(x + 1)
+    criterion(view2, target)
+    with pytest.raises(RuntimeError, match=r"the logits come from a forward of the model that the loss already passed "
+                                           r"over: a later forward's logits went to the loss first"):
+        criterion(view1, target)
+
+
+@pytest.mark.parametrize(("how", "call"), [("copy.copy", copy.copy), ("copy.deepcopy", copy.deepcopy),
+                                           ("pickle", pickle.dumps)])
+def test_u4_copies_are_refused(how: str, call) -> None:
+    criterion = _trained()
+    with pytest.raises(TypeError, match=rf"SaflexLoss cannot be (copied|pickled) \({how}.*Build a new loss on the "
+                                        r"copy's model"):
+        call(criterion)
+    copy.deepcopy(criterion.model)  # the model still copies (the hooks hold the loss weakly)
+
+
+def test_u6_truncated_state_names_what_is_missing() -> None:
+    criterion = _trained()
+    with pytest.raises(ValueError, match=r"the saved state \(saflex_data 0.1 \(state version 1\)\) lacks "
+                                         r"\['generator'\] \(it has \['step'\]\)"):
+        criterion.load_state_dict({"_extra_state": {"step": 3}})
+    with pytest.raises(TypeError, match=r"'_extra_state' must be a dict, but got int"):
+        criterion.load_state_dict({"_extra_state": 3})
+
+
+def test_u7_is_augmented_on_another_device() -> None:
+    labels = torch.arange(4)
+    with pytest.raises(ValueError, match=r"is_augmented is on meta but labels are on cpu"):
+        SaflexTarget(labels, torch.zeros(4, dtype=torch.bool, device="meta"))
+    model = make_model("mlp")
+    criterion = SaflexLoss(model, _val())
+    x, target = _batch()
+    target.is_augmented = target.is_augmented.to("meta")
+    with pytest.raises(ValueError, match=r"target.is_augmented is on meta but target.labels and the logits are on cpu"):
+        criterion(model(x), target)
