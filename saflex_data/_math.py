@@ -548,10 +548,10 @@ class Rule:
         Rule(name='margin', beta=1.5, tau=0.01, normalize='batch_max')
         >>> Rule("margin", beta=1.0).beta
         1.0
-        >>> Rule("margin", beta=-1.0)
+        >>> Rule("margin", beta=-1.0)  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        ValueError: beta for rule='margin' is a margin or bonus in [0, inf) (default 1.5); a negative beta makes the rule drop or relabel samples whose label is right, but got -1.0.
+        ValueError: beta for rule='margin' is a margin or bonus in [0, inf) (default 1.5); ... but got -1.0.
         >>> Rule("median")
         Traceback (most recent call last):
         ...

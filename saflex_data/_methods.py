@@ -200,7 +200,8 @@ class LastLayer(PiMethod):
     def signal_shapes(self) -> dict[str, tuple[int, ...]]:
         linear = self.classifier
         # Only trainable parameters count (as in the signal itself, see _signal).
-        bias = {} if linear.bias is None or not linear.bias.requires_grad else {self.bias_name: tuple(linear.bias.shape)}
+        trainable_bias = linear.bias is not None and linear.bias.requires_grad
+        bias = {self.bias_name: tuple(linear.bias.shape)} if trainable_bias else {}
         return {self.weight_name: tuple(linear.weight.shape), **bias}
 
     def heldout_signal(self, inputs: Tensor, targets: Tensor, temperature: float) -> Signal:

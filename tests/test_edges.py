@@ -102,7 +102,8 @@ def test_s6_freezing_a_layer_between_refreshes_refreshes_the_signal(method: str)
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"name": "margin", "beta": -1.0}, r"beta for rule='margin' is a margin or bonus in \[0, inf\) \(default 1.5\)"),
+        ({"name": "margin", "beta": -1.0},
+         r"beta for rule='margin' is a margin or bonus in \[0, inf\) \(default 1.5\)"),
         ({"name": "margin_fix", "beta": -1.0}, r"beta for rule='margin_fix' is a margin or bonus in \[0, inf\)"),
         ({"name": "paper", "beta": -0.5}, r"beta for rule='paper' is a margin or bonus in \[0, inf\)"),
         ({"name": "paper", "tau": math.inf}, r"tau must be a finite positive float \(0, inf\) or None \(argmax\), "
