@@ -122,16 +122,20 @@ class StepReport:
                 "the {parameter name: tensor} dict this version uses; build the loss fresh without loading this state "
                 "(it recomputes the signal on its first step; only the step counter and noise state are lost)."
             )
-        if signal is not None:
-            state["signal_shapes"] = _shapes(signal)  # what the signal is, whatever the state says
         saved = state.get("method", self.method)
         if saved != self.method:
             raise ValueError(
                 f"{name}.load_state_dict: the state was saved by method={saved!r}, but this loss uses "
                 f"method={self.method!r}; build the loss with the same method to resume."
             )
-        shapes, expected = state.get("signal_shapes"), self._signal_shapes()
-        if state.get(key) is not None and shapes is not None and dict(shapes) != expected:
+        expected = self._signal_shapes()
+        # The recorded shapes, and the signal's own (a state saved after a layer was frozen must not pass because the
+        # model's shapes were recorded).
+        recorded = state.get("signal_shapes")
+        mismatched = [s for s in (recorded, _shapes(signal) if signal is not None else None)
+                      if s is not None and {n: tuple(v) for n, v in dict(s).items()} != expected]
+        shapes = mismatched[0] if mismatched else None
+        if signal is not None and shapes is not None:
             missing = sorted(set(expected) - set(shapes))
             extra = sorted(set(shapes) - set(expected))
             changed = sorted(n for n in set(shapes) & set(expected) if tuple(shapes[n]) != tuple(expected[n]))
