@@ -289,14 +289,15 @@ class Jvp(PiMethod):
 
 class JvpFrozenStats(Jvp):
     """``"jvp_frozen_stats"``: the JVP of the augmented rows only, with the batch statistics train-mode BatchNorm
-    used in the training forward held fixed (no tangent through the statistics)."""
+    used in the training forward held fixed (no tangent through the statistics; each call's own statistics for a
+    module called several times). With dropout, the whole batch with the masks replayed, statistics still fixed."""
 
     name = "jvp_frozen_stats"
 
     def __init__(self, model: nn.Module, *, classifier: nn.Module | str | None = None) -> None:
         batchnorms = nn.modules.batchnorm._BatchNorm
         self._bn_names = {m: n for n, m in model.named_modules() if isinstance(m, batchnorms)}
-        self.bn_stats: dict[str, tuple[Tensor, Tensor]] = {}
+        self.bn_stats: dict[str, list[tuple[Tensor, Tensor]]] = {}
         super().__init__(model)
 
     def hooks(self) -> list[tuple[nn.Module, str, str]]:
@@ -305,18 +306,24 @@ class JvpFrozenStats(Jvp):
     def on_batchnorm(self, module: nn.Module, args: tuple, output: Tensor) -> None:
         """The batch statistics a train-mode BatchNorm normalised with."""
         stats = batch_statistics(module, args)
-        if stats is not None:
-            self.bn_stats[self._bn_names[module]] = stats
+        if stats is not None:  # every call of the forward, in order (a module may run twice in one forward)
+            self.bn_stats.setdefault(self._bn_names[module], []).append(stats)
 
     def _extra_capture(self) -> dict[str, Any]:
         bn_stats, self.bn_stats = self.bn_stats, {}
-        return {"bn_stats": bn_stats}
+        # One call: the (mean, var) pair; several calls of one module: the list, used in call order.
+        return {"bn_stats": {n: s[0] if len(s) == 1 else s for n, s in bn_stats.items()}}
 
     def _inner_products(self, capture: dict[str, Any], inputs: Tensor, aug_index: Tensor, signal: Signal) -> Tensor:
+        stats = capture["bn_stats"] if batch_dependent(self.model) else None
         if capture["stochastic"]:
-            return super()._inner_products(capture, inputs, aug_index, signal)
-        return grad_inner_products(self.model, inputs[aug_index], signal, method="jvp",
-                                   batch_stats=capture["bn_stats"] if batch_dependent(self.model) else None)
+            # Dropout's masks were drawn for the whole batch: forward the whole batch with the training forward's
+            # random state (as "jvp" does), but with the statistics held fixed: the frozen-statistics Π, at the exact
+            # method's cost.
+            if capture["rng"] is not None:
+                set_rng_state(capture["rng"], inputs.device)
+            return grad_inner_products(self.model, inputs, signal, method="jvp", batch_stats=stats)[aug_index]
+        return grad_inner_products(self.model, inputs[aug_index], signal, method="jvp", batch_stats=stats)
 
 
 class SinglePass(PiMethod):

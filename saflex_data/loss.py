@@ -55,7 +55,9 @@ class SaflexLoss(StepReport, nn.Module):
             ``logits = criterion.forward_train(x)`` instead of ``model(x)``) or ``"jvp_frozen_stats"`` (the JVP of
             the augmented rows only, with the batch statistics train-mode BatchNorm used in the training forward held
             fixed: cheaper than ``"jvp"``, and a different ``Π`` that leaves out the statistics' own tangent; the
-            same as ``"jvp"`` for a model without batch-statistics BatchNorm).
+            same as ``"jvp"`` for a model without batch-statistics BatchNorm; a BatchNorm module called several
+            times per forward keeps each call's statistics. With dropout it forwards the whole batch to replay the
+            masks, the statistics still held fixed: the same kind of ``Π``, at ``"jvp"``'s cost).
         rule: The decision rule: a :class:`~saflex_data.functional.Rule` or its name. Default ``"margin"``: drop an
             augmented sample whose upstream label trails the best class by more than ``beta`` batch standard
             deviations of ``Π``, never relabel; ``"paper"`` is the paper's exact rule.

@@ -209,3 +209,83 @@ def test_u7_is_augmented_on_another_device() -> None:
     target.is_augmented = target.is_augmented.to("meta")
     with pytest.raises(ValueError, match=r"target.is_augmented is on meta but target.labels and the logits are on cpu"):
         criterion(model(x), target)
+
+
+class _SharedBN(nn.Module):
+    """One BatchNorm module called twice per forward (S3)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin1, self.lin2, self.bn, self.head = nn.Linear(5, 6), nn.Linear(6, 6), nn.BatchNorm1d(6), nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.bn(self.lin1(x)).relu()
+        return self.head(self.bn(self.lin2(h)).relu())
+
+
+def _pi(method_name: str, model: nn.Module, x: torch.Tensor, aug: torch.Tensor) -> tuple[torch.Tensor, dict, dict]:
+    from saflex_data._autodiff import validation_gradient
+    from saflex_data._methods import METHODS as PI_METHODS
+
+    method = PI_METHODS[method_name](model)
+    torch.manual_seed(3)
+    out = model(x)
+    capture = method.capture_of(out)
+    xv, yv = _val()[0]
+    model.eval()
+    signal = validation_gradient(model, xv, yv)
+    model.train()
+    pi = method.inner_products(capture, out, aug.nonzero().squeeze(1), signal)
+    method.remove_hooks()
+    return pi, capture, signal
+
+
+def test_s3_a_batchnorm_called_twice_keeps_each_calls_statistics() -> None:
+    from saflex_data._autodiff import fixed_batch_stats
+
+    torch.manual_seed(0)
+    model = _SharedBN().double()
+    x, target = _batch(8)
+    aug = target.is_augmented
+    pi, capture, signal = _pi("jvp_frozen_stats", model, x, aug)
+    assert isinstance(capture["bn_stats"]["bn"], list) and len(capture["bn_stats"]["bn"]) == 2
+    with torch.no_grad(), fixed_batch_stats(model, capture["bn_stats"]):
+        torch.testing.assert_close(model(x), capture["output"])  # each call normalised with its own statistics
+
+    # Π = <∇θ CE_k, g> with the statistics held fixed, by central differences along g
+    params = dict(model.named_parameters())
+    eps = 1e-6
+
+    def losses(sign: float) -> torch.Tensor:
+        with torch.no_grad():
+            for n, g in signal.items():
+                params[n].add_(sign * eps * g)
+            with fixed_batch_stats(model, capture["bn_stats"]):
+                logp = torch.log_softmax(model(x[aug]), -1)
+            for n, g in signal.items():
+                params[n].sub_(sign * eps * g)
+        return -logp
+
+    expected = (losses(1.0) - losses(-1.0)) / (2 * eps)
+    torch.testing.assert_close(pi, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_s4_frozen_stats_with_dropout_is_the_frozen_statistics_quantity() -> None:
+    from saflex_data._autodiff import fixed_batch_stats, grad_inner_products
+    from saflex_data._passes import set_rng_state
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 12), nn.BatchNorm1d(12), nn.ReLU(), nn.Dropout(0.3), nn.Linear(12, 4)).double()
+    x, target = _batch(8)
+    aug = target.is_augmented
+    frozen, capture, signal = _pi("jvp_frozen_stats", model, x, aug)
+    exact, *_ = _pi("jvp", model, x, aug)
+    assert capture["stochastic"]
+    # the same dropout masks, the statistics held fixed: the whole batch forwarded, its augmented rows taken
+    set_rng_state(capture["rng"], x.device)
+    expected = grad_inner_products(model, x, signal, method="jvp", batch_stats=capture["bn_stats"])[aug]
+    torch.testing.assert_close(frozen, expected)
+    assert not torch.allclose(frozen, exact)  # not the exact jvp's Π (the statistics' tangent is left out)
+    with torch.no_grad(), fixed_batch_stats(model, capture["bn_stats"]):
+        set_rng_state(capture["rng"], x.device)
+        torch.testing.assert_close(model(x), capture["output"])  # the masks were replayed
