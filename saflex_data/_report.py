@@ -117,10 +117,13 @@ class StepReport:
         signal = state.get(key)
         if signal is not None and not (isinstance(signal, dict) and all(
                 isinstance(k, str) and isinstance(v, Tensor) for k, v in signal.items())):
+            hint = (f" (a 0.1 method='last_layer' state; this loss uses method={self.method!r}: build it with "
+                    "method='last_layer' to resume)" if version == 1 and isinstance(signal, tuple) else "")
             raise ValueError(
                 f"{name}.load_state_dict: the saved validation signal ({origin}) is a {type(signal).__name__}, not "
-                "the {parameter name: tensor} dict this version uses; build the loss fresh without loading this state "
-                "(it recomputes the signal on its first step; only the step counter and noise state are lost)."
+                f"the {{parameter name: tensor}} dict this version uses{hint}; or build the loss fresh without loading "
+                "this state (it recomputes the signal on its first step; only the step counter and noise state are "
+                "lost)."
             )
         saved = state.get("method", self.method)
         if saved != self.method:
@@ -143,7 +146,8 @@ class StepReport:
                 f"{name}.load_state_dict: the saved validation signal does not fit this model (missing: "
                 f"{missing[:5]}, unexpected: {extra[:5]}, other shape: "
                 f"{[(n, tuple(shapes[n]), expected[n]) for n in changed[:5]]}); the state ({origin}) was saved with "
-                "another model or another set of trainable parameters."
+                "another model, another set of trainable parameters"
+                + (" or another method (0.1 states do not record it)" if version == 1 else "") + "."
             )
         self.step = int(state["step"])
         self._generator.set_state(state["generator"])

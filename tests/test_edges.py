@@ -289,3 +289,31 @@ def test_s4_frozen_stats_with_dropout_is_the_frozen_statistics_quantity() -> Non
     with torch.no_grad(), fixed_batch_stats(model, capture["bn_stats"]):
         set_rng_state(capture["rng"], x.device)
         torch.testing.assert_close(model(x), capture["output"])  # the masks were replayed
+
+
+@pytest.mark.parametrize("saved", ["last_layer", "jvp"])
+@pytest.mark.parametrize("method", ["last_layer", "jvp", "jvp_frozen_stats", "single_pass"])
+def test_u1_real_0_1_states(saved: str, method: str) -> None:
+    """tests/data/state_0_1.pt: state_dicts written by saflex_data 0.1.0 (commit c9c5a50) for this MLP."""
+    from pathlib import Path
+
+    state = torch.load(Path(__file__).parent / "data" / "state_0_1.pt", weights_only=True)[saved]
+    model = make_model("mlp")
+    criterion = SaflexLoss(model, _val(), method=method)
+    if saved == "last_layer" and method != "last_layer":
+        with pytest.raises(ValueError, match=r"\(saflex_data 0.1 \(state version 1\)\) is a tuple, not the \{parameter "
+                                             rf"name: tensor\}} dict this version uses \(a 0.1 method='last_layer' "
+                                             rf"state; this loss uses method='{method}'"):
+            criterion.load_state_dict(state)
+        return
+    if saved == "jvp" and method == "last_layer":
+        with pytest.raises(ValueError, match=r"does not fit this model .* the state \(saflex_data 0.1 \(state version "
+                                             r"1\)\) was saved with another model, .* or another method"):
+            criterion.load_state_dict(state)
+        return
+    criterion.load_state_dict(state)
+    assert criterion.step == 1
+    x, target = _batch()
+    out = criterion.forward_train(x) if method == "single_pass" else model(x)
+    criterion(out, target)
+    assert criterion.step == 2
