@@ -1,4 +1,4 @@
-"""timm train.py support (issue 22, T1-T7): the held-out split checks, the start-up and log lines, checkpoints."""
+"""timm train.py support: the held-out split checks, the start-up and log lines, checkpoints, refused options."""
 
 from __future__ import annotations
 

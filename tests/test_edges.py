@@ -1,4 +1,4 @@
-"""Issue 22: nothing silently wrong. One test per S (silently wrong) and U (misleading error) case."""
+"""Nothing silently wrong: one test per case of a silently wrong result (S) or a misleading error (U)."""
 
 from __future__ import annotations
 
