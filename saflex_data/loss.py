@@ -6,7 +6,7 @@ a reference to the model (not a submodule) and a validation loader it cycles for
 1. refreshes the validation gradient ``g`` (every ``val_every`` steps; optionally smoothed),
 2. computes ``Π[i, k] = <∇θ ℓ_k(x_i), g>`` for the augmented samples (``method``: the cheap ``"last_layer"``
    closed form, exact ``"jvp"``, or the exact ``"single_pass"`` forward with dual parameters),
-3. turns ``Π`` into weights and soft labels with its :class:`~saflex_data.functional.Rule`, and
+3. turns ``Π`` into weights and soft labels with its :class:`saflex_data.functional.Rule`, and
 4. returns ``(Σ_clean CE(y_j) + Σ_aug w_i CE(ỹ_i)) / B`` (a fixed normaliser: docs/method.md).
 
 The same steps run in one process and under ``torch.distributed``; :class:`saflex_data.distributed.Sync` holds
@@ -26,6 +26,7 @@ from ._math import RULES_USING_LOGITS, Rule, as_probabilities, check_logits, che
 from ._methods import METHODS, PiMethod, Signal
 from ._passes import model_device, unwrap_model, validation_pass
 from ._report import StepRecord, StepReport
+from ._removed import rejects_removed_arguments  # beta=, tau=, ... of 0.1: a TypeError naming the replacement
 from ._stream import ValidationStream
 from .batch import SaflexTarget
 from .distributed import BatchLayout, Sync, forward_with_tangent
@@ -58,7 +59,7 @@ class SaflexLoss(StepReport, nn.Module):
             same as ``"jvp"`` for a model without batch-statistics BatchNorm; a BatchNorm module called several
             times per forward keeps each call's statistics. With dropout it forwards the whole batch to replay the
             masks, the statistics still held fixed: the same kind of ``Π``, at ``"jvp"``'s cost).
-        rule: The decision rule: a :class:`~saflex_data.functional.Rule` or its name. Default ``"margin"``: drop an
+        rule: The decision rule: a :class:`saflex_data.functional.Rule` or its name. Default ``"margin"``: drop an
             augmented sample whose upstream label trails the best class by more than ``beta`` batch standard
             deviations of ``Π``, never relabel; ``"paper"`` is the paper's exact rule.
         reference: Where the validation signal comes from: ``"heldout"`` (default: batches of ``val_loader``) or
@@ -106,6 +107,7 @@ class SaflexLoss(StepReport, nn.Module):
 
     _state_signal = ("signal", "_signal")  # state_dict key and attribute of the cached validation signal
 
+    @rejects_removed_arguments()
     def __init__(
         self,
         model: nn.Module,

@@ -3,8 +3,8 @@
 A timm user changes two places to get SAFLEX (Ding et al., ICLR 2024):
 
 * the **loader**: :func:`create_train_loader` is ``timm.data.create_loader`` (same arguments, prefetcher on or off)
-  whose batches carry a :class:`~saflex_data.SaflexTarget` saying which samples went through the augmentation
-  (per-sample tags, stacked by :class:`~saflex_data.SaflexCollate`, uint8 NCHW for the prefetcher like
+  whose batches carry a :class:`saflex_data.SaflexTarget` saying which samples went through the augmentation
+  (per-sample tags, stacked by :class:`saflex_data.SaflexCollate`, uint8 NCHW for the prefetcher like
   ``fast_collate``; or timm's ``[clean; augmented]`` split layout with ``num_aug_splits=2``).
   timm's own ``--aug-splits 2`` (``[clean; augmented]`` batches from ``AugMixDataset`` + ``fast_collate``) also
   works unchanged, with ``SaflexLoss(num_splits=2)``;

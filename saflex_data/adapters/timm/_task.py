@@ -35,7 +35,7 @@ else:  # pragma: no cover - exercised only with timm < 1.0.23
 
 
 class SaflexTask(_TaskBase):  # type: ignore[misc, valid-type]
-    """timm ``ClassificationTask`` whose criterion is a :class:`~saflex_data.SaflexLoss` (timm >= 1.0.23).
+    """timm ``ClassificationTask`` whose criterion is a :class:`saflex_data.SaflexLoss` (timm >= 1.0.23).
 
     ``result = task(input, target)`` returns ``{'loss', 'output'}`` plus detached SAFLEX statistics of the step
     (``saflex_weight_mean``, ``saflex_kept_fraction``, ``saflex_relabeled_fraction``: tensors, no host sync).

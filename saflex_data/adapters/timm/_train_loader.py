@@ -28,9 +28,9 @@ class TaggedAugmentDataset(Dataset):
     """Per-sample tagged version of timm's ``AugMixDataset``: the secondary stage runs with probability ``p``.
 
     ``create_loader`` assigns ``create_transform(..., separate=True)``'s ``(primary, secondary, final)`` triple to
-    ``.transform``. Each item is a pre-tagged :class:`~saflex_data.collate.TaggedSample` ``(input, label, index,
+    ``.transform``. Each item is a pre-tagged :class:`saflex_data.collate.TaggedSample` ``(input, label, index,
     op)`` (``op`` 0: augmented, -1: clean) whose image went through ``primary -> [secondary if augmented] -> final``;
-    :class:`~saflex_data.SaflexCollate` stacks them (uint8 like ``fast_collate`` for the prefetcher). The coin is
+    :class:`saflex_data.SaflexCollate` stacks them (uint8 like ``fast_collate`` for the prefetcher). The coin is
     drawn from torch's RNG, which the DataLoader seeds per worker, so workers differ and runs are reproducible.
 
     Args:

@@ -19,8 +19,8 @@ class TaggedMixup:
     """Tagged stand-in for timm's ``Mixup``, built from the same ``mixup_args`` (``--mixup``, ``--cutmix``, ...).
 
     ``input, target = mixup_fn(input, target)`` on the device, with the prefetcher on or off: the mixed rows come
-    back tagged augmented with their mixed label distribution (:class:`~saflex_data.mixing.MixUp` /
-    :class:`~saflex_data.mixing.CutMix`), so SAFLEX weighs and relabels them. ``mixup_enabled = False`` (what
+    back tagged augmented with their mixed label distribution (:class:`saflex_data.mixing.MixUp` /
+    :class:`saflex_data.mixing.CutMix`), so SAFLEX weighs and relabels them. ``mixup_enabled = False`` (what
     ``train.py`` sets at ``--mixup-off-epoch``) returns the batch unchanged.
 
     Differences from timm's ``Mixup``: partners are a random permutation (timm: the flipped batch); CutMix boxes are
