@@ -59,6 +59,25 @@ class StepReport:
         out["step"] = int(self.step)
         return out
 
+    # A copy would have no live hooks on the model (they hold the original weakly), or a copy of the model that is not
+    # the one being trained, and would share or re-open the validation loader. Refuse, and say what works instead.
+    def _refuse_copy(self, how: str) -> TypeError:
+        return TypeError(
+            f"{type(self).__name__} cannot be {how}: it works on the model being trained (through forward hooks or "
+            "a reference) and cycles a validation loader, which a copy would not have. Build a new loss on the copy's "
+            f"model ({type(self).__name__}(model, val_loader, ...)) and carry the state with "
+            "new.load_state_dict(old.state_dict())."
+        )
+
+    def __copy__(self) -> StepReport:
+        raise self._refuse_copy("copied (copy.copy)")
+
+    def __deepcopy__(self, memo: dict) -> StepReport:
+        raise self._refuse_copy("copied (copy.deepcopy)")
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise self._refuse_copy("pickled (pickle, torch.save)")
+
     def _nonfinite_fallback(self) -> None:
         self.nonfinite_steps += 1
         if not self._warned_nonfinite:

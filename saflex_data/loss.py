@@ -25,8 +25,8 @@ from torch import Tensor, nn
 from ._math import RULES_USING_LOGITS, Rule, as_probabilities, check_logits, check_targets, check_temperature
 from ._methods import METHODS, PiMethod, Signal
 from ._passes import model_device, unwrap_model, validation_pass
-from ._report import StepRecord, StepReport
 from ._removed import rejects_removed_arguments  # beta=, tau=, ... of 0.1: a TypeError naming the replacement
+from ._report import StepRecord, StepReport
 from ._stream import ValidationStream
 from .batch import SaflexTarget
 from .distributed import BatchLayout, Sync, forward_with_tangent
@@ -196,25 +196,6 @@ class SaflexLoss(StepReport, nn.Module):
     def remove_hooks(self) -> None:
         """Detach the loss from the model (its forward hooks); deleting the loss does the same."""
         self._method.remove_hooks()
-
-    # A copy would have no live hooks on the model (they hold the original weakly) and would share or re-open the
-    # validation loader: it could never decide. Refuse, and say what works instead.
-    def _refuse_copy(self, how: str) -> TypeError:
-        return TypeError(
-            f"{type(self).__name__} cannot be {how}: it watches its model through forward hooks and cycles a "
-            "validation loader, which a copy would not have. Build a new loss on the copy's model "
-            f"({type(self).__name__}(model, val_loader, ...)) and carry the state with "
-            "new.load_state_dict(old.state_dict())."
-        )
-
-    def __copy__(self) -> SaflexLoss:
-        raise self._refuse_copy("copied (copy.copy)")
-
-    def __deepcopy__(self, memo: dict) -> SaflexLoss:
-        raise self._refuse_copy("copied (copy.deepcopy)")
-
-    def __reduce_ex__(self, protocol: Any) -> Any:
-        raise self._refuse_copy("pickled (pickle, torch.save)")
 
     # ------------------------------------------------------------------------------------------------------------
     # the loss
