@@ -94,6 +94,10 @@ class PiMethod:
             # Inside torch.compile a detach (or a weak reference) here breaks the graph: the output is kept as is
             # (at most MAX_CAPTURES of them) and found by storage or value.
             capture["output"] = output
+        elif output.is_inference():
+            # A forward under torch.inference_mode (an evaluation pass): no version counter, and never a training
+            # forward the loss decides for.
+            capture["output"] = output
         else:
             # Detached, so that a forward without a loss call does not pin its graph. The weak reference finds the
             # very tensor the loss gets (two forwards with equal outputs are not confused); the version counter,

@@ -317,3 +317,17 @@ def test_u1_real_0_1_states(saved: str, method: str) -> None:
     out = criterion.forward_train(x) if method == "single_pass" else model(x)
     criterion(out, target)
     assert criterion.step == 2
+
+
+@pytest.mark.parametrize("method", ["last_layer", "jvp", "jvp_frozen_stats"])
+def test_forwards_under_inference_mode_are_remembered_without_a_version(method: str) -> None:
+    model = make_model("mlp")
+    criterion = SaflexLoss(model, _val(), method=method)
+    x, target = _batch()
+    with torch.inference_mode():
+        model(x)  # an evaluation pass between steps (timm's validate)
+    criterion(model(x), target).backward()
+    with torch.inference_mode():
+        out = model(x)
+        assert torch.isfinite(criterion(out, target))  # plain CE, no decision
+    assert criterion.step == 1
