@@ -1,4 +1,4 @@
-"""The training step's hot path: host synchronisations and aten ops counted on the CPU (issue 21), and the
+"""The training step's hot path: host synchronisations and aten ops counted on the CPU, and the
 fixed-shape (masked) rule against the rule on the selected rows."""
 
 from __future__ import annotations
