@@ -57,7 +57,8 @@ VARIANTS = ("plain", "jvp", "jvp_frozen_stats", "last_layer", "last_layer@val128
 METHODS = ("plain", "jvp", "jvp_frozen_stats", "last_layer", "single_pass")
 # what each @setting means: SaflexLoss keyword arguments and the validation batch size
 SETTINGS = {"val128": ({}, 128), "ema0.9": ({"val_ema": 0.9}, None), "every2": ({"val_every": 2}, None),
-            "every4": ({"val_every": 4}, None)}  # fmt: skip
+            "every4": ({"val_every": 4}, None),
+            "gated": ({"rule": "gated_prior"}, None)}  # fmt: skip  # the gated default (its extra: the clean rows' Π)
 
 
 def parse_variant(variant: str, val_batch: int) -> tuple[str, dict, int]:

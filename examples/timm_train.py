@@ -35,6 +35,7 @@ from timm.utils import NativeScaler, accuracy, random_seed
 from saflex_data import SaflexLoss
 from saflex_data.adapters.timm import SaflexTask, ValPrepare, create_train_loader, create_val_loader, has_task_api
 from saflex_data.functional import Rule
+from saflex_data.loss import DEFAULT_RULE
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
         # SAFLEX: the loss swap (prepare: channels_last like the model; warns if normalisation differs)
         # Only what was asked for on the command line: everything else keeps the library's defaults.
         settings = {k: getattr(args, k) for k in ("beta", "tau") if getattr(args, k) is not None}
-        rule_kwargs = {"rule": Rule(args.rule or Rule().name, **settings)} if args.rule or settings else {}
+        rule_kwargs = {"rule": Rule(args.rule or DEFAULT_RULE, **settings)} if args.rule or settings else {}
         criterion = SaflexLoss(
             model, loader_saflex, method=args.method, label_smoothing=args.smoothing,
             prepare=ValPrepare.from_model(model), seed=args.seed, **rule_kwargs,

@@ -20,6 +20,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from . import rules as _rules
+
 __all__ = [
     "as_probabilities",
     "one_hot",
@@ -53,8 +55,8 @@ RULES = ("paper", "centered", "margin", "margin_relabel", "margin_fix", "gain", 
 _RULES = RULES
 _MARGIN_RULES = ("margin", "margin_relabel", "margin_fix")
 _GAIN_RULES = ("gain", "gain_auto", "gain_loss")
-# Rules that read saflex_targets(..., logits=); their logits are exchanged under DDP.
-RULES_USING_LOGITS: tuple[str, ...] = ("gain_loss",)
+# Rules that read saflex_targets(..., logits=) (and the gated rules' p[y]); their logits are exchanged under DDP.
+RULES_USING_LOGITS: tuple[str, ...] = ("gain_loss", *_rules.GATED_RULES)
 _NORMALIZE = ("batch_max", "row_max", "none")
 
 
@@ -480,10 +482,24 @@ _DEFAULT_BETA = {"paper": 0.5, "centered": 0.5, "margin": 1.5, "margin_relabel":
 
 
 def default_beta(rule: RuleName) -> float:
-    """The β that ``saflex_targets(..., beta=None)`` uses for ``rule``."""
+    """The β that ``saflex_targets(..., beta=None)`` uses for ``rule`` (a gated rule: its gate threshold in SEs)."""
+    if rule in _rules.GATED_RULES:
+        return _rules.DEFAULT_THRESHOLD
     if rule not in _RULES:
         raise ValueError(f"rule must be one of {_RULES}, but got {rule!r}.")
     return _DEFAULT_BETA[rule]
+
+
+def _check_gate_settings(rule: str, beta: float | None, decay: float | None) -> tuple[float, float]:
+    """The gated rules' settings: ``beta`` (threshold in standard errors, > 0) and ``decay`` in ``(0, 1)``."""
+    beta = _rules.DEFAULT_THRESHOLD if beta is None else beta
+    decay = _rules.DEFAULT_DECAY if decay is None else decay
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not (math.isfinite(beta) and beta > 0):
+        raise ValueError(f"beta of rule {rule!r} is the gate's threshold in standard errors, a finite float > 0, "
+                         f"but got {beta!r}.")
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 < decay < 1.0:
+        raise ValueError(f"decay of rule {rule!r} must be a float in (0, 1), but got {decay!r}.")
+    return float(beta), float(decay)
 
 
 def _check_rule_settings(rule: str, beta: float | None, tau: float | None, normalize: str) -> float:
@@ -666,12 +682,19 @@ class Rule:
     ``SaflexLoss(rule=...)`` takes a ``Rule`` or just its name (``rule="paper"`` is ``Rule("paper")``).
     See :func:`saflex_targets` for what each rule does and what its settings mean.
 
+    The gated rules (:mod:`saflex_data.rules`: ``"gated_prior"``, ``"gated"``, ``"gated_hold"``, ``"gated_latch"``,
+    ``"gated_soft"``, ``"gated_margin"``, ``"gated_product"``) keep state across steps: they run inside
+    ``SaflexLoss``, which holds their state (``docs/method.md#gated-rules``); calling such a ``Rule`` directly
+    raises ``TypeError``.
+
     Args:
         name: ``"margin"`` (default), ``"paper"``, ``"centered"``, ``"margin_relabel"``, ``"margin_fix"``,
-            ``"gain"``, ``"gain_auto"`` or ``"gain_loss"``.
-        beta: The rule's margin or bonus; ``None`` takes the rule's default (:func:`default_beta`). Stored resolved.
+            ``"gain"``, ``"gain_auto"``, ``"gain_loss"`` or a gated rule.
+        beta: The rule's margin or bonus (the gated rules: the gate's threshold in standard errors, default 2);
+            ``None`` takes the rule's default (:func:`default_beta`). Stored resolved.
         tau: Gumbel-softmax temperature of the relabelling rules; ``None`` for a deterministic argmax.
         normalize: Scaling of ``Π`` before the bonus and the noise (``"paper"``/``"centered"``).
+        decay: The gated rules only: decay of the gate's exponential weights (default 0.95); ``None`` elsewhere.
 
     Example:
         >>> Rule("margin")
@@ -692,14 +715,33 @@ class Rule:
     beta: float | None = None
     tau: float | None = 0.01
     normalize: str = "batch_max"
+    decay: float | None = None
 
     def __post_init__(self) -> None:
+        if self.name in _rules.GATED_RULES:  # stateful: beta = the gate's threshold in SEs, decay = its EMA's
+            beta, decay = _check_gate_settings(self.name, self.beta, self.decay)
+            object.__setattr__(self, "beta", beta)
+            object.__setattr__(self, "decay", decay)
+            return
+        if self.decay is not None:
+            raise ValueError(f"decay is a setting of the gated rules {_rules.GATED_RULES}; rule {self.name!r} takes "
+                             f"decay=None, but got {self.decay!r}.")
         object.__setattr__(self, "beta", _check_rule_settings(self.name, self.beta, self.tau, self.normalize))
+
+    def __repr__(self) -> str:
+        extra = "" if self.decay is None else f", decay={self.decay!r}"
+        return (f"Rule(name={self.name!r}, beta={self.beta!r}, tau={self.tau!r}, normalize={self.normalize!r}"
+                f"{extra})")
+
+    @property
+    def stateful(self) -> bool:
+        """Whether the rule keeps state across steps (the gated rules: :mod:`saflex_data.rules`)."""
+        return self.name in _rules.GATED_RULES
 
     @property
     def relabels(self) -> bool:
         """Whether the rule may give a label other than the upstream one (the margin and gain rules only drop)."""
-        return self.name not in ("margin", "gain", "gain_auto", "gain_loss")
+        return self.name not in ("margin", "gain", "gain_auto", "gain_loss", *_rules.GATED_RULES)
 
     @classmethod
     def of(cls, rule: Rule | str) -> Rule:
@@ -714,6 +756,9 @@ class Rule:
         self, pi: Tensor, targets: Tensor, *, generator: torch.Generator | None = None, logits: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         """``saflex_targets(pi, targets, ...)`` with this rule's settings."""
+        if self.stateful:
+            raise TypeError(f"rule {self.name!r} keeps state across steps: use it through SaflexLoss, or call "
+                            "saflex_data.rules.gated_targets with its state.")
         return saflex_targets(pi, targets, beta=self.beta, tau=self.tau, normalize=self.normalize, rule=self.name,
                               generator=generator, logits=logits)
 
@@ -739,6 +784,8 @@ class Rule:
         Returns:
             ``(weights (B,), soft_labels (B, K))``; rows outside ``mask`` unspecified.
         """
+        if self.stateful:
+            raise TypeError(f"rule {self.name!r} keeps state: SaflexLoss decides it with saflex_data.rules.")
         _check_rule_logits(self.name, logits, pi)
         return rule_targets(pi, upstream, rule=self.name, beta=self.beta, tau=self.tau, normalize=self.normalize,
                             generator=generator, logits=logits, mask=mask)

@@ -242,6 +242,9 @@ class SaflexContrastiveLoss(StepReport, nn.Module):
         seed: int = 0,
         enabled: bool = True,
     ) -> None:
+        if Rule.of(rule).stateful:  # [gated rules] classification only
+            raise ValueError(f"rule must be a stateless rule for SaflexContrastiveLoss (the gated rules were measured "
+                             f"for classification only), but got {Rule.of(rule).name!r}.")
         super().__init__()
         if method not in _METHODS:
             raise ValueError(f"method must be one of {_METHODS}, but got {method!r}.")

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import rules as _rules
 from ._math import (
     RULES_USING_LOGITS,
     Rule,
@@ -46,6 +47,7 @@ LossMethod = Literal["jvp", "last_layer", "single_pass", "jvp_frozen_stats"]
 _REFERENCES = ("heldout", "batch")
 VAL_TEMPERATURE = 4.0  # the tempered validation loss (see docs/method.md and the measured results)
 
+DEFAULT_RULE = "gated_prior"  # the default decision rule (docs/when_to_use.md#gated); "margin" before 0.2
 
 class SaflexLoss(StepReport, nn.Module):
     """Cross-entropy with SAFLEX weights and soft labels for the augmented samples of each batch.
@@ -68,9 +70,13 @@ class SaflexLoss(StepReport, nn.Module):
             same as ``"jvp"`` for a model without batch-statistics BatchNorm; a BatchNorm module called several
             times per forward keeps each call's statistics. With dropout it forwards the whole batch to replay the
             masks, the statistics still held fixed: the same kind of ``Π``, at ``"jvp"``'s cost).
-        rule: The decision rule: a :class:`saflex_data.functional.Rule` or its name. Default ``"margin"``: drop an
-            augmented sample whose upstream label trails the best class by more than ``beta`` batch standard
-            deviations of ``Π``, never relabel; ``"paper"`` is the paper's exact rule.
+        rule: The decision rule: a :class:`saflex_data.functional.Rule` or its name. Default ``"gated_prior"``
+            (a rule with state, :mod:`saflex_data.rules`): weight each augmented row by the model's ``p[y]`` while
+            the validation signal says, over many steps, that the augmented rows help less than the batch's clean
+            rows (and during the first steps, before it has a verdict); weight 1 otherwise; never relabel
+            (``docs/method.md#gated-rules``). ``"margin"`` (the default before 0.2): drop an augmented sample whose
+            upstream label trails the best class by more than ``beta`` batch standard deviations of ``Π``;
+            ``"paper"`` is the paper's exact rule.
         reference: Where the validation signal comes from: ``"heldout"`` (default: batches of ``val_loader``) or
             ``"batch"``: the clean (non-augmented) rows of the current training batch, with no held-out split (with
             ``last_layer`` no extra pass at all). A batch without a clean row then keeps every sample.
@@ -123,7 +129,7 @@ class SaflexLoss(StepReport, nn.Module):
         val_loader: Iterable[Any] | None = None,
         *,
         method: LossMethod = "last_layer",
-        rule: Rule | str = "margin",
+        rule: Rule | str = DEFAULT_RULE,
         reference: Literal["heldout", "batch"] = "heldout",
         val_every: int = 1,
         val_ema: float | None = None,
@@ -185,17 +191,42 @@ class SaflexLoss(StepReport, nn.Module):
         # How Π is computed: the method's hooks hold it weakly; it lives (and they stay) as long as the loss does.
         self._method: PiMethod = METHODS[method](self.model, classifier=classifier)
         self.classifier_name: str | None = getattr(self._method, "classifier_name", None)
+        # [gated rules] the gate's state: kept across steps, saved in state_dict, reset only by reset_rule_state()
+        self._rule_state: dict[str, Tensor] | None = _rules.init_state() if self.rule.stateful else None
 
     @property
     def all_reduce(self) -> bool:
         return self._sync.all_reduce
+
+    # [gated rules] ---------------------------------------------------------------------------------------------
+    @property
+    def rule_state(self) -> dict[str, Tensor] | None:
+        """A stateful rule's state (the gate of :mod:`saflex_data.rules`: its EMA sums and last ``strength``);
+        ``None`` for the other rules. Part of ``state_dict``; identical on every rank under torch.distributed."""
+        return self._rule_state
+
+    def reset_rule_state(self) -> None:
+        """Forget the gate's evidence (nothing else resets it: not ``reset_stats``, not ``enabled``)."""
+        self._rule_state = _rules.init_state() if self.rule.stateful else None
+
+    def _gated_rule(self, rows: GatheredRows, finite: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
+        """A stateful rule on the rows of the (global) batch: the clean rows' ``Π`` is in ``rows`` already (every
+        method computes it when the rule is stateful); the state moves only on a finite, valid step."""
+        state = {k: v.to(rows.pi.device) for k, v in self._rule_state.items()}
+        weights, targets, new = _rules.gated_targets(
+            rows.pi, rows.upstream, state, rule=self.rule.name, threshold=self.rule.beta, decay=self.rule.decay,
+            logits=rows.logits, mask=rows.mask)  # fmt: skip
+        keep = finite if valid is None else finite & valid
+        self._rule_state = {k: torch.where(keep, new[k], state[k]) for k in state}
+        return weights, targets
 
     def settings(self) -> dict[str, Any]:
         """The settings every rank must share (compared on the first training call under torch.distributed)."""
         params = [p for p in self.model.parameters() if p.requires_grad]
         return {
             "method": self.method, "rule": self.rule.name, "beta": self.rule.beta, "tau": self.rule.tau,
-            "normalize": self.rule.normalize, "reference": self.reference, "val_every": self.val_every,
+            "normalize": self.rule.normalize, "decay": self.rule.decay, "reference": self.reference,
+            "val_every": self.val_every,
             "val_ema": self.val_ema, "val_temperature": self.val_temperature, "enabled": bool(self.enabled),
             "num_splits": self.num_splits, "label_smoothing": float(self.label_smoothing),
             "all_reduce": self.all_reduce,
@@ -325,6 +356,8 @@ class SaflexLoss(StepReport, nn.Module):
                     self._record(StepRecord(upstream, ones, upstream, op, is_augmented, len(logits)))
                     return ones, upstream
             with torch.no_grad():
+                if self.rule.stateful and index is not None:  # [gated rules] Π of the clean rows too
+                    index = torch.arange(len(logits), device=logits.device)
                 pi = self._method.inner_products(capture, logits, is_augmented, signal, index)
                 exchange_logits = not self._sync.active or self.rule.name in RULES_USING_LOGITS
                 rows = self._sync.gather(pi.to(upstream.dtype), upstream, is_augmented, layout, op=op,
@@ -346,7 +379,11 @@ class SaflexLoss(StepReport, nn.Module):
         mask = rows.mask
         pi = torch.where(mask[:, None], rows.pi, 0)  # the other rows may hold anything, NaN included
         finite = pi.abs().amax() < math.inf  # False for a NaN as for an inf
-        weights, targets = self.rule.decide(pi, rows.upstream, mask, generator=self._generator, logits=rows.logits)
+        if self.rule.stateful:
+            weights, targets = self._gated_rule(rows, finite, valid)
+        else:
+            weights, targets = self.rule.decide(pi, rows.upstream, mask, generator=self._generator,
+                                                logits=rows.logits)
         decided = mask & finite if valid is None else mask & finite & valid
         weights = torch.where(decided, weights, 1)
         if self.rule.relabels:
@@ -436,6 +473,13 @@ class SaflexLoss(StepReport, nn.Module):
                                           for k, v in state["signal_shapes"].items()}
         return state
 
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        super().set_extra_state(state)
+        if self.rule.stateful:  # [gated rules] the gate's state (a state saved by a stateless rule: a fresh gate)
+            saved_rule = state.get("rule_state")
+            self._rule_state = _rules.init_state() if saved_rule is None else {
+                k: v.clone() for k, v in _rules.check_state(saved_rule, "state_dict's rule_state").items()}
+
     # ------------------------------------------------------------------------------------------------------------
     # statistics
     # ------------------------------------------------------------------------------------------------------------
@@ -481,7 +525,10 @@ class SaflexLoss(StepReport, nn.Module):
 
     def get_extra_state(self) -> dict[str, Any]:
         self._poll_fallbacks(wait=True)
-        return super().get_extra_state()
+        state = super().get_extra_state()
+        if self._rule_state is not None:
+            state["rule_state"] = {k: v.detach().clone() for k, v in self._rule_state.items()}
+        return state
 
     @torch.no_grad()
     def _record(self, record: StepRecord) -> None:

@@ -39,6 +39,8 @@ K = 4
 STEPS = 30
 METHODS = ("jvp", "last_layer", "single_pass", "jvp_frozen_stats")
 RULES = ("paper", "centered", "margin", "margin_relabel", "margin_fix", "gain", "gain_auto", "gain_loss")
+# Rules with state (0.2), default setting only, with beta=1.0 and decay=0.8 so that the gate moves in 30 steps.
+GATED = ("gated", "gated_prior", "gated_soft")
 # (name, extra SaflexLoss options, soft upstream labels); the non-default settings run with the rules "paper" and
 # "margin" only.
 SETTINGS = (
@@ -66,6 +68,8 @@ def _cases():
         if name == "reference_batch" and method == "single_pass":
             continue  # refused by SaflexLoss: the batch signal is needed before the forward
         yield f"{method}/{rule}/{name}", method, rule, options, soft
+    for method, rule in itertools.product(METHODS, GATED):
+        yield f"{method}/{rule}/default", method, rule, {}, False
 
 
 def run_case(method: str, rule: str, options: dict, soft: bool) -> dict[str, torch.Tensor]:
@@ -75,8 +79,8 @@ def run_case(method: str, rule: str, options: dict, soft: bool) -> dict[str, tor
     val = [(torch.randn(8, 1, 6, 6, generator=g), torch.randint(0, K, (8,), generator=g)) for _ in range(3)]
     if options.get("reference") == "batch":
         val = None
-    criterion = SaflexLoss(model, val, method=method, rule=Rule(rule, beta=0.7 if rule == "paper" else None), seed=3,
-                           **options)
+    config = Rule(rule, beta=1.0, decay=0.8) if rule in GATED else Rule(rule, beta=0.7 if rule == "paper" else None)
+    criterion = SaflexLoss(model, val, method=method, rule=config, seed=3, **options)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     losses, weights, targets = [], [], []
     for _ in range(STEPS):
@@ -94,6 +98,8 @@ def run_case(method: str, rule: str, options: dict, soft: bool) -> dict[str, tor
         weights.append(criterion.last_step["weights"])
         targets.append(criterion.last_step["targets"])
     out = {"loss": torch.stack(losses), "weights": torch.stack(weights), "targets": torch.stack(targets)}
+    if criterion.rule_state is not None:  # the gate's state after the last step
+        out.update({f"rule_state.{k}": v.clone() for k, v in criterion.rule_state.items()})
     out.update({f"param.{k}": v.detach().clone() for k, v in model.state_dict().items()})
     return out
 
@@ -172,6 +178,13 @@ def calibrate(isas: tuple[str, ...] = ("AVX2", "AVX", "SSE41")) -> None:
 if __name__ == "__main__":
     if "--calibrate" in sys.argv:
         calibrate()
+        sys.exit(0)
+    if "--add" in sys.argv:  # python -m tests._golden --add: write only the cases the file lacks
+        golden = torch.load(PATH)
+        missing = {key for key, *_ in _cases()} - set(golden)
+        golden.update(generate(missing))
+        torch.save(golden, PATH)
+        print(f"wrote {PATH}: {len(missing)} cases added: {sorted(missing)}")
         sys.exit(0)
     PATH.parent.mkdir(exist_ok=True)
     old = torch.load(PATH) if PATH.exists() else {}

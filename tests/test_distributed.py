@@ -72,7 +72,7 @@ def _init(rank: int, world: int, port: int) -> None:
 # is recorded and fails its own tests only
 # ----------------------------------------------------------------------------------------------------------------
 # mismatch last: the ranks stay in sync after its errors, but only because check_consistent raises on every rank
-PARTS = ("equivalence", "single_pass", "uneven", "cost", "nonfinite", "sampler", "mismatch")
+PARTS = ("equivalence", "single_pass", "uneven", "cost", "nonfinite", "sampler", "gated", "mismatch")
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
@@ -181,6 +181,46 @@ def equivalence(ranks: list[dict[str, Any]]) -> tuple[list, list]:
         val = [(data["vx"][s], data["vy"][s]) for s in range(STEPS)]  # the ranks' validation batches, concatenated
         single.append(_train(model, SaflexLoss(model, val, **config), data, slice(None)))
     return ranks, single
+
+
+GATED = dict(method="last_layer", rule=Rule("gated_prior", beta=0.5, decay=0.5))
+
+
+def _gated_run(model: nn.Module, criterion: SaflexLoss, data: dict, rows: slice) -> dict[str, Any]:
+    """A gated rule with a verdict after 2 effective steps (the default 8 needs a longer run than STEPS)."""
+    from saflex_data import rules
+
+    saved, rules.MIN_EFFECTIVE_STEPS = rules.MIN_EFFECTIVE_STEPS, 1.5
+    try:
+        out = _train(model, criterion, data, rows)
+    finally:
+        rules.MIN_EFFECTIVE_STEPS = saved
+    out["rule_state"] = {k: v.clone() for k, v in criterion.rule_state.items()}
+    return out
+
+
+def _part_gated(rank: int) -> dict[str, Any]:
+    data = _problem()
+    model = _model()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    val = [(data["vx"][s, rank * V : (rank + 1) * V], data["vy"][s, rank * V : (rank + 1) * V]) for s in range(STEPS)]
+    return _gated_run(ddp, SaflexLoss(ddp, val, **GATED), data, slice(rank * B, (rank + 1) * B))
+
+
+def test_gated_rule_state_is_identical_on_every_rank_and_matches_one_process(ranks: list) -> None:
+    got = [_part(result, "gated") for result in ranks]
+    data = _problem()
+    model = _model()
+    val = [(data["vx"][s], data["vy"][s]) for s in range(STEPS)]
+    ref = _gated_run(model, SaflexLoss(model, val, **GATED), data, slice(None))
+    assert float(ref["rule_state"]["weight"]) > 0 and (torch.cat(ref["weights"]) < 1).any()
+    for k in ref["rule_state"]:
+        assert torch.equal(got[0]["rule_state"][k], got[1]["rule_state"][k]), k  # every rank: the same state
+        torch.testing.assert_close(got[0]["rule_state"][k], ref["rule_state"][k], rtol=1e-5, atol=1e-6)
+    for rank, result in enumerate(got):
+        rows = slice(rank * B, (rank + 1) * B)
+        for s in range(STEPS):
+            torch.testing.assert_close(result["weights"][s], ref["weights"][s][rows], rtol=1e-9, atol=1e-11)
 
 
 @pytest.mark.parametrize("config", range(len(CONFIGS)), ids=[f"{c['method']}-{c['rule'].name}" for c in CONFIGS])
@@ -350,7 +390,7 @@ def _part_cost(rank: int) -> dict[str, list[tuple[int, ...]]]:
     model = _model()
     ddp = nn.parallel.DistributedDataParallel(model)  # DDP's own gradient all-reduce runs in C++: not counted
     val = [(data["vx"][s, rank * V : (rank + 1) * V], data["vy"][s, rank * V : (rank + 1) * V]) for s in range(STEPS)]
-    criterion = SaflexLoss(ddp, val, method="jvp")
+    criterion = SaflexLoss(ddp, val, method="jvp", rule="margin")  # the gated rules add: docs/method.md#gated-rules
     for name in calls:
         setattr(dist, name, counting(name))
     try:
@@ -388,7 +428,7 @@ def _part_nonfinite(rank: int) -> dict[str, Any]:
     data = _problem()
     ddp = nn.parallel.DistributedDataParallel(_model())
     val = [(data["vx"][0, rank * V : (rank + 1) * V], data["vy"][0, rank * V : (rank + 1) * V])]
-    criterion = SaflexLoss(ddp, val, method="jvp")
+    criterion = SaflexLoss(ddp, val, method="jvp", rule="margin")  # the gated rules add: docs/method.md#gated-rules
     x, rows = data["x"][0].clone(), slice(rank * B, (rank + 1) * B)
     x[B + int(data["aug"][0, B:].nonzero()[0])] = float("nan")  # one augmented row of rank 1
     with warnings.catch_warnings():

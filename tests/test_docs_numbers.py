@@ -32,9 +32,11 @@ def _text(path: str) -> str:
 
 
 def _suite() -> tuple[dict, dict]:
+    """The suite's first run: its 16 streams (``streams.PLAN``); the gated rows and new streams (0.2) are quoted from
+    ``suite_goals.json`` (:func:`gated_claims`)."""
     from benchmarks.suite import report
 
-    doc = _load("suite.json")
+    doc = report.first_run(_load("suite.json"))
     return doc, report.index(doc)
 
 
@@ -98,6 +100,30 @@ def suite_claims() -> list[tuple[str, str]]:
         (page, f"`gain_auto` mean {_mean_delta('SAFLEX gain_auto'):+.2f} points"),
         ("benchmarks/README.md", f"{doc['meta']['wall_s'] / 60:.0f} min on the shared 2-core machine (`nice -n 10`, "
                                  f"{doc['meta']['workers']} workers × {doc['meta']['threads_per_worker']} thread"),
+    ]  # fmt: skip
+
+
+def gated_claims() -> list[tuple[str, str]]:
+    """The gated default's goals and figures (``suite_goals.json``, written by ``benchmarks.suite.goals``)."""
+    from benchmarks.suite import variants
+
+    g = _load("suite_goals.json")
+    new, train = g["goals"][variants.GATED], g["goals"][variants.GATED_TRAIN]
+    means = g["means"]
+    cost = _load("overhead_gated.json")
+    page = "docs/when_to_use.md"
+    return [
+        (page, f"mean Δ {new['1']['mean']:+.2f} points over the {len(new['streams'])} streams"),
+        (page, f"(the `p[y]` peer: {new['1']['peer_mean']:+.2f}; the `p[y]` peer trained on train ∪ validation: "
+               f"{means['confidence weight p[y], train+val']:+.2f})"),
+        (page, f"better by ≥ 2 SE on {new['4']['n']} streams"),
+        (page, f"half A {new['5']['halves']['A']:+.2f}, half B {new['5']['halves']['B']:+.2f}, new streams "
+               f"{new['5']['halves']['new']:+.2f}"),
+        (page, f"trained on train only, the same rule averages {train['1']['mean']:+.2f}"),
+        (page, f"its CPU-time ratio to a plain step was {cost['cpu_ratio']['last_layer@gated']:.2f}× against "
+               f"{cost['cpu_ratio']['last_layer']:.2f}× for the margin rule in the same run (ratios of the fastest "
+               f"steps: {cost['ratio_of_min']['last_layer@gated']:.2f}× and "
+               f"{cost['ratio_of_min']['last_layer']:.2f}×)"),
     ]  # fmt: skip
 
 
@@ -313,7 +339,8 @@ def changelog_claims() -> list[tuple[str, str]]:
 
 
 CLAIMS: list[Callable[[], list[tuple[str, str]]]] = [
-    suite_claims, benchmarks_readme_suite_claims, readme_claims, earlier_claims, overhead_claims, accuracy_claims,
+    suite_claims, gated_claims, benchmarks_readme_suite_claims, readme_claims, earlier_claims, overhead_claims,
+    accuracy_claims,
     decision_quality_claims, method_count_claims, benchmarks_readme_accuracy_claims, example_header_claims,
     changelog_claims,
 ]

@@ -130,15 +130,20 @@ def test_masked_rule_with_few_rows(n):
 # What a default last_layer loss call costs beyond the validation forward, in aten ops (the issue asks for 40; 143 in
 # 0.2.0-dev before the hot-path work; see benchmarks/hot_path.py for the breakdown). The count does not depend on
 # B or K.
+# Measured with rule="margin" (the default before the gated rules). The gated default (rule="gated_prior") adds its
+# gate's scalar bookkeeping: about 100 more small ops (0-d tensors), still without a host synchronisation; packing
+# the gate's state into one tensor would cut most of them (not done yet).
 LAST_LAYER_OPS = 60
+GATED_LAST_LAYER_OPS = 180
 
 
 @pytest.mark.parametrize("classes", [5, 100])
-def test_last_layer_call_costs_a_fixed_number_of_ops_beyond_the_validation_forward(classes):
+@pytest.mark.parametrize("rule", ["margin", "gated_prior"])
+def test_last_layer_call_costs_a_fixed_number_of_ops_beyond_the_validation_forward(classes, rule):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, classes)).train()
     val_x, val_y = torch.randn(16, 12), torch.arange(16) % classes
-    criterion = SaflexLoss(model, [(val_x, val_y)])
+    criterion = SaflexLoss(model, [(val_x, val_y)], rule=rule)
     target = SaflexTarget(torch.arange(B) % classes, torch.arange(B) >= B // 3)
     for _ in range(2):
         criterion(model(torch.randn(B, 12)), target).backward()
@@ -148,4 +153,5 @@ def test_last_layer_call_costs_a_fixed_number_of_ops_beyond_the_validation_forwa
     with torch.no_grad():
         _, forward = count(model, val_x)
     assert counted.syncs == []
-    assert counted.total - forward.total <= LAST_LAYER_OPS, counted.ops
+    budget = LAST_LAYER_OPS if rule == "margin" else GATED_LAST_LAYER_OPS
+    assert counted.total - forward.total <= budget, counted.ops

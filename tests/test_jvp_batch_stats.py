@@ -146,7 +146,7 @@ class TestSaflexLossFrozenStats:
         x = make_inputs("cnn", 10)
         y = torch.arange(10) % 4
         val = [(make_inputs("cnn", 7, seed=2), torch.arange(7) % 4)]
-        crit = SaflexLoss(model, val, method=method, val_temperature=1.0)
+        crit = SaflexLoss(model, val, method=method, val_temperature=1.0, rule="margin")  # one Π call per step
         target = SaflexTarget(y, torch.arange(10) >= 4)
         return model, x, y, val, crit, target
 

@@ -52,7 +52,7 @@ class TestSaflexLoss:
     def test_repr_and_state_dict_hold_no_model_parameters(self):
         model = _model()
         criterion = SaflexLoss(model, _val())
-        assert "method='last_layer'" in repr(criterion) and "rule=Rule(name='margin', beta=1.5" in repr(criterion)
+        assert "method='last_layer'" in repr(criterion) and "rule=Rule(name='gated_prior', beta=2.0" in repr(criterion)
         assert list(criterion.state_dict()) == ["_extra_state"]
         assert list(criterion.parameters()) == []
 

@@ -77,10 +77,11 @@ def test_signatures_stay_readable():
 
 
 def test_one_set_of_defaults():
-    # SaflexContrastiveLoss decides with the same default rule as SaflexLoss
-    assert inspect.signature(SaflexLoss.__init__).parameters["rule"].default == "margin"
+    # SaflexLoss decides with the gated default (0.2); SaflexContrastiveLoss keeps "margin" (the gated rules were
+    # measured for classification only and it refuses them)
+    assert inspect.signature(SaflexLoss.__init__).parameters["rule"].default == "gated_prior"
     assert inspect.signature(SaflexContrastiveLoss.__init__).parameters["rule"].default == "margin"
-    assert _loss().rule == _contrastive().rule == Rule("margin")
+    assert _loss().rule == Rule("gated_prior") and _contrastive().rule == Rule("margin")
     assert saflex_data.Rule is saflex_data.functional.Rule
 
 

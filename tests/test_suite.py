@@ -40,7 +40,7 @@ def test_saflex_row_gives_exactly_saflex_loss_decisions(digits_stream):
     logits = model.fc(h)
     criterion(logits, SaflexTarget(y, is_aug))
     suite_step = {k: t.clone() for k, t in criterion.last_step.items()}
-    by_hand = SaflexLoss(model, [ref.last])  # the library defaults, on the validation batch the suite drew
+    by_hand = SaflexLoss(model, [ref.last], rule=SF.Rule("margin"))  # the old default, on the suite's validation batch
     by_hand(model(x), SaflexTarget(y, is_aug))
     for key in ("weights", "targets", "is_augmented", "upstream"):
         assert torch.equal(suite_step[key], by_hand.last_step[key]), key
@@ -48,6 +48,37 @@ def test_saflex_row_gives_exactly_saflex_loss_decisions(digits_stream):
     assert torch.equal(w, suite_step["weights"][is_aug])
     assert score.shape == (48,)
     assert 0.0 < float(w.mean()) < 1.0  # the check means something: some rows dropped, some kept
+
+
+def test_gated_row_gives_exactly_saflex_loss_decisions_step_after_step(digits_stream):
+    """The chosen gated rule keeps state: over many steps, on the validation batches the suite's criterion drew, a
+    SaflexLoss built by hand decides exactly alike and ends with the same gate state; the gate moves."""
+    s = digits_stream
+    torch.manual_seed(0)
+    model = M.MLP(s.dim, s.num_classes)
+    v = variants.BY_NAME[variants.GATED]
+    criterion, ref = M.make_criterion(s, v, model, s.x_train, s.y_train, seed=0)
+    gen = torch.Generator().manual_seed(0)
+    steps, drawn, batches, decisions = 24, [], [], []
+    for _ in range(steps):
+        idx = torch.randint(0, len(s.y_pool), (48,), generator=gen)
+        xa, ya, _, _ = s.draw(idx, s.x_pool[idx], None, gen)
+        x, y = torch.cat([s.x_train[:16], xa]), torch.cat([s.y_train[:16], ya])
+        batches.append((x, SaflexTarget(y, torch.arange(64) >= 16)))
+        criterion(model(x), batches[-1][1])
+        drawn.append(ref.last)
+        decisions.append(criterion.last_step["weights"].clone())
+    by_hand = SaflexLoss(model, drawn, rule=v.loss_kwargs()["rule"])
+    for (x, target), w in zip(batches, decisions):
+        by_hand(model(x), target)
+        assert torch.equal(by_hand.last_step["weights"], w)
+    assert all(torch.equal(criterion.rule_state[k], by_hand.rule_state[k]) for k in criterion.rule_state)
+    assert float(criterion.rule_state["weight"]) > 0
+
+
+def test_gated_training_run_records_decisions_that_match_the_loss(digits_stream):
+    r = M.run(digits_stream, variants.BY_NAME[variants.GATED], 0, steps=40)
+    assert r["mismatches"] == 0 and 0.0 <= r["gate_on"] <= 1.0
 
 
 def test_training_run_records_decisions_that_match_the_loss(digits_stream):
@@ -102,7 +133,7 @@ def _check_schema(doc: dict) -> None:
     per_stream: dict[str, set] = {}
     for e in doc["entries"]:
         assert keys <= set(e)
-        assert e["family"] in ("noise", "transform", "bias", "clean")
+        assert e["family"] in ("noise", "transform", "bias", "clean", "domain")
         assert e["role"] in ("default", "saflex", "peer", "baseline", "oracle")
         assert e["trains_on"] in ("train", "train+val") and e["reference"] in ("heldout", "batch", "train", None)
         assert len(e["scores"]) == len(e["seeds"]) and e["seeds"] == sorted(e["seeds"])

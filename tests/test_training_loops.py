@@ -283,7 +283,7 @@ class TestBatchReference:
     @pytest.mark.parametrize("method", METHODS)
     def test_equals_the_functional_pipeline(self, method):
         model = _mlp()
-        criterion = SaflexLoss(model, None, method=method, reference="batch")
+        criterion = SaflexLoss(model, None, method=method, reference="batch", rule="margin")  # a stateless rule
         x, target = _batch(n=12)
         logits = model(x)
         loss = criterion(logits, target)

@@ -14,7 +14,7 @@ import numpy as np
 from benchmarks.datasets import load_fashion_mnist, load_mnist_5k, load_tabular
 
 IMAGE_SETS = ("fmnist", "mnist", "digits")
-TABLE_SETS = ("hpc", "churn")
+TABLE_SETS = ("hpc", "churn", "credit")
 
 
 @functools.cache
@@ -32,8 +32,8 @@ def load(name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarr
 
         d = load_digits()
         return (d.images / 16.0).astype(np.float32), d.target.astype(np.int64), None, None
-    if name in ("hpc", "churn"):
-        table = load_tabular("hpc_data" if name == "hpc" else "wa_churn")
+    if name in TABLE_SETS:
+        table = load_tabular({"hpc": "hpc_data", "churn": "wa_churn", "credit": "credit_data"}[name])
         cont = table.x_cont.numpy().astype(np.float64)
         cont = np.where(np.isnan(cont), np.nanmedian(cont, 0), cont)
         skewed = (cont.min(0) >= 0) & (cont.max(0) > 20)

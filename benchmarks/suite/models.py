@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 import saflex_data.functional as SF
 from saflex_data import SaflexLoss, SaflexTarget
+from saflex_data.rules import gated_targets
 
 from .metrics import auroc
 from .streams import Stream
@@ -125,7 +126,7 @@ def run(s: Stream, v: Variant, seed: int, steps: int) -> dict:
         ref = RandomBatches(s.x_val, s.y_val, VAL_BATCH, 2000 + seed)
         ref_iter = iter(ref)
     scores, bads, ops = [], [], []
-    kept = []
+    kept, gate_on = [], []
     mismatches: int | None = 0
     shadow: list[dict[str, Tensor]] = []
     record_from = steps // 10
@@ -157,11 +158,16 @@ def run(s: Stream, v: Variant, seed: int, steps: int) -> dict:
             else:
                 batch_op = torch.cat([torch.full((bc,), -1), op]) if s.ops else None
                 target = SaflexTarget(y, is_aug, op=batch_op, op_names=s.ops or None)
+            state_before = None if criterion.rule_state is None else dict(criterion.rule_state)
             loss = criterion(logits, target)
             w = criterion.last_step["weights"][is_aug].detach()
+            if criterion.rule_state is not None:
+                gate_on.append(criterion.rule_state["strength"])
             if (step >= record_from and step % SCORE_EVERY == 0) or step == 0:
                 h_aug, logits_aug = h[is_aug].detach(), logits[is_aug].detach()
-                score, check, score_pi = _saflex_scores(criterion, model, ref, h_aug, logits_aug, ya, xc, yc)
+                gate = None if state_before is None else (state_before, h.detach(), logits.detach(), y, is_aug)
+                score, check, score_pi = _saflex_scores(criterion, model, ref, h_aug, logits_aug, ya, xc, yc,
+                                                        gate=gate)
                 if criterion.rule.name in ("paper", "centered", "margin_relabel"):  # Gumbel noise: not comparable
                     mismatches = None
                 else:
@@ -193,6 +199,10 @@ def run(s: Stream, v: Variant, seed: int, steps: int) -> dict:
         sched.step()
     out = {"stream": s.name, "variant": v.name, "seed": seed, "score": evaluate(model, s.x_test, s.y_test),
            "kept": float(torch.stack(kept).mean()) if kept else None, "mismatches": mismatches}
+    if gate_on:  # the gated rules: share of steps with the gate on, and the first step it was
+        on = torch.stack(gate_on).float()
+        out["gate_on"] = float(on.mean())
+        out["gate_first_on"] = int(on.gt(0).float().argmax()) if bool(on.gt(0).any()) else None
     if shadow:
         bd = torch.cat(bads).numpy()
         out["shadow_auroc"] = {k: auroc(-torch.cat([d[k] for d in shadow]).float().numpy(), bd) for k in shadow[0]}
@@ -206,8 +216,13 @@ def run(s: Stream, v: Variant, seed: int, steps: int) -> dict:
     return out
 
 
-def _saflex_scores(criterion, model, ref, h_aug, logits_aug, ya, xc, yc) -> tuple[Tensor, Tensor]:
-    """The rule's score of each augmented row and the weights ``saflex_targets`` gives, from the functional API."""
+def _saflex_scores(criterion, model, ref, h_aug, logits_aug, ya, xc, yc, *, gate=None) -> tuple[Tensor, Tensor]:
+    """The rule's score of each augmented row and the weights ``saflex_targets`` gives, from the functional API.
+
+    A gated rule (``gate = (state before the step, features, logits, labels, is_augmented)`` of the whole batch):
+    the weights of ``saflex_data.rules.gated_targets`` from that state and the clean rows' own-label gain, which
+    are also the score (higher = keep).
+    """
     if ref is None:  # SaflexLoss(reference="batch"): the clean rows of the training forward
         with torch.no_grad():
             hv = model.features(xc)
@@ -219,6 +234,13 @@ def _saflex_scores(criterion, model, ref, h_aug, logits_aug, ya, xc, yc) -> tupl
             xv_logits = model.fc(hv)
     gw, gb = SF.last_layer_validation_gradient(hv, xv_logits, yv, temperature=criterion.val_temperature)
     pi = SF.last_layer_inner_products(h_aug, logits_aug, gw, gb)
+    if gate is not None:  # the loss's own path: the whole batch's Π and its augmented rows as a mask
+        state, h_all, logits_all, y_all, is_aug = gate
+        pi_all = SF.last_layer_inner_products(h_all, logits_all, gw, gb)
+        rule = criterion.rule
+        w, _, _ = gated_targets(pi_all, F.one_hot(y_all, pi.shape[1]).float(), state, rule=rule.name,
+                                threshold=rule.beta, decay=rule.decay, logits=logits_all, mask=is_aug)
+        return w[is_aug], w[is_aug], pi
     score = SF.weight_scores(pi, ya, rule=criterion.rule.name, logits=logits_aug)
     w, _ = criterion.rule(pi, ya, generator=torch.Generator().manual_seed(0), logits=logits_aug)
     return score, w, pi

@@ -17,7 +17,8 @@ CANDIDATES = [v.name for v in VARIANTS if v.role in ("default", "saflex")]
 
 
 def entry_order(e: dict) -> tuple:
-    plan = S.PLAN.index(e["stream"]) if e["stream"] in S.PLAN else 99
+    order = S.PLAN + S.NEW
+    plan = order.index(e["stream"]) if e["stream"] in order else 99
     return plan, e["stream"], ORDER.get(e["variant"], 99)
 
 
@@ -47,6 +48,8 @@ def document(runs: list[dict], plan_streams: list[str], scale: float = 1.0) -> d
             "free": v.free, "half": info[stream]["half"],
             "mismatches": None if any(r["mismatches"] is None for r in rs) else sum(r["mismatches"] for r in rs),
         }  # fmt: skip
+        if any("gate_on" in r for r in rs):  # the gated rules: share of steps with the gate on
+            e["gate_on"] = _mean([r.get("gate_on") for r in rs])
         if any("shadow_auroc" in r for r in rs):
             keys = rs[0]["shadow_auroc"]
             e["shadow_auroc"] = {k: _mean([r["shadow_auroc"][k] for r in rs]) for k in keys}
@@ -202,7 +205,8 @@ def plot(doc: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(20, 0.45 * len(names) + 3), gridspec_kw={"width_ratios": [3, 2, 2]})
     ax = axes[0]
     show = [("oracle", "green", "s"), (DEFAULT, "C3", "o"), ("SAFLEX margin, val both ways", "C1", "^"),
-            ("SAFLEX margin, reference=batch", "C4", "v"), ("SAFLEX gain_auto", "C5", "D")]
+            ("SAFLEX margin, reference=batch", "C4", "v"), ("SAFLEX gain_auto", "C5", "D"),
+            ("SAFLEX gated_prior, val both ways", "C6", "*"), (PY_PEER, "C7", "x")]
     for i, s in enumerate(names):
         rows = idx[s]
         if TV not in rows:
@@ -212,7 +216,7 @@ def plot(doc: dict, path: Path) -> None:
         for j, (name, color, marker) in enumerate(items):
             if name in rows:
                 d, se = delta(rows[name], rows[TV])
-                ax.errorbar(d, i + 0.1 * (j - 2.5), xerr=se if se == se else 0, fmt=marker, color=color, ms=4,
+                ax.errorbar(d, i + 0.08 * (j - 4), xerr=se if se == se else 0, fmt=marker, color=color, ms=4,
                             label=("best free peer" if j == len(show) else name) if i == 0 else None)
     ax.axvline(0, color="gray", lw=0.8)
     ax.set_yticks(range(len(names)), names, fontsize=7)
@@ -252,3 +256,53 @@ def plot(doc: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the goals set for a new default (0.2) (Δ vs the upstream on train ∪ val, paired by seed)
+# ---------------------------------------------------------------------------------------------------------------
+PY_PEER = "confidence weight p[y]"
+
+
+def goals_default(doc: dict, row: str, peer: str = PY_PEER) -> dict:
+    """The goals 1–5 set for a new default (0.2), for ``row`` as the default, over every stream of ``doc`` with it.
+
+    1. mean Δ ≥ +1.5 and ≥ the ``peer``'s mean (same streams); 2. no stream worse by ≥ 2 SE and ≥ 1 point;
+    3. clean streams ≥ −1 SE; 4. ≥ 2 SE better on at least 5 streams; 5. half B and the new streams: mean Δ ≥ +1.0.
+    """
+    idx = index(doc)
+    per = {}
+    for s, rows in idx.items():
+        if row in rows and TV in rows:
+            d, se = delta(rows[row], rows[TV])
+            p = delta(rows[peer], rows[TV]) if peer in rows else (float("nan"), float("nan"))
+            per[s] = {"delta": [d, se], "peer": list(p), "half": doc["streams"][s]["half"],
+                      "family": doc["streams"][s]["family"]}  # fmt: skip
+    if not per:
+        return {}
+    mean = float(np.mean([v["delta"][0] for v in per.values()]))
+    peer_mean = float(np.mean([v["peer"][0] for v in per.values()]))
+    worse = [s for s, v in per.items() if v["delta"][0] <= -1 and v["delta"][0] <= -2 * v["delta"][1]]
+    clean = {s: v["delta"] for s, v in per.items() if v["family"] == "clean"}
+    better = [s for s, v in per.items() if v["delta"][0] >= 2 * v["delta"][1] and v["delta"][0] > 0]
+    halves = {h: float(np.mean([v["delta"][0] for v in per.values() if v["half"] == h]))
+              for h in ("A", "B", "new") if any(v["half"] == h for v in per.values())}  # fmt: skip
+    return {
+        "row": row, "peer": peer, "streams": per,
+        "1": {"mean": mean, "peer_mean": peer_mean, "met": mean >= 1.5 and mean >= peer_mean},
+        "2": {"worse": worse, "met": not worse},
+        "3": {"clean": clean, "met": all(d >= -se for d, se in clean.values())},
+        "4": {"better": better, "n": len(better), "met": len(better) >= 5},
+        "5": {"halves": halves, "met": all(halves.get(h, -math.inf) >= 1.0 for h in ("B", "new"))},
+    }
+
+
+FIRST_RUN_ROWS = tuple(v.name for v in VARIANTS if "gated" not in v.name and v.name != PY_PEER + ", train+val")
+
+
+def first_run(doc: dict) -> dict:
+    """``doc`` restricted to the suite's first run: the 16 streams of ``streams.PLAN`` and its 14 rows (what the
+    README's generated verdict and tables describe); the gated rows and new streams are in ``suite_goals.json``."""
+    keep = [e for e in doc["entries"] if e["stream"] in S.PLAN and e["variant"] in FIRST_RUN_ROWS]
+    return {**doc, "entries": keep, "streams": {k: v for k, v in doc["streams"].items() if k in S.PLAN}}
+

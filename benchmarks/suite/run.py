@@ -3,7 +3,7 @@
 Usage::
 
     nice -n 10 python -m benchmarks.suite.run              # the committed results (2 workers x 1 thread)
-    python -m benchmarks.suite.run --quick                 # 2 small streams, 1 seed, 6 variants (< 30 s idle)
+    python -m benchmarks.suite.run --quick                 # 2 small streams, 1 seed, 7 variants (< 30 s idle)
     python -m benchmarks.suite.run --replot                # redraw the figure and the op report from the JSON
     python -m benchmarks.suite.run --streams fmnist/pool10-clean --merge   # rerun some streams into the JSON
 
@@ -67,7 +67,7 @@ def meta(args: argparse.Namespace, wall: float) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="2 small streams, 1 seed, 6 variants, 60 steps")
+    ap.add_argument("--quick", action="store_true", help="2 small streams, 1 seed, 7 variants, 60 steps")
     ap.add_argument("--seeds", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--workers", type=int, default=2)
@@ -87,8 +87,9 @@ def main(argv: list[str] | None = None) -> dict:
         doc = json.loads(args.json.read_text())
         report.plot(doc, args.png)
         return doc
-    plan = args.streams.split(",") if args.streams else list(streams.QUICK_PLAN if args.quick else streams.PLAN)
-    names = args.variants.split("|") if args.variants else list(variants.QUICK if args.quick else variants.BY_NAME)
+    full_plan = streams.PLAN + streams.NEW
+    plan = args.streams.split(",") if args.streams else list(streams.QUICK_PLAN if args.quick else full_plan)
+    names = args.variants.split("|") if args.variants else list(variants.QUICK if args.quick else variants.SUITE)
     scale = 0.5 if args.quick else 1.0
     jobs = [(s, v, seed, args.steps, scale) for s in plan for seed in range(args.seeds) for v in names]
     for name in {s.split("/")[0] for s in plan}:

@@ -44,11 +44,16 @@ SPECS: dict[str, tuple[str, str, float, str, float]] = {
     "pool10-style": ("bias", "pool", 10, "style", 0.7),
     "pool10-clean": ("clean", "pool", 10, "clean", 0.0),
     "copies-clean": ("clean", "copies", 1, "clean", 0.0),
+    # 0.2: streams added before the gated rule was chosen, looked at only after (streams.NEW)
+    "pool10-pairswap40": ("noise", "pool", 10, "pairswap", 0.4),
+    "pool10-uniform30-table": ("noise", "pool", 10, "uniform", 0.3),
+    "copies-cutmix": ("transform", "copies", 1, "cutmix", 0.5),
+    "pool10-rotate": ("domain", "pool", 10, "rotate", 0.5),
 }
 
 # data set -> (clean train, validation, test) sizes
 SIZES = {"fmnist": (1000, 300, 2000), "mnist": (250, 150, 1000), "digits": (100, 100, 500),
-         "hpc": (200, 150, 1000), "churn": (200, 150, 1500)}  # fmt: skip
+         "hpc": (200, 150, 1000), "churn": (200, 150, 1500), "credit": (200, 150, 1000)}  # fmt: skip
 
 # The streams of the committed run, sized to the compute budget (16 streams x 14 variants x 6 seeds). The selection
 # halves alternate through this list, so each half has every family.
@@ -59,10 +64,19 @@ PLAN = (
     "churn/pool10-imbalance", "digits/pool10-style", "fmnist/pool3-uniform30", "hpc/pool10-uniform10",
 )  # fmt: skip
 QUICK_PLAN = ("digits/pool10-uniform60", "hpc/copies-uniform30")
+# 0.2: new streams, fixed before the gated default was chosen and run only after the choice was committed:
+# pairwise label swaps (each class with one partner, both ways, as a generator that mixes up two classes), another
+# table (credit scoring) with uniform wrong labels, heavy CutMix on clean data (the base image's label kept, bad =
+# the pasted patch covers more than half the image), and a rotated domain (half the pool turned by 90°, labels right).
+NEW = ("mnist/pool10-pairswap40", "credit/pool10-uniform30-table", "fmnist/copies-cutmix", "fmnist/pool10-rotate",
+       "hpc/pool10-pairswap40")  # fmt: skip
 
 
 def half(stream: str) -> str:
-    """``"A"`` (where the default is chosen) or ``"B"`` (where it is confirmed): alternate positions of PLAN."""
+    """``"A"`` (where the default is chosen), ``"B"`` (where it is confirmed: alternate positions of PLAN) or
+    ``"new"`` (the streams of :data:`NEW`, held out until the choice was made)."""
+    if stream in NEW:
+        return "new"
     return "AB"[PLAN.index(stream) % 2] if stream in PLAN else "A"
 
 
@@ -119,11 +133,50 @@ class Stream:
             if kind in ("uniform", "classcond"):
                 bad = torch.rand(n, generator=gen) < self.bad_fraction
                 y_up = torch.where(bad, _wrong(y, kind, self.num_classes, self.confusable, gen), y)
+        if kind == "cutmix":
+            return _with_label(_cutmix(x, gen), y_up, op)
         if kind == "ops":
             op = torch.randint(0, len(self.ops), (n,), generator=gen)
             bad = op >= len(HARMLESS_OPS)
             return _apply_ops(x, op, self.ops, gen), y_up, bad, op
         return light_augment(x, self.image, gen), y_up, bad, op
+
+
+def _with_label(mixed: tuple[Tensor, Tensor], y: Tensor, op: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    x, bad = mixed
+    return x, y, bad, op
+
+
+def _cutmix(x: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Heavy CutMix on clean rows: a square patch of a random other row, its area a uniform share of the image (on
+    the grid of patch sides); the base row's label is kept. Returns ``(images, bad = patch area > 1/2)``."""
+    n, side = x.shape[0], x.shape[-1]
+    partner = torch.randperm(n, generator=gen)
+    area = torch.rand(n, generator=gen)
+    sides = (area.sqrt() * side).round().long().clamp(0, side)
+    out = x.clone()
+    for i in range(n):
+        c = int(sides[i])
+        if c == 0:
+            continue
+        r, q = torch.randint(0, side - c + 1, (2,), generator=gen).tolist()
+        out[i, r : r + c, q : q + c] = x[partner[i], r : r + c, q : q + c]
+    return out, (sides.float() ** 2 / side**2) > 0.5
+
+
+def _pairs(x: np.ndarray, y: np.ndarray, k: int) -> np.ndarray:
+    """Class -> its partner: classes matched in pairs, nearest mean inputs first (an odd class out keeps itself)."""
+    flat = x.reshape(len(x), -1)
+    means = np.stack([flat[y == c].mean(0) for c in range(k)])
+    d = ((means[:, None] - means[None]) ** 2).sum(-1)
+    partner = np.arange(k)
+    free = set(range(k))
+    for flat_i in np.argsort(d, axis=None):
+        a, b = divmod(int(flat_i), k)
+        if a != b and a in free and b in free:
+            partner[a], partner[b] = b, a
+            free -= {a, b}
+    return partner
 
 
 def _wrong(y: Tensor, kind: str, k: int, confusable: Tensor | None, gen: torch.Generator) -> Tensor:
@@ -241,10 +294,16 @@ def build(dataset: str, spec: str, seed: int, *, scale: float = 1.0) -> Stream:
     x_po, y_po_true = x_all[po], y_all[po]
     y_po = y_po_true.copy()
     confusable = _confusable(x_all, y_all, k)
-    if kind in ("uniform", "classcond") and layout == "pool":
+    if kind == "pairswap":
+        confusable = _pairs(x_all, y_all, k)
+    if kind in ("uniform", "classcond", "pairswap") and layout == "pool":
         bad = rng.random(len(po)) < frac
-        wrong = confusable[y_po] if kind == "classcond" else (y_po + rng.integers(1, k, len(po))) % k
+        wrong = confusable[y_po] if kind in ("classcond", "pairswap") else (y_po + rng.integers(1, k, len(po))) % k
+        bad &= wrong != y_po
         y_po = np.where(bad, wrong, y_po)
+    elif kind == "rotate":  # half the pool turned by 90°, labels right; validation and test upright
+        bad = rng.random(len(po)) < frac
+        x_po = np.where(bad[:, None, None], np.rot90(x_po, 1, axes=(1, 2)), x_po)
     elif kind == "stamp":  # 90% of train and pool stamped with the label's mark; val/test with a random one
         def stamp(x, y, correlated):
             marked = rng.random(len(y)) < frac

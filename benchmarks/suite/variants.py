@@ -27,9 +27,10 @@ class Variant:
     beta: float | None = None
     q: float = 0.3  # small-loss filter: share of the augmented rows dropped
     free: bool = True  # a peer that is not told the truth
+    decay: float | None = None  # the gated rules' EMA decay
 
     def loss_kwargs(self) -> dict:
-        return {"rule": SF.Rule(self.rule, beta=self.beta)}
+        return {"rule": SF.Rule(self.rule, beta=self.beta, decay=self.decay)}
 
 
 DEFAULT = "SAFLEX default (margin β=1.5)"
@@ -49,10 +50,25 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("SAFLEX margin, val both ways", "saflex", "saflex", trains_on="train+val", reference="heldout"),
     Variant("SAFLEX margin, reference=batch", "saflex", "saflex", trains_on="train+val", reference="batch"),
     Variant("SAFLEX margin, reference=train", "saflex", "saflex", trains_on="train+val", reference="train"),
+    # 0.2: the gated rules (saflex_data.rules), trained on train only and with the validation split used both
+    # ways; the settings grid was probed on half A only
+    Variant("confidence weight p[y], train+val", "peer", "confidence", trains_on="train+val"),
+    *(Variant(f"SAFLEX {r}{'' if b is None else f' β={b}'}{'' if d is None else f' ρ={d}'}{tv}", "saflex", "saflex",
+              trains_on="train+val" if tv else "train", reference="heldout", rule=r, beta=b, decay=d)
+      for tv in ("", ", val both ways")
+      for r in ("gated", "gated_margin", "gated_product", "gated_soft", "gated_prior", "gated_hold", "gated_latch")
+      for b, d in ((None, None), (1.0, 0.9), (3.0, 0.98))),
 )  # fmt: skip
 BY_NAME = {v.name: v for v in VARIANTS}
+# The rows of a full run (the probe grid above runs only when named with --variants).
+SUITE = tuple(v.name for v in VARIANTS if "gated" not in v.name) + (
+    "SAFLEX gated_prior", "SAFLEX gated_prior, val both ways")
+# The gated default's choice, made on half A only (benchmarks/README.md): the best mean paired Δ vs the upstream on
+# train ∪ val among the gated rows that met goals 2 and 3 on A. Half B and the new streams ran after it was committed.
+GATED = "SAFLEX gated_prior, val both ways"
+GATED_TRAIN = "SAFLEX gated_prior"
 QUICK = ("upstream", "upstream, train+val", "oracle", "small-loss q=30%", DEFAULT,
-         "SAFLEX margin, reference=batch")  # fmt: skip
+         "SAFLEX margin, reference=batch", "SAFLEX gated_prior, val both ways")  # fmt: skip
 
 
 def peer_weights(v: Variant, logits: Tensor, y: Tensor, bad_rate: float, pi: Tensor | None) -> tuple[Tensor, Tensor]:
