@@ -315,7 +315,8 @@ def when_to_use(path: Path) -> str:
     rows_ = {n: mean_delta(n) for n in report.CANDIDATES if any(n in r for r in idx.values())}
     return (
         "**When to use it / when not** (from the suite above). "
-        f"The library default beat the upstream trained on train ∪ val by ≥ 2 SE on {len(wins)} of {len(idx)} "
+        f"The 0.1 library default (`margin`; the 0.2 default `gated_prior` is in docs/when_to_use.md) beat the "
+        f"upstream trained on train ∪ val by ≥ 2 SE on {len(wins)} of {len(idx)} "
         f"streams ({', '.join(wins) or 'none'}) and lost to it by ≥ 2 SE on {len(losses)} "
         f"({', '.join(losses) or 'none'}). "
         f"The free alternative to try first is the model's own signal: **{top}** was the best free peer on "
@@ -423,8 +424,9 @@ def demo_section(path: Path) -> str:
 
     paired = [s - u for s, u in zip(acc["saflex"], acc["upstream"], strict=True)]
     ops = d["op_stats"]
-    kept = [100 * o["kept"] for o in ops.values()]
     s = d["settings"]
+    rule = d["saflex"].split("rule=Rule(name='", 1)[-1].split("'", 1)[0]
+    by_weight = sorted(ops.items(), key=lambda kv: kv[1]["weight"])
     import textwrap
 
     return textwrap.fill(
@@ -434,11 +436,15 @@ def demo_section(path: Path) -> str:
         "mean ± std over seeds: " + ", ".join(f"{names[m]} {ms(a)}" for m, a in acc.items()) + "; SAFLEX minus "
         f"upstream, paired by seed: {statistics.fmean(paired):+.1f} (per seed "
         + ", ".join(f"{x:+.1f}" for x in paired) + "). "
-        f"SAFLEX kept {100 * d['runs']['saflex']['kept_last_epoch']:.0f}% of the augmented samples in the last "
-        f"epoch and relabelled {100 * d['runs']['saflex']['relabeled_last_epoch']:.0f}%, and its keep rate is flat "
-        f"across ops ({min(kept):.0f}–{max(kept):.0f}%): it does not single out the "
-        "upside-down, cropped or occluded digits. Destroyed images whose label is still right are not what it "
-        "detects. "
+        f"SAFLEX (`rule={rule!r}`) gave the augmented samples a mean weight of "
+        f"{d['runs']['saflex']['weight_last_epoch']:.2f} in the last epoch and relabelled "
+        f"{100 * d['runs']['saflex']['relabeled_last_epoch']:.0f}%; mean weight per op, lowest first: "
+        + ", ".join(f"{op} {o['weight']:.2f}" for op, o in by_weight) + ". "
+        + ("Under this rule a weight below 1 is the model's own confidence `p[y]` in the label (the validation "
+           "signal only decides whether the augmented rows are weighted at all), so differences between ops are the "
+           "model's confidence, not SAFLEX's validation signal singling out destroyed images. "
+           if rule.startswith("gated") else "")
+        + "Destroyed images whose label is still right are not what SAFLEX's validation signal detects. "
         f"This run took {d['wall_s']:.0f} s ({d['cpu_s']:.0f} s of CPU time) on {d['machine']}, "
         f"load average {d['load_average_at_end'][0]:.1f} at the end (`benchmarks/results/demo_results.json`).",
         width=118, break_on_hyphens=False, break_long_words=False,

@@ -33,6 +33,7 @@ import json
 import os
 import statistics
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -323,7 +324,7 @@ def plot_samples(path: Path, x: Tensor, target: SaflexTarget, last: dict[str, Te
              f"training batch, drawn at random (mean weight {shown_w:.2f}{on_screen}).{overall}\n"
              "Each title: the weight SAFLEX gave the sample this step (0 to 1), the upstream label (the digit it is "
              "trained as; never changed by the default), and the upstream op.\n"
-             + accuracy_line(accuracies) + "\n" + NOT_DETECTED)  # fmt: skip
+             + accuracy_line(accuracies) + "\n" + "\n".join(textwrap.wrap(NOT_DETECTED, 150)))  # fmt: skip
     if quick:
         title = SMOKE_TEST + "\n" + title
     fig.suptitle(title, fontsize=8)
