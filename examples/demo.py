@@ -21,7 +21,7 @@ What to expect: SAFLEX judges a sample's *label* against the validation data. It
 
 Usage::
 
-    python examples/demo.py                 # about 2-3 minutes of CPU time (3 seeds × 3 runs); progress and ETA
+    python examples/demo.py                 # about 1-2 minutes of CPU time (3 seeds × 3 runs); progress and ETA
     python examples/demo.py --quick         # seconds: a smoke test, its numbers mean nothing
     python examples/demo.py --rule paper --method jvp   # the paper's rule (it relabels)
 """
