@@ -1,4 +1,4 @@
-"""Host synchronisations and aten ops of one ``SaflexLoss`` training step, per method (issue 21).
+"""Host synchronisations and aten ops of one ``SaflexLoss`` training step, per method.
 
 Counts, for a step after the first (the first checks its inputs once), the aten ops and host syncs of the loss call
 (``criterion(logits, target)``; ``forward_train`` too for ``single_pass``) and of its backward, with the
