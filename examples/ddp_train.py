@@ -12,7 +12,8 @@ averages the validation gradient across ranks and decides on the global batch, s
 one process with the global batch would, and ``criterion.stats`` is the same on every rank.
 
 The upstream augmentation here is deliberately harmful: it mirrors a sample (``x -> -x``), which moves it to another
-cluster while keeping its label. SAFLEX should drop or relabel most mirrored samples.
+cluster while keeping its label. With the default rule (``"margin"``) SAFLEX drops the mirrored samples whose label the
+validation gradient clearly disagrees with, and relabels none.
 """
 
 # %%

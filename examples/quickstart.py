@@ -1,9 +1,10 @@
 # needs: only torch.  Run: python examples/quickstart.py [--device cpu|cuda] [--steps N]
 # %% [markdown]
 # # saflex_data quick start
-# SAFLEX repairs an upstream augmentation: each step it decides, for every augmented sample, a weight (keep/drop)
-# and a label (keep the upstream label or move it to the class the validation data supports). Here the "upstream"
-# is a deliberately bad one: noisy copies of the inputs with 40% of their labels flipped at random.
+# Each step SAFLEX scores every augmented sample against a validation gradient. With the default rule ("margin") it
+# drops (weight 0) a sample whose upstream label trails the class the validation data supports by a clear margin,
+# keeps the rest with their upstream label, and never relabels; `--rule margin_fix` or `--rule paper` also relabel.
+# Here the "upstream" is a deliberately bad one: noisy copies of the inputs with 40% of their labels flipped at random.
 # The same code runs on synthetic data in a few seconds on a CPU.
 
 # %%

@@ -3,13 +3,17 @@
 ``_seeds`` (seeds), ``_describe`` (error-message descriptions), ``_math.as_probabilities`` (labels), ``_hooks`` (weak
 hooks), ``_passes`` (SAFLEX's own passes of the model) and ``_report`` (the per-step report). The adapters still import
 ``describe``, ``draw_seed`` and ``seeded`` from here, and models pickled by an earlier version name
-``_common._disarmed_hook``; new code imports from the named modules.
+``_common._disarmed_hook``; new code imports from the named modules (``rejects_removed_arguments``: ``_removed``).
 """
 
 from ._describe import describe
 from ._hooks import _disarmed, _disarmed_hook
 from ._math import as_probabilities
+from ._removed import rejects_removed_arguments
 from ._seeds import MASK63 as _MASK63
 from ._seeds import draw_seed, mix_seed, seeded
 
-__all__ = ["describe", "draw_seed", "mix_seed", "seeded", "as_probabilities", "_disarmed", "_disarmed_hook", "_MASK63"]
+__all__ = [
+    "describe", "draw_seed", "mix_seed", "seeded", "as_probabilities", "rejects_removed_arguments", "_disarmed",
+    "_disarmed_hook", "_MASK63",
+]

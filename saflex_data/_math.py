@@ -668,8 +668,8 @@ class Rule:
     Example:
         >>> Rule("margin")
         Rule(name='margin', beta=1.5, tau=0.01, normalize='batch_max')
-        >>> Rule("margin", beta=-1.0).beta
-        -1.0
+        >>> Rule("margin", beta=1.0).beta
+        1.0
         >>> Rule("median")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
@@ -715,7 +715,7 @@ class Rule:
         logits: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """The rule for the rows ``mask`` of a batch, on checked inputs (:func:`rule_targets`): what
-        :class:`~saflex_data.SaflexLoss` calls every step, without a host synchronisation.
+        :class:`saflex_data.SaflexLoss` calls every step, without a host synchronisation.
 
         Args:
             pi: Inner products `(B, K)`, float32 or wider (rows outside ``mask`` may hold anything finite).

@@ -1,4 +1,4 @@
-"""The ways :class:`~saflex_data.SaflexLoss` computes ``Π``: one class per ``method``, one small interface.
+"""The ways :class:`saflex_data.SaflexLoss` computes ``Π``: one class per ``method``, one small interface.
 
 A method says which forward hooks it needs (:meth:`PiMethod.hooks`) and what they remember of each forward of the
 model, how it makes the validation signal (:meth:`PiMethod.heldout_signal` from a held-out batch,

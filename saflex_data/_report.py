@@ -29,6 +29,9 @@ class StepRecord(NamedTuple):
     """Rows of the whole batch, clean and augmented (of every rank under torch.distributed)."""
 
 
+StepRecord.__new__.__module__ = __name__  # the generated constructor's annotations resolve in this module (API docs)
+
+
 class DeviceFlags:
     """Booleans computed on the device that the host reads once they are ready, without waiting for the device.
 
@@ -97,11 +100,12 @@ class StepReport:
         raise NotImplementedError
 
     @property
-    def stats(self) -> dict[str, float]:
-        """Statistics of the last step (fractions of its augmented samples) plus the non-finite fallback count."""
-        out = {k: float(v) for k, v in self._last.items()}
-        out["nonfinite_steps"] = float(self.nonfinite_steps)
-        out["step"] = float(self.step)
+    def stats(self) -> dict[str, float | int]:
+        """Statistics of the last step (fractions of its augmented samples, floats) plus two counts (ints): the
+        non-finite fallbacks (``"nonfinite_steps"``) and the training steps so far (``"step"``)."""
+        out: dict[str, float | int] = {k: float(v) for k, v in self._last.items()}
+        out["nonfinite_steps"] = int(self.nonfinite_steps)
+        out["step"] = int(self.step)
         return out
 
     def _nonfinite_fallback(self) -> None:

@@ -29,7 +29,7 @@ class SaflexTarget:
         index: Optional int tensor of shape `(B,)`: index of the source sample in the dataset.
         op: Optional int tensor of shape `(B,)`: id of the upstream op/pipeline that made the sample
             (``-1`` for clean samples). ``op_names[op]`` names it.
-        op_names: Optional names of the op ids, used by :class:`~saflex_data.SaflexLoss` statistics.
+        op_names: Optional names of the op ids, used by :class:`saflex_data.SaflexLoss` statistics.
 
     Example:
         >>> t = SaflexTarget(torch.tensor([3, 1]), torch.tensor([False, True]))

@@ -1,9 +1,9 @@
 """SaflexCollate: run any per-sample upstream augmentation inside the collate and tag every sample.
 
-A :class:`~torch.utils.data.DataLoader` hands the collate a list of untransformed samples ``(input, label)``
+A :class:`torch.utils.data.DataLoader` hands the collate a list of untransformed samples ``(input, label)``
 (or ``(input, label, index)``). :class:`SaflexCollate` emits, per sample, the clean input and/or augmented
 copies made by the upstream transform, stacks them, and returns the usual 2-tuple ``(inputs, target)`` where
-``target`` is a :class:`~saflex_data.batch.SaflexTarget` recording, per row, the label, whether the row is
+``target`` is a :class:`saflex_data.batch.SaflexTarget` recording, per row, the label, whether the row is
 augmented, the source index and the id of the upstream op that made it.
 
 Randomness never comes from global NumPy state. Each process (main or worker) owns a ``torch.Generator``
@@ -11,7 +11,7 @@ seeded from ``torch.initial_seed()`` (which the DataLoader sets per worker from 
 the ``seed`` argument; every upstream call runs under a forked torch/``random`` state seeded from it. The same
 DataLoader seed and number of workers therefore give the same batches and tags. For batches that do not even
 depend on the number of workers (decisions made in the main process), use
-:class:`~saflex_data.sampler.SaflexBatchSampler`.
+:class:`saflex_data.sampler.SaflexBatchSampler`.
 """
 
 from __future__ import annotations
@@ -102,6 +102,9 @@ class TaggedSample(NamedTuple):
     op: int
 
 
+TaggedSample.__new__.__module__ = __name__  # the generated constructor's annotations resolve in this module (API docs)
+
+
 class IndexedDataset(Dataset):
     """Wrap a map-style dataset so items are ``(input, label, index)``; the collate then records dataset indices.
 
@@ -132,7 +135,7 @@ def as_sample_transform(transform: Any) -> SampleTransform:
 class AugmentPipeline:
     """``pre -> (clean | one of the transforms) -> post`` with op ids flattened over the transforms.
 
-    Shared by :class:`SaflexCollate`, :class:`~saflex_data.sampler.SaflexDataset` and the offline wrapper.
+    Shared by :class:`SaflexCollate`, :class:`saflex_data.sampler.SaflexDataset` and the offline wrapper.
 
     Args:
         transform: One transform, or a sequence of them (one is picked per augmented copy).
@@ -247,16 +250,16 @@ class SaflexCollate:
         p: Probability of augmenting each sample in place; selects in-place mode (no clean copy).
         weights: Relative probabilities of the transforms when several are given.
         batch_transform: Batch-level op applied after stacking, ``(inputs, SaflexTarget) -> (inputs, SaflexTarget)``,
-            e.g. :class:`~saflex_data.mixing.MixUp`. In copies mode with ``keep_clean`` it only sees the copies.
+            e.g. :class:`saflex_data.mixing.MixUp`. In copies mode with ``keep_clean`` it only sees the copies.
         output: ``"tensor"`` stacks tensors/arrays as they are (checking that every row has the same shape and
             dtype; structured inputs such as dicts or tuples go through ``default_collate``); ``"uint8"`` builds
             a uint8 NCHW tensor from uint8 CHW tensors, CHW arrays or PIL images, like
             ``timm.data.loader.fast_collate`` (for timm's prefetcher).
-        target_format: ``"saflex"`` returns a :class:`~saflex_data.batch.SaflexTarget`; ``"labels"`` returns
+        target_format: ``"saflex"`` returns a :class:`saflex_data.batch.SaflexTarget`; ``"labels"`` returns
             only the label tensor (e.g. for torchvision's reference ``utils.accuracy``).
         seed: Optional seed; by default each process seeds from ``torch.initial_seed()``.
-        op_names: Names of the op ids of pre-tagged samples (from :class:`~saflex_data.sampler.SaflexDataset`
-            or :class:`~saflex_data.offline.OfflineAugmentedDataset`); ignored otherwise.
+        op_names: Names of the op ids of pre-tagged samples (from :class:`saflex_data.sampler.SaflexDataset`
+            or :class:`saflex_data.offline.OfflineAugmentedDataset`); ignored otherwise.
 
     Example:
         >>> collate = SaflexCollate(lambda x: x.flip(-1), num_copies=1)

@@ -33,6 +33,7 @@ from ._autodiff import forward_with_tangent, grad_inner_products, math_attention
 from ._describe import describe
 from ._math import Rule, check_logits, check_temperature, inner_products_from_tangent
 from ._passes import rng_preserved, unwrap_model, validation_pass
+from ._removed import rejects_removed_arguments
 from ._report import StepReport
 from ._stream import ValidationStream
 
@@ -191,14 +192,16 @@ class SaflexContrastiveLoss(StepReport, nn.Module):
             into ``class_prompts``. Batches are moved to the model's device.
         class_prompts: Text-encoder inputs of the ``K`` class prompts, e.g. ``tokenizer([f"a photo of a {c}." for c
             in classes])`` of shape `(K, context_length)`.
-        method: ``"jvp"``: a separate ``torch.func.jvp`` pass over the augmented images and all texts, then the
-            normal forward; ``"single_pass"``: the training forward itself runs with dual parameters and gives the
-            logits and their tangent together (dropout masks and BatchNorm statistics are then those of the step,
-            so ``Π`` is exact for a train-mode BatchNorm tower too; ``"jvp"`` normalises the augmented images with
-            their own batch statistics there).
-        rule: The decision rule over the in-batch texts: a :class:`~saflex_data.functional.Rule` or its name.
-            Default: the paper's rule with a bonus of 0.5 (in units of the normalised ``Π``) on the own caption;
-            ``"centered"`` is available too (the margin rules were not measured for CLIP).
+        method: ``"jvp"``: a separate forward-mode pass (dual parameters, ``torch.autograd.forward_ad``) over the
+            augmented images and all texts, then the normal forward; ``"single_pass"``: the training forward itself
+            runs with dual parameters and gives the logits and their tangent together (dropout masks and BatchNorm
+            statistics are then those of the step, so ``Π`` is exact for a train-mode BatchNorm tower too; ``"jvp"``
+            normalises the augmented images with their own batch statistics there).
+        rule: The decision rule over the in-batch texts: a :class:`saflex_data.functional.Rule` or its name.
+            Default ``"margin"``, as for ``SaflexLoss``: drop an augmented image whose own caption trails the best
+            in-batch caption by more than ``beta`` batch standard deviations of ``Π``, never relabel. In
+            ``examples/contrastive_flyp.py`` (3 seeds, ``docs/contrastive.md``) it was above plain augmentation on 2
+            of 3 seeds, the paper's rule (``Rule("paper", beta=0.5)``, the default before 0.2.0) on 1 of 3.
         val_every: Recompute ``g`` every ``val_every`` steps (reuse it in between).
         val_temperature: ``T`` of the tempered zero-shot validation loss ``T · CE(L / T, y)`` (see
             ``SaflexLoss``; not in the paper). The default 1 is the paper's loss: unlike for ``SaflexLoss``, a larger
@@ -222,6 +225,7 @@ class SaflexContrastiveLoss(StepReport, nn.Module):
     towers: _Towers
     _state_signal = ("val_grad", "val_grad")  # state_dict key and attribute of the cached validation gradient
 
+    @rejects_removed_arguments()
     def __init__(
         self,
         model: nn.Module | tuple[nn.Module, nn.Module],
@@ -229,7 +233,7 @@ class SaflexContrastiveLoss(StepReport, nn.Module):
         class_prompts: Tensor,
         *,
         method: ContrastiveMethod = "jvp",
-        rule: Rule | str = Rule("paper", beta=0.5),
+        rule: Rule | str = "margin",
         val_every: int = 1,
         val_temperature: float = 1.0,
         val_keys: tuple[str, str] | None = None,

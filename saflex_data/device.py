@@ -9,7 +9,7 @@
 
 ``fn`` is either a plain batch callable ``inputs -> inputs`` (every row it is given counts as augmented) or a
 *tagged* batch op with ``forward_tagged(inputs, target) -> (inputs, SaflexTarget)`` that reports per row what it
-did (the kornia adapter, :class:`~saflex_data.mixing.MixUp`, ...). ``mode`` says which rows ``fn`` sees:
+did (the kornia adapter, :class:`saflex_data.mixing.MixUp`, ...). ``mode`` says which rows ``fn`` sees:
 
 * ``"all"``: the whole batch (the op's own per-sample probability decides, e.g. kornia ``p``);
 * ``"subset"``: a random subset, each row with probability ``p`` (for ops that augment the whole batch, like

@@ -1,4 +1,4 @@
-"""SAFLEX under ``torch.distributed`` (DDP, ``torchrun``): the collectives :class:`~saflex_data.SaflexLoss` runs.
+"""SAFLEX under ``torch.distributed`` (DDP, ``torchrun``): the collectives :class:`saflex_data.SaflexLoss` runs.
 
 Under ``DistributedDataParallel`` each rank holds a shard of the batch and draws its own validation minibatch. With
 ``SaflexLoss(..., all_reduce=True)`` (the default) every rank decides exactly as one process would on the
@@ -202,6 +202,9 @@ class GatheredRows(NamedTuple):
     """This rank's rows of the ``N``."""
 
 
+GatheredRows.__new__.__module__ = __name__  # the generated constructor's annotations resolve in this module (API docs)
+
+
 def gather_rows(
     pi: Tensor,
     upstream: Tensor,
@@ -317,7 +320,7 @@ def forward_with_tangent(
         val_grad: ``{name: gradient}`` keyed by the raw module's parameter names.
 
     Returns:
-        ``(logits, tangent)`` as :func:`~saflex_data.functional.forward_with_tangent`.
+        ``(logits, tangent)`` as :func:`saflex_data.functional.forward_with_tangent`.
     """
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         val_grad = {f"module.{name}": grad for name, grad in val_grad.items()}

@@ -6,7 +6,7 @@ a reference to the model (not a submodule) and a validation loader it cycles for
 1. refreshes the validation gradient ``g`` (every ``val_every`` steps; optionally smoothed),
 2. computes ``Π[i, k] = <∇θ ℓ_k(x_i), g>`` for the augmented samples (``method``: the cheap ``"last_layer"``
    closed form, exact ``"jvp"``, or the exact ``"single_pass"`` forward with dual parameters),
-3. turns ``Π`` into weights and soft labels with its :class:`~saflex_data.functional.Rule`, and
+3. turns ``Π`` into weights and soft labels with its :class:`saflex_data.functional.Rule`, and
 4. returns ``(Σ_clean CE(y_j) + Σ_aug w_i CE(ỹ_i)) / B`` (a fixed normaliser: docs/method.md).
 
 The same steps run in one process and under ``torch.distributed``; :class:`saflex_data.distributed.Sync` holds
@@ -34,6 +34,7 @@ from ._math import (
 )
 from ._methods import METHODS, PiMethod, Signal
 from ._passes import model_device, unwrap_model, validation_pass
+from ._removed import rejects_removed_arguments  # beta=, tau=, ... of 0.1: a TypeError naming the replacement
 from ._report import DeviceFlags, StepRecord, StepReport
 from ._stream import ValidationStream
 from .batch import SaflexTarget
@@ -65,7 +66,7 @@ class SaflexLoss(StepReport, nn.Module):
             the augmented rows only, with the batch statistics train-mode BatchNorm used in the training forward held
             fixed: cheaper than ``"jvp"``, and a different ``Π`` that leaves out the statistics' own tangent; the
             same as ``"jvp"`` for a model without batch-statistics BatchNorm).
-        rule: The decision rule: a :class:`~saflex_data.functional.Rule` or its name. Default ``"margin"``: drop an
+        rule: The decision rule: a :class:`saflex_data.functional.Rule` or its name. Default ``"margin"``: drop an
             augmented sample whose upstream label trails the best class by more than ``beta`` batch standard
             deviations of ``Π``, never relabel; ``"paper"`` is the paper's exact rule.
         reference: Where the validation signal comes from: ``"heldout"`` (default: batches of ``val_loader``) or
@@ -113,6 +114,7 @@ class SaflexLoss(StepReport, nn.Module):
 
     _state_signal = ("signal", "_signal")  # state_dict key and attribute of the cached validation signal
 
+    @rejects_removed_arguments()
     def __init__(
         self,
         model: nn.Module,
@@ -436,8 +438,9 @@ class SaflexLoss(StepReport, nn.Module):
         self.nonfinite_steps = 0
 
     @property
-    def stats(self) -> dict[str, float]:
-        """Statistics of the last step (fractions of its augmented samples) plus the non-finite fallback count.
+    def stats(self) -> dict[str, float | int]:
+        """Statistics of the last step (fractions of its augmented samples, floats) plus two counts (ints): the
+        non-finite fallbacks (``"nonfinite_steps"``) and the training steps so far (``"step"``).
 
         Computed when read (from the last step's decisions, still on the device): reading them is the host
         synchronisation a training step does not do.

@@ -56,6 +56,9 @@ class MixParams(NamedTuple):
         return torch.stack([labels.float(), labels[perm].float(), self.lam.to(labels.device).float()], dim=1)
 
 
+MixParams.__new__.__module__ = __name__  # the generated constructor's annotations resolve in this module (API docs)
+
+
 class _BatchMix:
     """Shared parameter sampling, label mixing and validation."""
 
@@ -107,7 +110,7 @@ class _BatchMix:
         return chosen & (perm != torch.arange(batch))
 
     def forward_tagged(self, inputs: Tensor, target: SaflexTarget) -> tuple[Tensor, SaflexTarget]:
-        """Tagged batch-op protocol used by :class:`~saflex_data.device.DeviceAugment`."""
+        """Tagged batch-op protocol used by :class:`saflex_data.device.DeviceAugment`."""
         return self(inputs, target)  # type: ignore[operator]
 
     # --- applying --------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 :class:`OfflineAugmentations` holds pre-made samples and, for each, the index of the real training sample it was
 made from (an ``.npz`` with a ``source_index`` column, a folder with an ``index.csv``, or tensors in memory).
 :class:`OfflineAugmentedDataset` pairs them with the real training set; items are
-:class:`~saflex_data.collate.TaggedSample` and :meth:`OfflineAugmentedDataset.collate_fn` stacks them into
+:class:`saflex_data.collate.TaggedSample` and :meth:`OfflineAugmentedDataset.collate_fn` stacks them into
 ``(inputs, SaflexTarget)``. Two ways to draw batches:
 
 * **pool**: shuffle over ``len(real) + len(augmented)`` items (``DataLoader(ds, shuffle=True, ...)``); item

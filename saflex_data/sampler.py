@@ -31,7 +31,7 @@ __all__ = ["SaflexBatchSampler", "SaflexDataset"]
 class SaflexBatchSampler(Sampler[list[tuple[int, int]]]):
     """Batch sampler yielding ``(index, flag)`` pairs; ``flag == 0`` is clean, ``flag > 0`` augment (and seed).
 
-    Two modes, like :class:`~saflex_data.collate.SaflexCollate`: in-place (``p``: each sample augmented with
+    Two modes, like :class:`saflex_data.collate.SaflexCollate`: in-place (``p``: each sample augmented with
     probability ``p``) or copies (``num_copies``: each sample once clean, then ``num_copies`` augmented copies,
     laid out ``[clean; copy_1; ...]``).
 
@@ -140,14 +140,14 @@ class SaflexBatchSampler(Sampler[list[tuple[int, int]]]):
 class SaflexDataset(Dataset):
     """Dataset wrapper that applies the upstream transform to the samples a :class:`SaflexBatchSampler` flagged.
 
-    ``dataset[(index, flag)]`` returns a :class:`~saflex_data.collate.TaggedSample`: the clean sample
+    ``dataset[(index, flag)]`` returns a :class:`saflex_data.collate.TaggedSample`: the clean sample
     (``pre -> fixed part -> post``) when ``flag == 0``, else the augmented one with the transform's randomness
     seeded by ``mix_seed(flag, index)``. A plain int index gives the clean sample. Stack the samples with
-    :meth:`collate_fn` (a :class:`~saflex_data.collate.SaflexCollate` that knows the op names).
+    :meth:`collate_fn` (a :class:`saflex_data.collate.SaflexCollate` that knows the op names).
 
     Args:
         dataset: Map-style dataset of ``(input, label)`` items, unchanged.
-        transform: Per-sample transform(s), as for :class:`~saflex_data.collate.SaflexCollate`.
+        transform: Per-sample transform(s), as for :class:`saflex_data.collate.SaflexCollate`.
         pre_transform: Fixed callable applied first to every sample.
         post_transform: Fixed callable applied last to every sample.
         weights: Relative probabilities of the transforms when several are given.

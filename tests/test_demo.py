@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,23 @@ def test_demo_quick_writes_pictures_and_table(tmp_path: Path) -> None:
     on_disk = json.loads((tmp_path / "demo_results.json").read_text())
     assert on_disk["test_accuracy"] == summary["test_accuracy"]
     assert on_disk["smoke_test"] is True and "cores" in on_disk["machine"]  # says it is a smoke test, names the machine
+    # the spread over seeds: every seed's accuracy per run (3 seeds by default), and the time it took
+    assert on_disk["seeds"] == [0, 1, 2]
+    assert all(len(a) == 3 for a in on_disk["test_accuracy_per_seed"].values())
+    assert on_disk["cpu_s"] > 0 and on_disk["wall_s"] > 0
+
+
+def test_threads_come_from_the_free_cores() -> None:
+    demo = _load_demo()
+    threads, why = demo.choose_threads("auto")
+    assert 1 <= threads <= (os.cpu_count() or 1) and "free" in why
+    assert demo.choose_threads("3") == (3, "as requested")
+
+
+def test_kept_is_neutral_and_the_caption_says_what_saflex_does_not_detect() -> None:
+    demo = _load_demo()
+    assert demo._KIND_STYLE["kept"][0] in ("dimgray", "gray", "darkgray", "grey")
+    assert "does not detect: destroyed images" in demo.NOT_DETECTED
 
 
 def test_decision_kinds_and_sample_grid_in_proportion(tmp_path: Path) -> None:
@@ -53,8 +71,8 @@ def test_decision_kinds_and_sample_grid_in_proportion(tmp_path: Path) -> None:
             "upstream": upstream}  # fmt: skip
     assert demo.decision_kinds(last) == ["kept", "relabeled", "dropped", "kept"]
     target = SaflexTarget(upstream, aug)
-    demo.plot_samples(tmp_path / "grid.png", torch.zeros(5, 1, 28, 28), target, last, {"noaug": 90.0, "saflex": 91.0},
-                      quick=True, n=4)  # fmt: skip
+    demo.plot_samples(tmp_path / "grid.png", torch.zeros(5, 1, 28, 28), target, last,
+                      {"noaug": [90.0, 91.0, 89.5], "saflex": [91.0, 90.0, 90.5]}, quick=True, n=4)  # fmt: skip
     assert (tmp_path / "grid.png").stat().st_size > 0
 
 

@@ -1,7 +1,7 @@
 """Fault matrix of ``SaflexLoss``: what a long training job sees when something upstream goes wrong.
 
 Two promises are checked for every fault: the call never hangs, and the loss never silently trains on garbage.
-Each case says which of the documented behaviours (README, "Failure modes") applies:
+Each case says which of the documented behaviours (docs/failure_modes.md) applies:
 
 * **propagate** — non-finite logits give the loss exactly the non-finite value ``F.cross_entropy`` would give, so
   ``GradScaler`` step skipping and the loop's own NaN guards work unchanged; the criterion's state is not harmed;
@@ -13,7 +13,7 @@ Each case says which of the documented behaviours (README, "Failure modes") appl
   first step, with the argument and the fix in the message, and leave model and criterion usable;
 * **exact** — degenerate but valid batches (no augmented sample, only augmented samples, ``K=2``) work.
 
-Every case documents the behaviour the README's "Failure modes" table promises.
+Every case documents the behaviour the "Failure modes" table (docs/failure_modes.md) promises.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ import saflex_data
 
 PUBLIC = {
     "CallableTransform", "CutMix", "DeviceAugment", "IndexedDataset", "MixParams", "MixUp", "OfflineAugmentations",
-    "OfflineAugmentedDataset", "SaflexBatchSampler", "SaflexCollate", "SaflexContrastiveLoss", "SaflexDataset",
+    "OfflineAugmentedDataset", "Rule", "SaflexBatchSampler", "SaflexCollate", "SaflexContrastiveLoss", "SaflexDataset",
     "SaflexLoss", "SaflexTarget", "SampleTransform", "TabularCutMix", "TaggedSample", "__version__", "functional",
 }  # fmt: skip
 FUNCTIONAL = {

@@ -1,5 +1,6 @@
-"""Every Python block of the README runs as written (lucidrains' test_readme idea), and so does every example in the
-adapters table. The README's links and the docstrings' references point to files that exist in the repository.
+"""Every Python block of the README and of ``docs/*.md`` runs as written, on its own inputs (lucidrains' test_readme
+idea), and so does every example in the adapters table. The README's first screen carries the generated verdict; its
+links and the docstrings' references point to files that exist in the repository.
 
 A block that must not run is preceded by ``<!-- norun: reason -->``; none is today.
 """
@@ -16,13 +17,17 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 _NORUN = re.compile(r"<!-- norun: .+ -->")
 _STDLIB = set(sys.stdlib_module_names)
 
 
-def _sections() -> list[tuple[str, str]]:
-    """``(heading, text)`` of each ``## `` section."""
-    text = README.read_text()
+def _sections(page: Path = README) -> list[tuple[str, str]]:
+    """``(heading, text)`` of each ``## `` section (the text above the first one is under the page's title)."""
+    text = page.read_text()
+    if not text.startswith("## "):
+        title = text.splitlines()[0].lstrip("# ").strip()
+        text = f"## {title}\n" + text.split("\n", 1)[1]
     parts = re.split(r"^## (.+)$", text, flags=re.M)
     return [(parts[i].strip(), parts[i + 1]) for i in range(1, len(parts), 2)]
 
@@ -42,9 +47,10 @@ def _fences(text: str) -> list[tuple[str, str, str]]:
 
 
 def _python_blocks() -> list[tuple[str, str, bool]]:
-    """``(section heading, code, runs)`` of every Python block, in order."""
-    return [(heading, code, not _NORUN.search(before))
-            for heading, body in _sections() for info, code, before in _fences(body) if info == "python"]  # fmt: skip
+    """``(page: section heading, code, runs)`` of every Python block of the README and the docs, in order."""
+    return [(f"{page.name}: {heading}", code, not _NORUN.search(before)) for page in PAGES
+            for heading, body in _sections(page)
+            for info, code, before in _fences(body) if info == "python"]  # fmt: skip
 
 
 def _needs(code: str) -> list[str]:
@@ -63,13 +69,15 @@ BLOCKS = _python_blocks()
 
 def test_blocks_found_and_none_silently_skipped() -> None:
     headings = [h for h, _, _ in BLOCKS]
-    assert headings[0] == "Quick start"
-    assert {"Multi-GPU (DDP, torchrun)", "Contrastive fine-tuning (CLIP / FLYP)"} <= set(headings)
+    assert headings[0] == "README.md: Quick start"
+    assert {"distributed.md: Multi-GPU (DDP, torchrun)", "contrastive.md: Contrastive fine-tuning (CLIP / FLYP)",
+            "README.md: Adapters"} <= set(headings)  # fmt: skip
     assert all(runs for _, _, runs in BLOCKS), "a block is marked norun: say why in the marker and keep it rare"
     # every fenced block that looks like Python is tagged python (an untagged one would escape this test)
-    for info, code, _ in _fences(README.read_text()):
-        if info in ("", "py", "python3"):
-            assert not re.search(r"^(import |from \w+ import |def )", code, flags=re.M), code[:200]
+    for page in PAGES:
+        for info, code, _ in _fences(page.read_text()):
+            if info in ("", "py", "python3"):
+                assert not re.search(r"^(import |from \w+ import |def )", code, flags=re.M), (page.name, code[:200])
 
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)), ids=[f"{i}-{h}" for i, (h, _, _) in enumerate(BLOCKS)])
@@ -98,7 +106,7 @@ def test_quick_start_is_short() -> None:
 
 
 def _adapter_table() -> tuple[str, list[str]]:
-    body = dict(_sections())["Adapters: every upstream augmentation, tagged"]
+    body = dict(_sections())["Adapters"]
     setup = next(code for info, code, _ in _fences(body) if info == "python")
     rows = [line for line in body.splitlines() if line.startswith("| ") and not line.startswith("| upstream")]
     examples = [code for row in rows for code in re.findall(r"`([^`]*)`", row.rstrip(" |").rsplit("|", 1)[-1])]
@@ -129,10 +137,8 @@ def test_adapter_table_examples_run() -> None:
         if isinstance(value, DataLoader):
             inputs, target = next(iter(value))
             assert isinstance(target, SaflexTarget) and len(target) == len(inputs), code
-        elif isinstance(value, SaflexCollate):
+        elif isinstance(value, SaflexCollate):  # a collate is shown on the README's own dataset
             batch = [names["train"][i] for i in range(8)]
-            if "Albumentations" in code:  # albumentations works on numpy HWC images
-                batch = [(image.permute(1, 2, 0).numpy(), label) for image, label in batch]
             inputs, target = value(batch)
             assert isinstance(target, SaflexTarget) and len(target) == len(inputs), code
         elif isinstance(namespace.get("ds"), OfflineAugmentedDataset):
@@ -143,9 +149,29 @@ def test_adapter_table_examples_run() -> None:
             assert callable(value), code
 
 
-def test_two_commands() -> None:
-    text = README.read_text()
-    assert "make demo" in text and "make test" in text
+def test_first_screen_says_what_it_does_the_verdict_and_the_two_commands() -> None:
+    lines = README.read_text().splitlines()
+    assert len(lines) <= 250, f"README.md has {len(lines)} lines; move details to docs/"
+    first = "\n".join(lines[:40])
+    assert "SaflexLoss" in first and "drops" in first  # what it does
+    assert "<!-- verdict:end -->" in first and "Measured verdict" in first  # the measured verdict, whole
+    assert "make demo" in first and "make test" in first
+
+
+def _generated(*args: str) -> str:
+    return subprocess.run([sys.executable, "benchmarks/make_readme_tables.py", *args], cwd=ROOT, capture_output=True,
+                          text=True, check=True).stdout.rstrip("\n")  # fmt: skip
+
+
+def _between(text: str, name: str) -> str:
+    begin, end = f"<!-- {name}:begin -->\n", f"\n<!-- {name}:end -->"
+    return text[text.index(begin) + len(begin) : text.index(end)]
+
+
+def test_readme_verdict_is_generated_from_the_suite() -> None:
+    assert _between(README.read_text(), "verdict") == _generated("--verdict"), (
+        "run: python benchmarks/make_readme_tables.py --verdict, and paste it between the verdict markers"
+    )
 
 
 _LINK = re.compile(r"\]\(([^)#\s]+)(?:#([^)\s]+))?\)")
@@ -157,7 +183,7 @@ def _anchors(path: Path) -> set[str]:
 
 
 def test_readme_and_docs_links_point_into_the_repository() -> None:
-    for page in (README, *sorted((ROOT / "docs").glob("*.md"))):
+    for page in PAGES:
         for target, anchor in _LINK.findall(page.read_text()):
             if target.startswith(("http://", "https://")):
                 continue
@@ -184,13 +210,15 @@ def test_references_point_into_the_repository() -> None:
                 assert anchor in _anchors(ROOT / doc), f"{path.relative_to(ROOT)} refers to {ref}: no such anchor"
 
 
+def test_contrastive_table_is_generated_from_the_example_results() -> None:
+    assert _between((ROOT / "docs" / "contrastive.md").read_text(), "contrastive") == _generated("--contrastive")
+
+
+def test_demo_paragraph_is_generated_from_the_demo_results() -> None:
+    assert _between((ROOT / "docs" / "results.md").read_text(), "demo") == _generated("--demo")
+
+
 def test_results_section_is_generated_from_the_result_files() -> None:
-    out = subprocess.run(
-        [sys.executable, "benchmarks/make_readme_tables.py", "--only", "accuracy_*__margin_beta1.5_T4.json"],
-        cwd=ROOT, capture_output=True, text=True, check=True,
-    ).stdout.rstrip("\n")
-    text = README.read_text()
-    section = text[text.index("<!-- results:begin -->\n") + len("<!-- results:begin -->\n"):
-                   text.index("\n<!-- results:end -->")]
-    assert section == out
+    section = _between((ROOT / "docs" / "results.md").read_text(), "results")
+    assert section == _generated("--only", "accuracy_*__margin_beta1.5_T4.json")
 

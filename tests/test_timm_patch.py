@@ -1,6 +1,6 @@
-"""The train.py patches in examples/: README shows exactly the train.py one, their imports exist, and they apply.
+"""The train.py patches in examples/: docs/timm.md shows exactly the train.py one, their imports exist, they apply.
 
-``python -m tests.test_timm_patch --write`` rewrites the README's diff block from ``examples/timm_train_py.patch``.
+``python -m tests.test_timm_patch --write`` rewrites docs/timm.md's diff block from ``examples/timm_train_py.patch``.
 Applying needs timm's sources: set ``SAFLEX_TIMM_SRC`` to a clone (or a bare git directory) of
 pytorch-image-models; without it those tests skip.
 """
@@ -19,8 +19,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PATCHES = {"train.py": ROOT / "examples" / "timm_train_py.patch",
            "legacy_train.py": ROOT / "examples" / "timm_legacy_train_py.patch"}
-README = ROOT / "README.md"
-_BLOCK = re.compile(r"(## Using saflex_data with timm's train.py\n.*?```diff\n)(.*?)(```\n)", re.S)
+README = ROOT / "docs" / "timm.md"  # the page with the timm recipe (the README links to it)
+_BLOCK = re.compile(r"(# Using saflex_data with timm's train.py\n.*?```diff\n)(.*?)(```\n)", re.S)
 
 
 def diff_body(patch: Path) -> str:
@@ -37,7 +37,7 @@ def commit_of(patch: Path) -> str:
 
 def test_readme_block_is_the_patch() -> None:
     found = _BLOCK.search(README.read_text())
-    assert found, "README.md needs a ```diff block in the section \"Using saflex_data with timm's train.py\""
+    assert found, "docs/timm.md needs a ```diff block under \"Using saflex_data with timm's train.py\""
     assert found.group(2) == diff_body(PATCHES["train.py"]), "run: python -m tests.test_timm_patch --write"
 
 

@@ -65,7 +65,7 @@ def _leaves(transforms: Iterable[Any]) -> Iterator[Any]:
 
 
 class AlbumentationsTransform:
-    """Wrap ``A.Compose(..., save_applied_params=True)`` as a :class:`~saflex_data.collate.SampleTransform`.
+    """Wrap ``A.Compose(..., save_applied_params=True)`` as a :class:`saflex_data.collate.SampleTransform`.
 
     Args:
         compose: The albumentations pipeline; it must be built with ``save_applied_params=True``.

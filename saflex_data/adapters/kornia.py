@@ -184,7 +184,7 @@ class KorniaTagger(nn.Module):
 
 
 class KorniaAugment(DeviceAugment):
-    """:class:`~saflex_data.device.DeviceAugment` around a kornia module: ``x, target = aug(x, y)``.
+    """:class:`saflex_data.device.DeviceAugment` around a kornia module: ``x, target = aug(x, y)``.
 
     Args:
         module: kornia op/container/policy/mix op (see :class:`KorniaTagger`).

@@ -3,8 +3,8 @@
 A timm user changes two places to get SAFLEX (Ding et al., ICLR 2024):
 
 * the **loader**: :func:`create_train_loader` is ``timm.data.create_loader`` (same arguments, prefetcher on or off)
-  whose batches carry a :class:`~saflex_data.SaflexTarget` saying which samples went through the augmentation
-  (per-sample tags, stacked by :class:`~saflex_data.SaflexCollate`, uint8 NCHW for the prefetcher like
+  whose batches carry a :class:`saflex_data.SaflexTarget` saying which samples went through the augmentation
+  (per-sample tags, stacked by :class:`saflex_data.SaflexCollate`, uint8 NCHW for the prefetcher like
   ``fast_collate``; or timm's ``[clean; augmented]`` split layout with ``num_aug_splits=2``).
   timm's own ``--aug-splits 2`` (``[clean; augmented]`` batches from ``AugMixDataset`` + ``fast_collate``) also
   works unchanged, with ``SaflexLoss(num_splits=2)``;
@@ -72,9 +72,9 @@ class TaggedAugmentDataset(Dataset):
     """Per-sample tagged version of timm's ``AugMixDataset``: the secondary stage runs with probability ``p``.
 
     ``create_loader`` assigns ``create_transform(..., separate=True)``'s ``(primary, secondary, final)`` triple to
-    ``.transform``. Each item is a pre-tagged :class:`~saflex_data.collate.TaggedSample` ``(input, label, index,
+    ``.transform``. Each item is a pre-tagged :class:`saflex_data.collate.TaggedSample` ``(input, label, index,
     op)`` (``op`` 0: augmented, -1: clean) whose image went through ``primary -> [secondary if augmented] -> final``;
-    :class:`~saflex_data.SaflexCollate` stacks them (uint8 like ``fast_collate`` for the prefetcher). The coin is
+    :class:`saflex_data.SaflexCollate` stacks them (uint8 like ``fast_collate`` for the prefetcher). The coin is
     drawn from torch's RNG, which the DataLoader seeds per worker, so workers differ and runs are reproducible.
 
     Args:
@@ -558,7 +558,7 @@ else:  # pragma: no cover - exercised only with timm < 1.0.23
 
 
 class SaflexTask(_TaskBase):  # type: ignore[misc, valid-type]
-    """timm ``ClassificationTask`` whose criterion is a :class:`~saflex_data.SaflexLoss` (timm >= 1.0.23).
+    """timm ``ClassificationTask`` whose criterion is a :class:`saflex_data.SaflexLoss` (timm >= 1.0.23).
 
     ``result = task(input, target)`` returns ``{'loss', 'output'}`` plus detached SAFLEX statistics of the step
     (``saflex_weight_mean``, ``saflex_kept_fraction``, ``saflex_relabeled_fraction``: tensors, no host sync).
@@ -649,8 +649,8 @@ class TaggedMixup:
     """Tagged stand-in for timm's ``Mixup``, built from the same ``mixup_args`` (``--mixup``, ``--cutmix``, ...).
 
     ``input, target = mixup_fn(input, target)`` on the device, with the prefetcher on or off: the mixed rows come
-    back tagged augmented with their mixed label distribution (:class:`~saflex_data.mixing.MixUp` /
-    :class:`~saflex_data.mixing.CutMix`), so SAFLEX weighs and relabels them. ``mixup_enabled = False`` (what
+    back tagged augmented with their mixed label distribution (:class:`saflex_data.mixing.MixUp` /
+    :class:`saflex_data.mixing.CutMix`), so SAFLEX weighs and relabels them. ``mixup_enabled = False`` (what
     ``train.py`` sets at ``--mixup-off-epoch``) returns the batch unchanged.
 
     Differences from timm's ``Mixup``: partners are a random permutation (timm: the flipped batch); CutMix boxes are

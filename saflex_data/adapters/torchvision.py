@@ -9,8 +9,8 @@ torchvision v2 transforms return only their output, with no record of which rand
 * :class:`TaggedMixUp` / :class:`TaggedCutMix` subclass ``v2.MixUp``/``v2.CutMix`` and capture ``lam`` (and the
   CutMix box) through the public ``make_params`` hook; pairing is torchvision's ``roll(1, 0)``.
 
-The per-sample classes implement :class:`~saflex_data.collate.SampleTransform` and go into
-:class:`~saflex_data.SaflexCollate` or :class:`~saflex_data.sampler.SaflexDataset`::
+The per-sample classes implement :class:`saflex_data.collate.SampleTransform` and go into
+:class:`saflex_data.SaflexCollate` or :class:`saflex_data.sampler.SaflexDataset`::
 
     collate = SaflexCollate(TaggedAutoAugment(v2.RandAugment()), post_transform=v2.ToDtype(torch.float32, scale=True))
 """
