@@ -221,7 +221,7 @@ class SaflexLoss(StepReport, nn.Module):
         labels, is_augmented, op = self._unpack(logits, target)
         training = torch.is_grad_enabled() and logits.requires_grad and self.model.training
         if training:  # [distributed] compared on training calls only, also with enabled=False
-            self._sync.check_once(self.settings())
+            self._sync.check_once(self.settings)
         if not (self.enabled and training):
             return F.cross_entropy(logits, labels if labels.dim() == 2 else labels.long(),
                                    label_smoothing=self.label_smoothing)
@@ -247,7 +247,7 @@ class SaflexLoss(StepReport, nn.Module):
         """
         if self.method != "single_pass":
             raise RuntimeError(f"forward_train is for method='single_pass'; this loss uses method={self.method!r}.")
-        self._sync.check_once(self.settings())  # [distributed]
+        self._sync.check_once(self.settings)  # [distributed]
         signal, _ = self._validation_signal(None, None, None, None)
         train_model = self._train_model
         if model is not None:
