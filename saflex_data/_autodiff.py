@@ -12,7 +12,7 @@ import contextlib
 import functools
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -318,10 +318,11 @@ class BatchStatsCapture:
 
 
 @contextlib.contextmanager
-def fixed_batch_stats(model: nn.Module, batch_stats: Mapping[str, tuple[Tensor, Tensor]]) -> Iterator[None]:
+def fixed_batch_stats(model: nn.Module, batch_stats: Mapping[str, Any]) -> Iterator[None]:
     """Every BatchNorm that would normalise with batch statistics normalises with ``batch_stats[name]`` instead.
 
-    The statistics are constants here, so a JVP gives them no tangent.
+    ``batch_stats[name]`` is a ``(mean, var)`` pair, or a list of them for a module called several times per forward
+    (used in call order). The statistics are constants here, so a JVP gives them no tangent.
     """
     patched = []
     try:
@@ -340,9 +341,13 @@ def fixed_batch_stats(model: nn.Module, batch_stats: Mapping[str, tuple[Tensor, 
                     f"batch_stats cannot fix SyncBatchNorm {name!r} across ranks (it normalises with the global "
                     "batch's statistics, the capture sees this rank's); use method='jvp' (exact)."
                 )
-            mean, var = batch_stats[name]
+            entry = batch_stats[name]
+            calls = list(entry) if isinstance(entry, list) else [entry]
+            count = [0]
 
-            def forward(input: Tensor, m: nn.Module = m, mean: Tensor = mean, var: Tensor = var) -> Tensor:
+            def forward(input: Tensor, m: nn.Module = m, calls: list = calls, count: list = count) -> Tensor:
+                mean, var = calls[count[0] % len(calls)]  # call order, again from the first for the next forward
+                count[0] += 1
                 return F.batch_norm(input, mean.to(input.dtype), var.to(input.dtype), m.weight, m.bias, False, 0.0,
                                     m.eps)
 

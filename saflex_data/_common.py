@@ -1,9 +1,9 @@
 """Compatibility names (private): what ``_common`` held before it was split into named modules.
 
 ``_seeds`` (seeds), ``_describe`` (error-message descriptions), ``_math.as_probabilities`` (labels), ``_hooks`` (weak
-hooks), ``_passes`` (SAFLEX's own passes of the model) and ``_report`` (the per-step report). The adapters still import
-``describe``, ``draw_seed`` and ``seeded`` from here, and models pickled by an earlier version name
-``_common._disarmed_hook``; new code imports from the named modules (``rejects_removed_arguments``: ``_removed``).
+hooks), ``_passes`` (SAFLEX's own passes of the model), ``_report`` (the per-step report) and ``_removed`` (the
+0.2 removed-argument errors). The adapters still import ``describe``, ``draw_seed`` and ``seeded`` from here, and
+models pickled by an earlier version name ``_common._disarmed_hook``; new code imports from the named modules.
 """
 
 from ._describe import describe
@@ -13,7 +13,5 @@ from ._removed import rejects_removed_arguments
 from ._seeds import MASK63 as _MASK63
 from ._seeds import draw_seed, mix_seed, seeded
 
-__all__ = [
-    "describe", "draw_seed", "mix_seed", "seeded", "as_probabilities", "rejects_removed_arguments", "_disarmed",
-    "_disarmed_hook", "_MASK63",
-]
+__all__ = ["describe", "rejects_removed_arguments", "draw_seed", "mix_seed", "seeded", "as_probabilities", "_disarmed",
+           "_disarmed_hook", "_MASK63"]

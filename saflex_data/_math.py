@@ -490,8 +490,9 @@ def _check_rule_settings(rule: str, beta: float | None, tau: float | None, norma
     """Check a rule's settings (the one place that does); returns ``beta`` with ``None`` resolved to the default."""
     if rule not in _RULES:
         raise ValueError(f"rule must be one of {_RULES}, but got {rule!r}.")
-    if tau is not None and (isinstance(tau, bool) or not isinstance(tau, (int, float)) or not tau > 0):
-        raise ValueError(f"tau must be a positive float or None (argmax), but got {tau!r}.")
+    if tau is not None and (isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 < tau < math.inf):
+        # tau = inf makes every relabelled label uniform (and, for "paper", every weight 0).
+        raise ValueError(f"tau must be a finite positive float (0, inf) or None (argmax), but got {tau!r}.")
     if beta is None:
         beta = _DEFAULT_BETA[rule]
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta):
@@ -500,6 +501,13 @@ def _check_rule_settings(rule: str, beta: float | None, tau: float | None, norma
         raise ValueError(f"normalize must be one of {_NORMALIZE}, but got {normalize!r}.")
     if rule == "gain_auto" and not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta for rule='gain_auto' is a share of variance in [0, 1], but got {beta!r}.")
+    if beta < 0:
+        # A negative margin drops (margin, gain) or relabels (margin_fix) samples whose upstream label is the best
+        # class; a negative bonus (paper, centered, margin_relabel) pushes every label away from the upstream one.
+        raise ValueError(
+            f"beta for rule={rule!r} is a margin or bonus in [0, inf) (default {_DEFAULT_BETA[rule]}); a negative "
+            f"beta makes the rule drop or relabel samples whose label is right, but got {beta!r}."
+        )
     return float(beta)
 
 
@@ -670,6 +678,10 @@ class Rule:
         Rule(name='margin', beta=1.5, tau=0.01, normalize='batch_max')
         >>> Rule("margin", beta=1.0).beta
         1.0
+        >>> Rule("margin", beta=-1.0)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: beta for rule='margin' is a margin or bonus in [0, inf) (default 1.5); ... but got -1.0.
         >>> Rule("median")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...

@@ -11,6 +11,7 @@ Adding a method means adding one subclass with a ``name``: ``SaflexLoss(method=n
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, ClassVar
 
 import torch
@@ -65,6 +66,7 @@ class PiMethod:
     def __init__(self, model: nn.Module, *, classifier: nn.Module | str | None = None) -> None:
         self.model = model
         self.captures: list[dict[str, Any]] = []  # the model's forwards since the last loss call, newest last
+        self._forgotten: list[weakref.ref] = []  # outputs of forwards the loss passed over (for the error message)
         self.remove_hooks = register_weak_hooks(self, self.hooks())
 
     # -- the interface ---------------------------------------------------------------------------------------------
@@ -110,27 +112,75 @@ class PiMethod:
         output = first_tensor(output)
         if output is None:
             return
-        # Detached, so that a forward without a loss call does not pin its graph; inside torch.compile a detach
-        # here breaks the graph, so the output is kept as is there (at most MAX_CAPTURES of them).
-        output = output if torch.compiler.is_compiling() else output.detach()
-        self.captures = [*self.captures[-(MAX_CAPTURES - 1):], {"output": output, **capture}]
+        if torch.compiler.is_compiling():
+            # Inside torch.compile a detach (or a weak reference) here breaks the graph: the output is kept as is
+            # (at most MAX_CAPTURES of them) and found by storage or value.
+            capture["output"] = output
+        elif output.is_inference():
+            # A forward under torch.inference_mode (an evaluation pass): no version counter, and never a training
+            # forward the loss decides for.
+            capture["output"] = output
+        else:
+            # Detached, so that a forward without a loss call does not pin its graph. The weak reference finds the
+            # very tensor the loss gets (two forwards with equal outputs are not confused); the version counter,
+            # shared with the detached copy, tells whether it was changed in place afterwards. Both are metadata.
+            capture.update(output=output.detach(), ref=weakref.ref(output), version=output._version)
+        self.captures = [*self.captures[-(MAX_CAPTURES - 1):], capture]
 
     def capture_of(self, logits: Tensor) -> dict[str, Any]:
-        """The remembered forward that produced ``logits`` (every older one is forgotten)."""
-        found = None
-        for i in range(len(self.captures) - 1, -1, -1):
-            out = self.captures[i]["output"]
-            if out.shape == logits.shape and (_same_storage(out, logits) or _same_values(out, logits.detach())):
-                found = i
-                break
+        """The remembered forward that produced ``logits`` (every older one is forgotten).
+
+        Found by identity (the tensor the forward returned), else by storage (a view of it, e.g. through a wrapper
+        that re-wraps the output), else by value (a compiled forward). Values equal to more than one remembered
+        forward's, or logits changed in place after their forward, raise instead of mixing two forwards.
+        """
+        captures = self.captures
+        found = next((i for i in range(len(captures) - 1, -1, -1)
+                      if captures[i].get("ref") is not None and captures[i]["ref"]() is logits), None)
+        if found is None:
+            found = next((i for i in range(len(captures) - 1, -1, -1)
+                          if captures[i]["output"].shape == logits.shape
+                          and _same_storage(captures[i]["output"], logits)), None)
+        if found is None:
+            detached = logits.detach()
+            equal = [i for i in range(len(captures) - 1, -1, -1)
+                     if captures[i]["output"].shape == logits.shape and _same_values(captures[i]["output"], detached)]
+            if len(equal) > 1:
+                self.captures = []
+                raise RuntimeError(
+                    f"SaflexLoss(method={self.name!r}): the logits passed to the loss are not the tensor any forward "
+                    f"of {self.where} returned, and their values equal the outputs of {len(equal)} of its last "
+                    f"{len(captures)} forwards (e.g. a zero-initialised head gives every input the same logits), so "
+                    "it cannot tell which forward's features they belong to. Pass the forward's output tensor itself "
+                    "(not a copy)."
+                )
+            found = equal[0] if equal else None
         if found is None:
             error = self._no_capture(logits)
+            self._forgotten = [*self._forgotten[-(MAX_CAPTURES - 1):], *(c["ref"] for c in captures if "ref" in c)]
             self.captures = []
             raise error
-        self.captures = self.captures[found:]  # kept: a second loss call on the same logits decides alike
+        capture = captures[found]
+        version = capture.get("version")
+        if version is not None and capture["output"]._version != version:
+            self.captures = []
+            raise RuntimeError(
+                f"SaflexLoss(method={self.name!r}): the logits were changed in place after the forward of {self.where} "
+                f"(their version counter went from {version} to {capture['output']._version}, e.g. out.clamp_() or "
+                "out.div_()); the decisions would mix the changed logits with the forward's features. Change a copy "
+                "(out = out.clamp(...)) or pass the model's output unchanged."
+            )
+        self._forgotten = [*self._forgotten[-(MAX_CAPTURES - 1):], *(c["ref"] for c in captures[:found] if "ref" in c)]
+        self.captures = captures[found:]  # kept: a second loss call on the same logits decides alike
         return self.captures[0]
 
     def _no_capture(self, logits: Tensor) -> Exception:
+        if any(ref() is logits for ref in self._forgotten):
+            return RuntimeError(
+                f"SaflexLoss(method={self.name!r}): the logits come from a forward of {self.where} that the loss "
+                "already passed over: a later forward's logits went to the loss first (e.g. view 2 before view 1). "
+                "Call the loss on each forward's logits in the order of the forwards, or right after each forward."
+            )
         if not self.captures:
             return RuntimeError(
                 f"SaflexLoss(method={self.name!r}) saw no forward of {self.where} since the previous loss call; "
@@ -175,7 +225,9 @@ class LastLayer(PiMethod):
 
     def signal_shapes(self) -> dict[str, tuple[int, ...]]:
         linear = self.classifier
-        bias = {} if linear.bias is None else {self.bias_name: tuple(linear.bias.shape)}
+        # Only trainable parameters count (as in the signal itself, see _signal).
+        trainable_bias = linear.bias is not None and linear.bias.requires_grad
+        bias = {self.bias_name: tuple(linear.bias.shape)} if trainable_bias else {}
         return {self.weight_name: tuple(linear.weight.shape), **bias}
 
     def heldout_signal(self, inputs: Tensor, targets: Tensor, temperature: float, check: bool = True) -> Signal:
@@ -278,14 +330,15 @@ class Jvp(PiMethod):
 
 class JvpFrozenStats(Jvp):
     """``"jvp_frozen_stats"``: the JVP of the augmented rows only, with the batch statistics train-mode BatchNorm
-    used in the training forward held fixed (no tangent through the statistics)."""
+    used in the training forward held fixed (no tangent through the statistics; each call's own statistics for a
+    module called several times). With dropout, the whole batch with the masks replayed, statistics still fixed."""
 
     name = "jvp_frozen_stats"
 
     def __init__(self, model: nn.Module, *, classifier: nn.Module | str | None = None) -> None:
         batchnorms = nn.modules.batchnorm._BatchNorm
         self._bn_names = {m: n for n, m in model.named_modules() if isinstance(m, batchnorms)}
-        self.bn_stats: dict[str, tuple[Tensor, Tensor]] = {}
+        self.bn_stats: dict[str, list[tuple[Tensor, Tensor]]] = {}
         super().__init__(model)
 
     def hooks(self) -> list[tuple[nn.Module, str, str]]:
@@ -294,24 +347,30 @@ class JvpFrozenStats(Jvp):
     def on_batchnorm(self, module: nn.Module, args: tuple, output: Tensor) -> None:
         """The batch statistics a train-mode BatchNorm normalised with."""
         stats = batch_statistics(module, args)
-        if stats is not None:
-            self.bn_stats[self._bn_names[module]] = stats
+        if stats is not None:  # every call of the forward, in order (a module may run twice in one forward)
+            self.bn_stats.setdefault(self._bn_names[module], []).append(stats)
 
     def _extra_capture(self) -> dict[str, Any]:
         bn_stats, self.bn_stats = self.bn_stats, {}
-        return {"bn_stats": bn_stats}
+        # One call: the (mean, var) pair; several calls of one module: the list, used in call order.
+        return {"bn_stats": {n: s[0] if len(s) == 1 else s for n, s in bn_stats.items()}}
 
     def inner_products(self, capture: dict[str, Any], logits: Tensor, mask: Tensor, signal: Signal,
                        index: Tensor | None = None) -> Tensor:
-        if capture["stochastic"]:  # dropout: the whole batch with its masks replayed, as "jvp"
-            return super().inner_products(capture, logits, mask, signal, index)
         inputs = capture["inputs"]
+        stats = capture["bn_stats"] if batch_dependent(self.model) else None
         with internal_pass(), rng_preserved(inputs.device):
+            if capture["stochastic"]:
+                # Dropout's masks were drawn for the whole batch: forward the whole batch with the training forward's
+                # random state (as "jvp" does), but with the statistics held fixed: the frozen-statistics Π, at the
+                # exact method's cost.
+                if capture["rng"] is not None:
+                    set_rng_state(capture["rng"], inputs.device)
+                return grad_inner_products(self.model, inputs, signal, method="jvp", batch_stats=stats)
             index = self.select(mask) if index is None else index
             dtype = solve_dtype(logits.dtype)
             if not index.numel():
                 return logits.new_zeros(logits.shape, dtype=dtype)
-            stats = capture["bn_stats"] if batch_dependent(self.model) else None
             pi = grad_inner_products(self.model, inputs[index], signal, method="jvp", batch_stats=stats)
             return pi.new_zeros(logits.shape).index_copy_(0, index, pi)
 

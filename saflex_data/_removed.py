@@ -1,4 +1,4 @@
-"""The constructor arguments 0.2 removed: a ``TypeError`` that names what replaced each."""
+"""Constructor arguments removed in 0.2: the ``TypeError`` that names what replaced each (private)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,6 @@ import functools
 import inspect
 from collections.abc import Callable
 from typing import Any
-
-__all__ = ["rejects_removed_arguments"]
 
 # Constructor arguments removed in 0.2, and what replaced each (one line of CHANGELOG.md, 0.2.0, per entry).
 _RULE_SETTINGS = ("beta", "tau", "normalize")

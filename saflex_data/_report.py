@@ -108,6 +108,25 @@ class StepReport:
         out["step"] = int(self.step)
         return out
 
+    # A copy would have no live hooks on the model (they hold the original weakly), or a copy of the model that is not
+    # the one being trained, and would share or re-open the validation loader. Refuse, and say what works instead.
+    def _refuse_copy(self, how: str) -> TypeError:
+        return TypeError(
+            f"{type(self).__name__} cannot be {how}: it works on the model being trained (through forward hooks or "
+            "a reference) and cycles a validation loader, which a copy would not have. Build a new loss on the copy's "
+            f"model ({type(self).__name__}(model, val_loader, ...)) and carry the state with "
+            "new.load_state_dict(old.state_dict())."
+        )
+
+    def __copy__(self) -> StepReport:
+        raise self._refuse_copy("copied (copy.copy)")
+
+    def __deepcopy__(self, memo: dict) -> StepReport:
+        raise self._refuse_copy("copied (copy.deepcopy)")
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise self._refuse_copy("pickled (pickle, torch.save)")
+
     def _nonfinite_fallback(self) -> None:
         self.nonfinite_steps += 1
         if not self._warned_nonfinite:
@@ -120,37 +139,84 @@ class StepReport:
                 stacklevel=3,
             )
 
+    # The version of the saved state (``state_dict()['_extra_state']['version']``). Bump it when the layout changes
+    # and convert older layouts in ``_upgrade_state`` (0.1 saved no version: version 1).
+    STATE_VERSION = 2
+    _STATE_REQUIRED = ("step", "generator")
+
     def get_extra_state(self) -> dict[str, Any]:
         key, attr = self._state_signal
+        signal = getattr(self, attr)
         return {
+            "version": self.STATE_VERSION,
             "step": self.step,
             "method": self.method,
-            "signal_shapes": self._signal_shapes(),
+            # The shapes of the cached signal itself (not of the model's parameters now), so that a state saved
+            # after a layer was frozen or unfrozen does not pass the check.
+            "signal_shapes": _shapes(signal) if isinstance(signal, dict) else self._signal_shapes(),
             "generator": self._generator.get_state(),
             key: getattr(self, attr),
             "nonfinite_steps": self.nonfinite_steps,
             **(self._val.state() if self._val is not None else {}),
         }
 
+    def _upgrade_state(self, state: dict[str, Any], version: int) -> dict[str, Any]:
+        """Convert a state of an older ``version`` to the current layout (subclasses extend it)."""
+        return state
+
     def set_extra_state(self, state: dict[str, Any]) -> None:
         key, attr = self._state_signal
         name = type(self).__name__
+        if not isinstance(state, dict):
+            raise TypeError(f"{name}.load_state_dict: '_extra_state' must be a dict, but got {type(state).__name__}.")
+        version = state.get("version", 1)
+        if not isinstance(version, int) or version > self.STATE_VERSION:
+            raise ValueError(
+                f"{name}.load_state_dict: the state has version {version!r}, newer than this saflex_data reads "
+                f"(<= {self.STATE_VERSION}); upgrade saflex_data, or build the loss fresh without loading it."
+            )
+        origin = "saflex_data 0.1 (state version 1)" if version == 1 else f"state version {version}"
+        missing = [k for k in self._STATE_REQUIRED if k not in state]
+        if missing:
+            raise ValueError(
+                f"{name}.load_state_dict: the saved state ({origin}) lacks {missing} (it has {sorted(state)}); pass "
+                "the whole state_dict() the loss saved, or build the loss fresh without loading it."
+            )
+        state = self._upgrade_state(dict(state), version)
+        signal = state.get(key)
+        if signal is not None and not (isinstance(signal, dict) and all(
+                isinstance(k, str) and isinstance(v, Tensor) for k, v in signal.items())):
+            hint = (f" (a 0.1 method='last_layer' state; this loss uses method={self.method!r}: build it with "
+                    "method='last_layer' to resume)" if version == 1 and isinstance(signal, tuple) else "")
+            raise ValueError(
+                f"{name}.load_state_dict: the saved validation signal ({origin}) is a {type(signal).__name__}, not "
+                f"the {{parameter name: tensor}} dict this version uses{hint}; or build the loss fresh without loading "
+                "this state (it recomputes the signal on its first step; only the step counter and noise state are "
+                "lost)."
+            )
         saved = state.get("method", self.method)
         if saved != self.method:
             raise ValueError(
                 f"{name}.load_state_dict: the state was saved by method={saved!r}, but this loss uses "
                 f"method={self.method!r}; build the loss with the same method to resume."
             )
-        shapes, expected = state.get("signal_shapes"), self._signal_shapes()
-        if state.get(key) is not None and shapes is not None and dict(shapes) != expected:
+        expected = self._signal_shapes()
+        # The recorded shapes, and the signal's own (a state saved after a layer was frozen must not pass because the
+        # model's shapes were recorded).
+        recorded = state.get("signal_shapes")
+        mismatched = [s for s in (recorded, _shapes(signal) if signal is not None else None)
+                      if s is not None and {n: tuple(v) for n, v in dict(s).items()} != expected]
+        shapes = mismatched[0] if mismatched else None
+        if signal is not None and shapes is not None:
             missing = sorted(set(expected) - set(shapes))
             extra = sorted(set(shapes) - set(expected))
             changed = sorted(n for n in set(shapes) & set(expected) if tuple(shapes[n]) != tuple(expected[n]))
             raise ValueError(
                 f"{name}.load_state_dict: the saved validation signal does not fit this model (missing: "
                 f"{missing[:5]}, unexpected: {extra[:5]}, other shape: "
-                f"{[(n, tuple(shapes[n]), expected[n]) for n in changed[:5]]}); the state was saved with another "
-                "model or another set of trainable parameters."
+                f"{[(n, tuple(shapes[n]), expected[n]) for n in changed[:5]]}); the state ({origin}) was saved with "
+                "another model, another set of trainable parameters"
+                + (" or another method (0.1 states do not record it)" if version == 1 else "") + "."
             )
         self.step = int(state["step"])
         self._generator.set_state(state["generator"])
@@ -158,3 +224,7 @@ class StepReport:
         self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
         if self._val is not None:
             self._val.load_state(state)  # a fresh iterator, fast-forwarded to where the saved run was
+
+
+def _shapes(signal: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    return {n: tuple(v.shape) for n, v in signal.items() if isinstance(v, Tensor)}

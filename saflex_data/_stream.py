@@ -64,6 +64,12 @@ class ValidationStream:
                 "val_loader must yield tensors (inputs, targets), but got "
                 f"({type(inputs).__name__}, {type(targets).__name__})."
             )
+        if inputs.dim() == 0 or targets.dim() == 0 or len(inputs) == 0 or len(inputs) != len(targets):
+            raise ValueError(
+                f"val_loader yielded a batch of {tuple(inputs.shape)} inputs and {tuple(targets.shape)} targets: every "
+                "validation batch needs at least one sample and one target per input (an empty batch would give a "
+                "zero or undefined validation signal); drop empty batches (e.g. DataLoader(drop_last=True))."
+            )
         inputs = inputs.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         if prepare is not None:

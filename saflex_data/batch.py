@@ -64,6 +64,12 @@ class SaflexTarget:
                 raise TypeError(
                     f"{name} must be an int tensor of shape ({batch},) or None, but got {_describe(value)}."
                 )
+        for name, value in (("is_augmented", is_augmented), ("index", index), ("op", op)):
+            if value is not None and value.device != labels.device:
+                raise ValueError(
+                    f"{name} is on {value.device} but labels are on {labels.device}; build the SaflexTarget with "
+                    "every tensor on one device (SaflexTarget.to(device) then moves them together)."
+                )
         self.labels = labels
         self.is_augmented = is_augmented
         self.index = index

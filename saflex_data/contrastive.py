@@ -33,7 +33,7 @@ from ._autodiff import forward_with_tangent, grad_inner_products, math_attention
 from ._describe import describe
 from ._math import Rule, check_logits, check_temperature, inner_products_from_tangent
 from ._passes import rng_preserved, unwrap_model, validation_pass
-from ._removed import rejects_removed_arguments
+from ._removed import rejects_removed_arguments  # beta=, tau=, ... of 0.1: a TypeError naming the replacement
 from ._report import StepReport
 from ._stream import ValidationStream
 

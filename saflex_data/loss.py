@@ -65,7 +65,9 @@ class SaflexLoss(StepReport, nn.Module):
             ``logits = criterion.forward_train(x)`` instead of ``model(x)``) or ``"jvp_frozen_stats"`` (the JVP of
             the augmented rows only, with the batch statistics train-mode BatchNorm used in the training forward held
             fixed: cheaper than ``"jvp"``, and a different ``Π`` that leaves out the statistics' own tangent; the
-            same as ``"jvp"`` for a model without batch-statistics BatchNorm).
+            same as ``"jvp"`` for a model without batch-statistics BatchNorm; a BatchNorm module called several
+            times per forward keeps each call's statistics. With dropout it forwards the whole batch to replay the
+            masks, the statistics still held fixed: the same kind of ``Π``, at ``"jvp"``'s cost).
         rule: The decision rule: a :class:`saflex_data.functional.Rule` or its name. Default ``"margin"``: drop an
             augmented sample whose upstream label trails the best class by more than ``beta`` batch standard
             deviations of ``Π``, never relabel; ``"paper"`` is the paper's exact rule.
@@ -272,6 +274,12 @@ class SaflexLoss(StepReport, nn.Module):
             if target.device != logits.device:
                 target = target.to(logits.device)  # documented: moved, never reinterpreted
             labels, is_augmented, op = target.labels, target.is_augmented, target.op
+            for name, value in (("is_augmented", is_augmented), ("op", op)):  # the attributes are settable
+                if value is not None and value.device != logits.device:
+                    raise ValueError(
+                        f"target.{name} is on {value.device} but target.labels and the logits are on "
+                        f"{logits.device}; move the whole target with target.to(device)."
+                    )
             self._op_names = target.op_names
         elif isinstance(target, Tensor):
             if self.num_splits is None:
@@ -350,15 +358,18 @@ class SaflexLoss(StepReport, nn.Module):
     # ------------------------------------------------------------------------------------------------------------
     def _validation_signal(self, capture: Any, logits: Tensor | None, labels: Any,
                            is_augmented: Any) -> tuple[Signal | None, Tensor | None]:
-        """This step's signal and, for ``reference="batch"`` with ``last_layer``, a device bool saying whether it
-        comes from at least one clean row (``None``: it does)."""
-        if self._signal is not None and self.step % self.val_every != 0:
+        """This step's signal and, for ``reference="batch"`` with ``last_layer``, a device bool saying whether this
+        batch has at least one clean row (``None``: it does). ``(None, None)``: no signal, keep every sample."""
+        # Reused between refreshes, unless the trainable parameters changed since (a layer frozen or unfrozen): the
+        # cached signal would still count the frozen layer (or miss the unfrozen one) until the next refresh.
+        if (self._signal is not None and self.step % self.val_every != 0
+                and self._signal.keys() == self._signal_shapes().keys()):
             return self._signal, self._signal_valid
         valid = None
         if self.reference == "batch":
             fresh = self._batch_signal(capture, logits, labels, is_augmented)
-            if fresh is None:  # known on the host: no clean row
-                return self._signal, self._signal_valid
+            if fresh is None:  # no clean row in this batch (known on the host): it keeps every sample
+                return None, None
             signal, valid = fresh
         else:
             signal = self._heldout_signal()
@@ -386,7 +397,7 @@ class SaflexLoss(StepReport, nn.Module):
             step_signal = {k: torch.where(valid, v, old[k]) if k in old else v for k, v in signal.items()}
             old_valid = self._signal_valid
             self._signal_valid = valid if old_valid is None else valid | old_valid
-            return step_signal, self._signal_valid
+            return step_signal, valid  # this batch without a clean row keeps every sample (not the cached signal)
         return signal, self._signal_valid
 
     def _heldout_signal(self) -> Signal:
@@ -413,7 +424,7 @@ class SaflexLoss(StepReport, nn.Module):
     def _signal_shapes(self) -> dict[str, tuple[int, ...]]:
         return self._method.signal_shapes()
 
-    def set_extra_state(self, state: dict[str, Any]) -> None:
+    def _upgrade_state(self, state: dict[str, Any], version: int) -> dict[str, Any]:
         # Earlier versions: a last_layer loss saved its signal as the tuple (grad_weight, grad_bias | None) and its
         # shapes as {"weight", "bias"}: the same tensors, now keyed by the classifier's parameter names.
         saved = state.get("signal")
@@ -423,7 +434,7 @@ class SaflexLoss(StepReport, nn.Module):
             if state.get("signal_shapes") is not None:
                 state["signal_shapes"] = {names[0] if k == "weight" else names[1] if k == "bias" else k: v
                                           for k, v in state["signal_shapes"].items()}
-        super().set_extra_state(state)
+        return state
 
     # ------------------------------------------------------------------------------------------------------------
     # statistics

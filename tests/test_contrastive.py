@@ -6,7 +6,9 @@ the logit matrix, and the zero-shot validation gradient written out by hand.
 
 from __future__ import annotations
 
+import copy
 import math
+import pickle
 
 import pytest
 import torch
@@ -266,6 +268,14 @@ class TestOneStep:
 
 
 class TestSaflexContrastiveLoss:
+    @pytest.mark.parametrize("copier", [copy.copy, copy.deepcopy, pickle.dumps])
+    def test_copies_are_refused(self, copier):
+        towers, *_, val = _problem(seed=3)
+        criterion = SaflexContrastiveLoss(towers, [val], PROMPTS)
+        with pytest.raises(TypeError, match=r"SaflexContrastiveLoss cannot be (copied|pickled) .* Build a new loss on "
+                                            r"the copy's model"):
+            copier(criterion)
+
     def test_disabled_is_plain_clip_loss_exactly(self):
         towers, images, texts, is_augmented, val = _problem(seed=3)
         criterion = SaflexContrastiveLoss(towers, [val], PROMPTS, enabled=False)

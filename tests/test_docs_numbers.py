@@ -212,7 +212,7 @@ def earlier_claims() -> list[tuple[str, str]]:
 
 
 def method_count_claims() -> list[tuple[str, str]]:
-    from saflex_data._methods import METHODS  # one class per method
+    from saflex_data._methods import METHODS
 
     words = {2: "two", 3: "three", 4: "four", 5: "five"}
     return [("docs/method.md", f"all {words[len(METHODS)]} are tested against the float64 per-sample autograd "
@@ -330,11 +330,11 @@ def test_quoted_numbers_match_the_result_files(claims: Callable[[], list[tuple[s
 
 
 def test_no_stale_method_facts() -> None:
-    # jvp runs forward-mode AD on dual parameters (saflex_data.functional._jvp_logits), not torch.func.jvp
+    # jvp runs forward-mode AD on dual parameters (saflex_data._autodiff.jvp_logits), not torch.func.jvp
     for path in ("docs/method.md", "README.md", "saflex_data/contrastive.py", "saflex_data/loss.py"):
         assert "`torch.func.jvp` of the logits" not in (ROOT / path).read_text(), path
         assert "torch.func.jvp`` pass" not in (ROOT / path).read_text(), path
-    assert "forward_ad" in (ROOT / "saflex_data" / "functional.py").read_text()
+    assert "forward_ad" in (ROOT / "saflex_data" / "_autodiff.py").read_text()
 
 
 def test_api_reference_builds_without_warnings(tmp_path: Path) -> None:

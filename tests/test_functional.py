@@ -373,7 +373,7 @@ class TestErrors:
         pi, t = torch.zeros(1, 2), torch.tensor([0])
         with pytest.raises(ValueError, match="rule must be one of"):
             SF.saflex_targets(pi, t, rule="magic")
-        with pytest.raises(ValueError, match="tau must be a positive float or None"):
+        with pytest.raises(ValueError, match="tau must be a finite positive float"):
             SF.saflex_targets(pi, t, tau=0.0, rule="paper")
         with pytest.raises(ValueError, match="normalize must be one of"):
             SF.saflex_targets(pi, t, normalize="l2", rule="paper")

@@ -47,7 +47,7 @@ def test_patch_names_its_commit_and_imports_exist(name: str) -> None:
     patch = PATCHES[name]
     commit_of(patch)
     added = [line[1:] for line in diff_body(patch).splitlines() if line.startswith("+") and not line.startswith("+++")]
-    imports = "\n".join(added[: next(i for i, line in enumerate(added) if "train_class_map" in line) + 1])
+    imports = "\n".join(added[: next(i for i, line in enumerate(added) if "log_line" in line) + 1])
     assert imports.startswith("from saflex_data import SaflexLoss\n")
     exec(compile(imports, name, "exec"), {})  # every name the patch imports exists
 

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch.utils.data import get_worker_info
 
-from saflex_data._deps import require
 from saflex_data._common import draw_seed
+from saflex_data._deps import require
 
 A = require("albumentations")
 

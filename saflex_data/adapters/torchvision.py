@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from saflex_data._common import draw_seed, seeded
 from saflex_data._deps import require
 from saflex_data.batch import SaflexTarget
-from saflex_data._common import draw_seed, seeded
 from saflex_data.device import as_target
 from saflex_data.mixing import MixParams
 
