@@ -257,15 +257,18 @@ def cost_section(root: Path) -> str:
     if sc:
         st = sc["settings"]
         paths = [p for p in st["paths"] if p != "plain"]
+        cpu = all(r.get("cpu_ratio") is not None for r in sc["rows"])  # a loaded machine: process CPU time
+        what = ("Process CPU time of a step / plain's (" + sc["quiet"] + ")" if cpu and sc.get("quiet")
+                else "Step time / plain")
         lines += [f"**Scaling** (`scaling.py`; {sc['machine']}; {st['saflex']}; medians of {st['reps']} interleaved "
-                  "rounds). Step time / plain, and (last columns) the step's peak memory / plain's:\n",
+                  f"rounds). {what}, and (last columns) the step's peak memory / plain's:\n",
                   "| model | batch | K | " + " | ".join(paths) + " | memory: " + " | memory: ".join(paths) + " |",
                   "|---|---|---:|" + "---:|" * (2 * len(paths))]  # fmt: skip
         cells: dict[tuple, dict] = {}
         for r in sc["rows"]:
             cells.setdefault((r["model"], r["batch"], r["classes"]), {})[r["path"]] = r
         for (model, batch, k), by in cells.items():
-            times = [x(by[p]["ratio"]) if p in by else "" for p in paths]
+            times = [x(by[p]["cpu_ratio" if cpu else "ratio"]) if p in by else "" for p in paths]
             mems = [x(by[p]["memory_ratio"]) if p in by else "" for p in paths]
             lines.append(f"| {model} | {batch} | {k} | " + " | ".join(times + mems) + " |")
         missing = [m for m in ("mlp", "resnet18", "vit_tiny") if m not in st["models"]]

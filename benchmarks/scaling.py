@@ -225,14 +225,18 @@ def run_cell(name: str, num_classes: int, batch: int, args: argparse.Namespace) 
             warm[path] = time.perf_counter() - t0
     memory = {path: step_memory_mib(step, args.device) for path, step in steps.items()}
     times: dict[str, list[float]] = {path: [] for path in steps}
+    cpu: dict[str, list[float]] = {path: [] for path in steps}
     # cheap cells get more rounds: at least --reps, and enough for --min-seconds of plain steps (at most 50)
     rounds = max(args.reps, min(50, math.ceil(args.min_seconds / max(warm.get("plain", 1.0), 1e-4))))
     for _ in range(rounds):
         for path, step in steps.items():
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             step()
             times[path].append((time.perf_counter() - t0) * 1000)
+            # CPU time of this process: what a loaded machine (other processes) does not inflate
+            cpu[path].append((time.process_time() - c0) * 1000)
     plain_ms = statistics.median(times["plain"])
+    plain_cpu = statistics.median(cpu["plain"])
     rows = []
     for path in steps:
         ms = statistics.median(times[path])
@@ -240,6 +244,8 @@ def run_cell(name: str, num_classes: int, batch: int, args: argparse.Namespace) 
         rows.append({
             "model": name, "classes": num_classes, "batch": f"{batch}+{batch}", "path": path,
             "step_ms": round(ms, 2), "ratio": round(ms / plain_ms, 3),
+            "cpu_ms": round(statistics.median(cpu[path]), 2),
+            "cpu_ratio": round(statistics.median(cpu[path]) / plain_cpu, 3) if plain_cpu > 0 else None,
             "rounds": rounds, "step_ms_all": [round(t, 2) for t in times[path]],
             "step_memory_mib": None if mem is None else round(mem, 1),
             "memory_ratio": None if mem is None or not plain_mem else round(mem / plain_mem, 3),
@@ -328,16 +334,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     batches = [int(b) for b in args.batches.split(",")]
     C.set_threads(args.threads)
     t0 = time.perf_counter()
+    args.loadavg_before = _loadavg()
     rows: list[dict[str, Any]] = []
     cells = [(m, k, b) for m in models for b in batches for k in classes]
     for m, k, b in C.progress(cells, desc="scaling cells"):
         cell = run_cell(m, k, b, args)
         rows += cell
-        print(f"{m} K={k} batch {b}+{b}: " + ", ".join(f"{r['path']} {r['ratio']:.2f}x" for r in cell), flush=True)
+        print(f"{m} K={k} batch {b}+{b}: " + ", ".join(f"{r['path']} {r['ratio']:.2f}x (cpu {r['cpu_ratio']}x)"
+                                                      for r in cell), flush=True)
         payload = _payload(args, models, classes, batches, rows, t0)
         C.write_json(Path(args.out) / "scaling.json", payload)  # after every cell: a stopped run keeps its rows
     plot(Path(args.out) / "scaling.png", payload)
     return payload
+
+
+def _loadavg() -> str | None:
+    """``/proc/loadavg`` (1, 5, 15-minute load averages): whether the machine was quiet while this ran."""
+    try:
+        return Path("/proc/loadavg").read_text().strip()
+    except OSError:
+        return None
 
 
 def _payload(args: argparse.Namespace, models: list[str], classes: list[int], batches: list[int],
@@ -349,6 +365,10 @@ def _payload(args: argparse.Namespace, models: list[str], classes: list[int], ba
         "benchmark": "scaling",
         "what": "step time and step memory of each path / plain cross-entropy, same process, interleaved",
         "machine": machine,
+        "loadavg_before": getattr(args, "loadavg_before", None),
+        "loadavg_after": _loadavg(),
+        "cpu_ratio": "cpu_ratio: the median process CPU time of a step of the path / of the plain step, same rounds "
+                     "(with --threads 1, what other processes on a loaded machine do not inflate)",
         "versions": C.versions(),
         "settings": {
             "models": {m: describe_model(m, args) for m in models}, "classes": classes,

@@ -29,6 +29,9 @@ class StepRecord(NamedTuple):
     """Rows of the whole batch, clean and augmented (of every rank under torch.distributed)."""
 
 
+StepRecord.__new__.__module__ = __name__  # the generated constructor's annotations resolve in this module (API docs)
+
+
 class DeviceFlags:
     """Booleans computed on the device that the host reads once they are ready, without waiting for the device.
 

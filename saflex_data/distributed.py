@@ -44,7 +44,7 @@ wrapper: see :func:`forward_with_tangent`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -280,10 +280,11 @@ class Sync:
         """Whether the ranks share the validation gradient and decide on the global batch."""
         return self.all_reduce and is_distributed()
 
-    def check_once(self, settings: Mapping[str, Any]) -> None:
-        """On the first call under torch.distributed: the same ``ValueError`` on every rank if settings differ."""
+    def check_once(self, settings: Mapping[str, Any] | Callable[[], Mapping[str, Any]]) -> None:
+        """On the first call under torch.distributed: the same ``ValueError`` on every rank if settings differ.
+        ``settings`` may be a callable, called only then (gathering them costs more than a small step's loss)."""
         if not self.checked and is_distributed():
-            check_consistent(settings, name=self.name)
+            check_consistent(settings() if callable(settings) else settings, name=self.name)
             self.checked = True
 
     def reduce(self, signal: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -27,7 +27,8 @@ samples, and ``Π`` with them; ``SaflexLoss`` uses ``T = 4`` by default.
 Everything here is a pure function: no module state, no global RNG, outputs on the input's device.
 
 This module is the public surface: the pure maths (:mod:`saflex_data._math`) and the autodiff on live modules
-(:mod:`saflex_data._autodiff`) under one name, ``import saflex_data.functional as SF``.
+(:mod:`saflex_data._autodiff`: forward-mode AD on dual parameters, ``torch.autograd.forward_ad``) under one name,
+``import saflex_data.functional as SF``.
 """
 
 from __future__ import annotations

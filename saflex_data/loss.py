@@ -254,7 +254,7 @@ class SaflexLoss(StepReport, nn.Module):
         labels, is_augmented, op = self._unpack(logits, target)
         training = torch.is_grad_enabled() and logits.requires_grad and self.model.training
         if training:  # [distributed] compared on training calls only, also with enabled=False
-            self._sync.check_once(self.settings())
+            self._sync.check_once(self.settings)
         if not (self.enabled and training):
             return F.cross_entropy(logits, labels if labels.dim() == 2 else labels.long(),
                                    label_smoothing=self.label_smoothing)
@@ -280,7 +280,7 @@ class SaflexLoss(StepReport, nn.Module):
         """
         if self.method != "single_pass":
             raise RuntimeError(f"forward_train is for method='single_pass'; this loss uses method={self.method!r}.")
-        self._sync.check_once(self.settings())  # [distributed]
+        self._sync.check_once(self.settings)  # [distributed]
         signal, _ = self._validation_signal(None, None, None, None)
         train_model = self._train_model
         if model is not None:
@@ -493,8 +493,9 @@ class SaflexLoss(StepReport, nn.Module):
         self.nonfinite_steps = 0
 
     @property
-    def stats(self) -> dict[str, float]:
-        """Statistics of the last step (fractions of its augmented samples) plus the non-finite fallback count.
+    def stats(self) -> dict[str, float | int]:
+        """Statistics of the last step (fractions of its augmented samples, floats) plus two counts (ints): the
+        non-finite fallbacks (``"nonfinite_steps"``) and the training steps so far (``"step"``).
 
         Computed when read (from the last step's decisions, still on the device): reading them is the host
         synchronisation a training step does not do.

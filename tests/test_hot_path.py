@@ -127,7 +127,7 @@ def test_masked_rule_with_few_rows(n):
             torch.testing.assert_close(y[mask], y_sub, rtol=1e-12, atol=1e-12)
 
 
-# What a default last_layer loss call costs beyond the validation forward, in aten ops (the issue asks for 40; 143 in
+# What a default last_layer loss call costs beyond the validation forward, in aten ops (the target was 40; 143 in
 # 0.2.0-dev before the hot-path work; see benchmarks/hot_path.py for the breakdown). The count does not depend on
 # B or K.
 # Measured with rule="margin" (the default before the gated rules). The gated default (rule="gated_prior") adds its

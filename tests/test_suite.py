@@ -69,7 +69,7 @@ def test_gated_row_gives_exactly_saflex_loss_decisions_step_after_step(digits_st
         drawn.append(ref.last)
         decisions.append(criterion.last_step["weights"].clone())
     by_hand = SaflexLoss(model, drawn, rule=v.loss_kwargs()["rule"])
-    for (x, target), w in zip(batches, decisions):
+    for (x, target), w in zip(batches, decisions, strict=True):
         by_hand(model(x), target)
         assert torch.equal(by_hand.last_step["weights"], w)
     assert all(torch.equal(criterion.rule_state[k], by_hand.rule_state[k]) for k in criterion.rule_state)
