@@ -12,8 +12,9 @@ averages the validation gradient across ranks and decides on the global batch, s
 one process with the global batch would, and ``criterion.stats`` is the same on every rank.
 
 The upstream augmentation here is deliberately harmful: it mirrors a sample (``x -> -x``), which moves it to another
-cluster while keeping its label. With the default rule (``"margin"``) SAFLEX drops the mirrored samples whose label the
-validation gradient clearly disagrees with, and relabels none.
+cluster while keeping its label. With the default rule (``"gated_prior"``) SAFLEX weights the augmented samples by the
+model's own confidence ``p[y]`` while, on average over the steps, they help less than the clean ones (and weight 1
+otherwise); it relabels none. The log prints their mean weight.
 """
 
 # %%
@@ -106,7 +107,7 @@ def main() -> None:
             if rank == 0 and (step % 20 == 0 or step == args.steps - 1):
                 s = criterion.stats  # global: identical on every rank
                 print(f"step {step:3d}  loss {loss.item():.3f}  augmented {s['augmented_fraction']:.2f}  "
-                      f"kept {s['kept_fraction']:.2f}  relabeled {s['relabeled_fraction']:.2f}", flush=True)
+                      f"mean weight {s['weight_mean']:.2f}  relabeled {s['relabeled_fraction']:.2f}", flush=True)
             step += 1
             if step == args.steps:
                 break

@@ -9,19 +9,19 @@
    vertical flips (a rotated 6 is a 9), heavy occlusion, tiny crops, and one benign op (a mild affine jitter);
 3. train the same small CNN three ways, for each seed: no augmentation, upstream augmentation with plain
    cross-entropy, and upstream augmentation with ``SaflexLoss`` (the validation split feeds SAFLEX's validation
-   gradient; the library's defaults: drop a sample whose label trails the class the validation data supports,
-   never relabel);
-4. print test accuracies per seed, and SAFLEX's keep/relabel rates per op, and write two pictures to
-   ``demo_out/``: ``demo_samples.png`` (augmented samples of one batch drawn at random, so in proportion to what
-   SAFLEX did: kept, dropped, or relabelled old → new) and ``demo_op_rates.png`` (every seed's test accuracy, and
-   SAFLEX's keep rate per upstream op).
+   gradient; the library's default rule, ``gated_prior``: while the augmented rows' mean gain trails the clean
+   rows' by more than 2 SE, and in the first steps, each augmented row is weighted by the model's confidence p[y]
+   in its label, a soft weight in [0, 1]; otherwise weight 1; labels are never changed);
+4. print test accuracies per seed, and SAFLEX's mean weight per op, and write two pictures to ``demo_out/``:
+   ``demo_samples.png`` (augmented samples of one batch drawn at random, each titled with its weight) and
+   ``demo_op_rates.png`` (every seed's test accuracy, and SAFLEX's mean weight per upstream op).
 
 What to expect: SAFLEX judges a sample's *label* against the validation data. It does not detect destroyed images
-(occluded, tiny crops) whose label is still right, and its keep rates barely differ between ops.
+(occluded, tiny crops) whose label is still right, and its weights barely differ between ops.
 
 Usage::
 
-    python examples/demo.py                 # about 2-3 minutes of CPU time (3 seeds × 3 runs); progress and ETA
+    python examples/demo.py                 # about 1-2 minutes of CPU time (3 seeds × 3 runs); progress and ETA
     python examples/demo.py --quick         # seconds: a smoke test, its numbers mean nothing
     python examples/demo.py --rule paper --method jvp   # the paper's rule (it relabels)
 """
@@ -33,6 +33,7 @@ import json
 import os
 import statistics
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -169,7 +170,8 @@ def train(
         if args.rule is not None or args.beta is not None:
             kwargs["rule"] = Rule(args.rule or "margin", beta=args.beta)
         criterion = SaflexLoss(model, val_loader, **kwargs)
-    kept, relabeled, step = [], [], 0
+    kept, relabeled, weight_mean, step = [], [], [], 0
+    op_weight: dict[str, list[float]] = {}  # per upstream op, last epoch: [sum of weights, count]
     t0, c0 = time.perf_counter(), time.process_time()
     progress.describe(f"seed {seed} · {_RUN_NAMES[mode]}")
     model.train()
@@ -187,6 +189,9 @@ def train(
                 loss = criterion(logits, target)
                 kept.append(criterion.stats["kept_fraction"])
                 relabeled.append(criterion.stats["relabeled_fraction"])
+                weight_mean.append(criterion.stats["weight_mean"])
+                if epoch == epochs - 1:
+                    _add_op_weights(op_weight, criterion.last_step, target)
             else:
                 loss = F.cross_entropy(logits, target.labels)
             opt.zero_grad(set_to_none=True)
@@ -200,7 +205,25 @@ def train(
         tail = max(1, len(kept) // epochs)
         info["kept_last_epoch"] = sum(kept[-tail:]) / tail
         info["relabeled_last_epoch"] = sum(relabeled[-tail:]) / tail
+        info["weight_last_epoch"] = sum(weight_mean[-tail:]) / tail
+        info["op_weight"] = {op: w / n for op, (w, n) in op_weight.items() if n}
     return model, criterion, info
+
+
+@torch.no_grad()
+def _add_op_weights(acc: dict[str, list[float]], last: dict[str, Tensor], target: SaflexTarget) -> None:
+    """Add the step's weights of the augmented rows to ``acc[op] = [sum of weights, count]``."""
+    if target.op is None:
+        return
+    names = target.op_names or ()
+    aug = last["is_augmented"]
+    for i in aug.nonzero().flatten().tolist():
+        k = int(target.op[i])
+        if k < 0:
+            continue
+        entry = acc.setdefault(names[k] if k < len(names) else str(k), [0.0, 0])
+        entry[0] += float(last["weights"][i])
+        entry[1] += 1
 
 
 def steps_per_run(batches_per_epoch: int, epochs: int, max_steps: int | None) -> int:
@@ -229,12 +252,13 @@ def decisions_on(model: nn.Module, criterion: SaflexLoss, x: Tensor, target: Saf
 
 
 _KIND_STYLE = {  # colour and legend text of each decision; "kept" is neutral: being kept says nothing good
-    "kept": ("dimgray", "kept: trained on with its upstream label"),
+    "kept": ("dimgray", "weight > 0: trained on with its upstream label, scaled by w"),
     "relabeled": ("darkorange", "relabeled: upstream label → SAFLEX's label"),
     "dropped": ("firebrick", "dropped: weight 0 for this step"),
 }
 NOT_DETECTED = ("What SAFLEX does not detect: destroyed images (occluded, tiny crops) whose label is still right. It "
-                "judges labels against the validation data, so such samples are kept like any other.")
+                "judges labels against the validation data; a low weight under the default is the model's own confidence "
+                "p[y], not a verdict on the image.")
 _RUN_NAMES = {"noaug": "no augmentation", "upstream": "strong upstream, plain CE", "saflex": "SAFLEX + strong upstream"}
 SMOKE_TEST = "SMOKE TEST (--quick): a few steps on a subset; these numbers mean nothing"
 
@@ -282,22 +306,25 @@ def plot_samples(path: Path, x: Tensor, target: SaflexTarget, last: dict[str, Te
         ax.imshow(from_input(x[i, 0]).numpy(), cmap="gray", vmin=0, vmax=255)
         op = names[int(target.op[i])] if target.op is not None and int(target.op[i]) >= 0 else "?"
         kind = kinds[i]
-        text = {"kept": f"kept, label {int(upstream[i])}", "dropped": f"dropped, label {int(upstream[i])}",
-                "relabeled": f"label {int(upstream[i])} → {int(new[i])}"}[kind]  # fmt: skip
+        w = float(last["weights"][i])
+        text = {"kept": f"w={w:.2f}, label {int(upstream[i])}", "dropped": f"w=0, label {int(upstream[i])}",
+                "relabeled": f"w={w:.2f}, label {int(upstream[i])} → {int(new[i])}"}[kind]  # fmt: skip
         ax.set_title(f"{text}\n{op}", fontsize=6.5, color=_KIND_STYLE[kind][0])
     counts = {k: sum(kinds[i] == k for i in shown) for k in _KIND_STYLE}
     batch = {k: sum(v == k for v in kinds.values()) for k in _KIND_STYLE}
-    on_screen = ", ".join(f"{counts[k]} {k}" for k in _KIND_STYLE if batch[k])
+    on_screen = "".join(f"; {counts[k]} {k}" for k in ("dropped", "relabeled") if batch[k])
+    shown_w = statistics.fmean(float(last["weights"][i]) for i in shown) if shown else 0.0
     overall = ""
     if op_stats:
         count = sum(st["count"] for st in op_stats.values())
-        kept = sum(st["count"] * st["kept"] for st in op_stats.values()) / count
-        relabeled = sum(st["count"] * st["relabeled"] for st in op_stats.values()) / count
-        overall = f" Over the whole last epoch it kept {100 * kept:.0f}% and relabeled {100 * relabeled:.0f}%."
-    title = (f"SAFLEX's decisions with the trained model: {len(shown)} of the {len(aug)} augmented samples of one "
-             f"training batch, drawn at random ({on_screen}).{overall}\n"
-             "Each title: the decision, the upstream label (the digit the sample is trained as), and the upstream op.\n"
-             + accuracy_line(accuracies) + "\n" + NOT_DETECTED)  # fmt: skip
+        overall = f" Mean weight of the augmented samples over the last epoch: " + (
+            f"{sum(st['count'] * st['weight'] for st in op_stats.values()) / count:.2f}."
+            if all("weight" in st for st in op_stats.values()) else "n/a.")
+    title = (f"SAFLEX's weights with the trained model: {len(shown)} of the {len(aug)} augmented samples of one "
+             f"training batch, drawn at random (mean weight {shown_w:.2f}{on_screen}).{overall}\n"
+             "Each title: the weight SAFLEX gave the sample this step (0 to 1), the upstream label (the digit it is "
+             "trained as; never changed by the default), and the upstream op.\n"
+             + accuracy_line(accuracies) + "\n" + "\n".join(textwrap.wrap(NOT_DETECTED, 150)))  # fmt: skip
     if quick:
         title = SMOKE_TEST + "\n" + title
     fig.suptitle(title, fontsize=8)
@@ -309,10 +336,10 @@ def plot_samples(path: Path, x: Tensor, target: SaflexTarget, last: dict[str, Te
 
 
 def plot_op_rates(path: Path, op_stats: dict[str, dict[str, float]], accuracies: dict[str, list[float]],
-                  setting: str, *, op_kept_per_seed: dict[str, list[float]] | None = None,
+                  setting: str, *, op_weight_per_seed: dict[str, list[float]] | None = None,
                   quick: bool = False) -> None:  # fmt: skip
-    """Left: every seed's test accuracy for the three runs (dots) and their mean (bar). Right: SAFLEX's keep (and,
-    if any, relabel) rate per upstream op, with the range over seeds."""
+    """Left: every seed's test accuracy for the three runs (dots) and their mean (bar). Right: SAFLEX's mean weight
+    per upstream op (and, if any, the relabel rate), with the range over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -336,27 +363,28 @@ def plot_op_rates(path: Path, op_stats: dict[str, dict[str, float]], accuracies:
     acc_ax.set_title(f"dots: {seeds} seed{'s' if seeds > 1 else ''}; bar: mean", fontsize=9)
 
     names = list(op_stats)
-    kept = [100 * op_stats[n]["kept"] for n in names]
-    relabeled = [100 * op_stats[n]["relabeled"] for n in names]
+    weight = [op_stats[n]["weight"] for n in names]
+    relabeled = [op_stats[n]["relabeled"] for n in names]
     pos = list(range(len(names)))
-    series = [("kept (weight 1)", kept, "darkgray")]
+    series = [("mean weight", weight, "darkgray")]
     if any(r > 0 for r in relabeled):  # the legend shows only what occurred
-        series.append(("relabeled", relabeled, "tab:orange"))
+        series.append(("fraction relabeled", relabeled, "tab:orange"))
     width = 0.8 / len(series)
     for k, (label, rates, colour) in enumerate(series):
         offset = (k - (len(series) - 1) / 2) * width
         bars = ax.bar([p + offset for p in pos], rates, width=width, label=label, color=colour)
-        ax.bar_label(bars, fmt="%.0f", fontsize=7, padding=1)
-        if k == 0 and op_kept_per_seed and seeds > 1:  # the range of the keep rate over seeds
-            lo = [100 * min(op_kept_per_seed[n]) for n in names]
-            hi = [100 * max(op_kept_per_seed[n]) for n in names]
+        ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=1)
+        if k == 0 and op_weight_per_seed and seeds > 1:  # the range of the mean weight over seeds
+            lo = [min(op_weight_per_seed[n]) for n in names]
+            hi = [max(op_weight_per_seed[n]) for n in names]
             ax.vlines([p + offset for p in pos], lo, hi, color="black", linewidth=1)
     ax.set_xticks(pos, [f"{n} (n={int(op_stats[n]['count'])})" for n in names], fontsize=7.5, rotation=15,
                   ha="right")
-    ax.set_ylabel("% of that op's augmented samples", fontsize=8)
-    ax.set_ylim(0, 118)
-    ax.set_title("SAFLEX's decisions per upstream op, last epoch" + (", all seeds" if seeds > 1 else ""), fontsize=9)
-    note = "bars: % kept (weight 1)" + ("; lines: range over seeds" if seeds > 1 else "")
+    ax.set_ylabel("mean weight of that op's augmented samples", fontsize=8)
+    ax.set_ylim(0, 1.18)
+    ax.set_title("SAFLEX's mean weight per upstream op, last epoch" + (", all seeds" if seeds > 1 else ""),
+                 fontsize=9)
+    note = "bars: mean weight (0 to 1)" + ("; lines: range over seeds" if seeds > 1 else "")
     if len(series) > 1:
         ax.legend(fontsize=7.5, loc="lower left", bbox_to_anchor=(0.0, 1.08), ncol=len(series), frameon=False)
     else:
@@ -442,7 +470,8 @@ def main(argv: list[str] | None = None) -> dict:
             infos[mode].append(info)
             progress.write(f"seed {seed} · {_RUN_NAMES[mode]}: test accuracy {accuracies[mode][-1]:.2f}% "
                            f"({info['seconds']:.0f} s)")  # fmt: skip
-        op_per_seed.append(criterion.op_stats())
+        op_per_seed.append({op: {**st, "weight": infos["saflex"][-1]["op_weight"].get(op, float("nan"))}
+                            for op, st in criterion.op_stats().items()})
         if seed == seeds[0]:  # the sample grid shows the first seed's trained model
             x, target = next(iter(loader))
             last = decisions_on(model, criterion, x, target)
@@ -451,9 +480,10 @@ def main(argv: list[str] | None = None) -> dict:
     progress.close()
     op_stats = _pool_op_stats(op_per_seed)
     op_kept_per_seed = {op: [o[op]["kept"] for o in op_per_seed if op in o] for op in op_stats}
+    op_weight_per_seed = {op: [o[op]["weight"] for o in op_per_seed if op in o] for op in op_stats}
     plot_samples(out / "demo_samples.png", x, target, last, accuracies, op_stats=op_stats, quick=args.quick,
                  seed=seeds[0])
-    plot_op_rates(out / "demo_op_rates.png", op_stats, accuracies, setting, op_kept_per_seed=op_kept_per_seed,
+    plot_op_rates(out / "demo_op_rates.png", op_stats, accuracies, setting, op_weight_per_seed=op_weight_per_seed,
                   quick=args.quick)
 
     machine = f"{machine_string()}, {threads} thread{'s' if threads > 1 else ''}"
@@ -466,11 +496,13 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"(train times on {machine})")
     kept_last = statistics.fmean(i["kept_last_epoch"] for i in infos["saflex"])
     relabeled_last = statistics.fmean(i["relabeled_last_epoch"] for i in infos["saflex"])
-    print(f"\nSAFLEX ({extra_repr}), last epoch, mean over seeds: kept {100 * kept_last:.0f}% of the augmented "
-          f"samples, relabeled {100 * relabeled_last:.0f}%")  # fmt: skip
-    print("\n| upstream op | samples | kept (%) | relabeled (%) |\n|---|---:|---:|---:|")
+    weight_last = statistics.fmean(i["weight_last_epoch"] for i in infos["saflex"])
+    print(f"\nSAFLEX ({extra_repr}), last epoch, mean over seeds: mean weight {weight_last:.2f} of the augmented "
+          f"samples (weight > 0: {100 * kept_last:.0f}%), relabeled {100 * relabeled_last:.0f}%")  # fmt: skip
+    print("\n| upstream op | samples | mean weight | weight > 0 (%) | relabeled (%) |\n|---|---:|---:|---:|---:|")
     for name, st in op_stats.items():
-        print(f"| {name} | {int(st['count'])} | {100 * st['kept']:.0f} | {100 * st['relabeled']:.0f} |")
+        print(f"| {name} | {int(st['count'])} | {st['weight']:.2f} | {100 * st['kept']:.0f} | "
+              f"{100 * st['relabeled']:.0f} |")
     print(f"\n{NOT_DETECTED}")
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     summary = {
@@ -478,10 +510,12 @@ def main(argv: list[str] | None = None) -> dict:
         "test_accuracy_per_seed": accuracies, "seeds": seeds,
         "runs": {m: {"steps": infos[m][0]["steps"], "seconds": [i["seconds"] for i in infos[m]],
                      "cpu_seconds": [i["cpu_seconds"] for i in infos[m]],
-                     **({"kept_last_epoch": kept_last, "relabeled_last_epoch": relabeled_last}
+                     **({"kept_last_epoch": kept_last, "relabeled_last_epoch": relabeled_last,
+                         "weight_last_epoch": weight_last}
                         if m == "saflex" else {})}
                  for m in modes},
-        "op_stats": op_stats, "op_kept_per_seed": op_kept_per_seed, "saflex": extra_repr, "smoke_test": args.quick,
+        "op_stats": op_stats, "op_kept_per_seed": op_kept_per_seed,
+        "op_weight_per_seed": op_weight_per_seed, "saflex": extra_repr, "smoke_test": args.quick,
         "machine": machine, "torch": torch.__version__, "wall_s": wall, "cpu_s": cpu,
         "load_average_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "settings": {k: v for k, v in vars(args).items()},
@@ -495,16 +529,16 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _pool_op_stats(per_seed: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
-    """Keep/relabel rates per op over all seeds (weighted by each seed's sample count)."""
+    """Mean weight and keep/relabel rates per op over all seeds (weighted by each seed's sample count)."""
+    keys = ("kept", "relabeled", "weight")
     out: dict[str, dict[str, float]] = {}
     for stats in per_seed:
         for op, st in stats.items():
-            o = out.setdefault(op, {"count": 0.0, "kept": 0.0, "relabeled": 0.0})
+            o = out.setdefault(op, {"count": 0.0, **dict.fromkeys(keys, 0.0)})
             o["count"] += st["count"]
-            o["kept"] += st["count"] * st["kept"]
-            o["relabeled"] += st["count"] * st["relabeled"]
-    return {op: {"count": o["count"], "kept": o["kept"] / o["count"], "relabeled": o["relabeled"] / o["count"]}
-            for op, o in out.items()}  # fmt: skip
+            for k in keys:
+                o[k] += st["count"] * st.get(k, float("nan"))
+    return {op: {"count": o["count"], **{k: o[k] / o["count"] for k in keys}} for op, o in out.items()}
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 # needs: only torch.  Run: python examples/quickstart.py [--device cpu|cuda] [--steps N]
 # %% [markdown]
 # # saflex_data quick start
-# Each step SAFLEX scores every augmented sample against a validation gradient. With the default rule ("margin") it
-# drops (weight 0) a sample whose upstream label trails the class the validation data supports by a clear margin,
-# keeps the rest with their upstream label, and never relabels; `--rule margin_fix` or `--rule paper` also relabel.
+# Each step SAFLEX scores every augmented sample against a validation gradient. This script uses the hard-decision
+# rule "margin" (the library's default until 0.2; since 0.2 the default is "gated_prior", which weights augmented
+# samples by the model's own confidence p[y] while they help less than the clean ones): it drops (weight 0) a sample
+# whose upstream label trails the class the validation data supports by a clear margin, keeps the rest with their
+# upstream label, and never relabels; `--rule margin_fix` or `--rule paper` also relabel.
 # Here the "upstream" is a deliberately bad one: noisy copies of the inputs with 40% of their labels flipped at random.
 # The same code runs on synthetic data in a few seconds on a CPU.
 
@@ -43,7 +45,7 @@ criterion = SaflexLoss(
     model,  # held by reference (not a submodule); hooks capture what the loss needs
     val_loader,  # the validation stream SAFLEX learns from
     method=args.method,  # "last_layer" (default, nearly free), "jvp" or "single_pass" (exact)
-    rule=args.rule,  # "margin" (default: drop, never relabel) or "paper" (the paper's relabelling rule)
+    rule=args.rule,  # "margin" (drop, never relabel; the library default is "gated_prior") or "paper" (relabels)
 )
 
 fixed, kept_good = [], []  # per step: share of wrong labels repaired, share of good labels kept as they are
