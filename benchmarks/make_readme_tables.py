@@ -403,7 +403,8 @@ def verdict(path: Path) -> str:
         + ", ".join(f"{s} {table[s][py_tv][0]:+.2f} vs {table[s][variants.GATED][0]:+.2f}" for s in py_hurts)
         + f"). **Trained on train only, the default averaged {train_only['1']['mean']:+.2f}** and collapsed on the "
         f"off-style domain ({collapse} {pm(table[collapse][variants.GATED_TRAIN])}; the 0.1 default `margin` "
-        f"{table[collapse][old][0]:+.2f}, `p[y]` on train only {table[collapse][py][0]:+.2f}): train on the validation split too. "
+        f"{table[collapse][old][0]:+.2f}, `p[y]` on train only {table[collapse][py][0]:+.2f}): train on the validation "
+        "split too. "
         f"The 0.1 default `margin` averaged {g['means'][old]:+.2f} (on the first {len(idx)} streams: better by "
         f"≥ 2 SE on {first_sig(old, 1)}, worse on {first_sig(old, -1)}), and the other peers run there at the same "
         "budget averaged "

@@ -257,8 +257,8 @@ _KIND_STYLE = {  # colour and legend text of each decision; "kept" is neutral: b
     "dropped": ("firebrick", "dropped: weight 0 for this step"),
 }
 NOT_DETECTED = ("What SAFLEX does not detect: destroyed images (occluded, tiny crops) whose label is still right. It "
-                "judges labels against the validation data; a low weight under the default is the model's own confidence "
-                "p[y], not a verdict on the image.")
+                "judges labels against the validation data; a low weight under the default is the model's own "
+                "confidence p[y], not a verdict on the image.")
 _RUN_NAMES = {"noaug": "no augmentation", "upstream": "strong upstream, plain CE", "saflex": "SAFLEX + strong upstream"}
 SMOKE_TEST = "SMOKE TEST (--quick): a few steps on a subset; these numbers mean nothing"
 
@@ -317,7 +317,7 @@ def plot_samples(path: Path, x: Tensor, target: SaflexTarget, last: dict[str, Te
     overall = ""
     if op_stats:
         count = sum(st["count"] for st in op_stats.values())
-        overall = f" Mean weight of the augmented samples over the last epoch: " + (
+        overall = " Mean weight of the augmented samples over the last epoch: " + (
             f"{sum(st['count'] * st['weight'] for st in op_stats.values()) / count:.2f}."
             if all("weight" in st for st in op_stats.values()) else "n/a.")
     title = (f"SAFLEX's weights with the trained model: {len(shown)} of the {len(aug)} augmented samples of one "

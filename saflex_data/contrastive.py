@@ -198,10 +198,12 @@ class SaflexContrastiveLoss(StepReport, nn.Module):
             statistics are then those of the step, so ``Π`` is exact for a train-mode BatchNorm tower too; ``"jvp"``
             normalises the augmented images with their own batch statistics there).
         rule: The decision rule over the in-batch texts: a :class:`saflex_data.functional.Rule` or its name.
-            Default ``"margin"``, as for ``SaflexLoss``: drop an augmented image whose own caption trails the best
-            in-batch caption by more than ``beta`` batch standard deviations of ``Π``, never relabel. In
-            ``examples/contrastive_flyp.py`` (3 seeds, ``docs/contrastive.md``) it was above plain augmentation on 2
-            of 3 seeds, the paper's rule (``Rule("paper", beta=0.5)``, the default before 0.2.0) on 1 of 3.
+            Default ``"margin"``: drop an augmented image whose own caption trails the best in-batch caption by more
+            than ``beta`` batch standard deviations of ``Π``, never relabel. Not ``SaflexLoss``'s default
+            (``"gated_prior"``): the gated rules were built and measured for classification only, and are refused
+            here. In ``examples/contrastive_flyp.py`` (3 seeds, ``docs/contrastive.md``) margin was above plain
+            augmentation on 2 of 3 seeds, the paper's rule (``Rule("paper", beta=0.5)``, the default before 0.2.0)
+            on 1 of 3.
         val_every: Recompute ``g`` every ``val_every`` steps (reuse it in between).
         val_temperature: ``T`` of the tempered zero-shot validation loss ``T · CE(L / T, y)`` (see
             ``SaflexLoss``; not in the paper). The default 1 is the paper's loss: unlike for ``SaflexLoss``, a larger
