@@ -6,7 +6,10 @@ dispatch-mode counter of ``tests/_dispatch_count.py``; ``ops beyond val forward`
 no-grad forward of the validation batch (what ``last_layer`` cannot avoid). CPU, an MLP (``--model mlp``) or the
 test CNN with BatchNorm (``--model cnn``).
 
-    python benchmarks/hot_path.py [--model mlp] [--json PATH]
+    python benchmarks/hot_path.py [--model mlp] [--rule margin] [--json PATH] [--before OLD.json]
+
+``--rule`` measures another rule than the library's default. ``--before`` embeds the rows of a JSON this script
+wrote at an earlier commit (copied into that checkout and run there), under ``"before"``, for comparison.
 """
 
 from __future__ import annotations
@@ -45,13 +48,14 @@ def _inputs(kind: str, n: int, seed: int) -> torch.Tensor:
     return torch.randn((n, 16) if kind == "mlp" else (n, 3, 8, 8), generator=g)
 
 
-def measure(kind: str = "mlp", classes: int = 10, batch: int = 64, val: int = 32) -> list[dict]:
+def measure(kind: str = "mlp", classes: int = 10, batch: int = 64, val: int = 32,
+            rule: str | None = None) -> list[dict]:
     out = []
     for method, options in CASES:
         model = _model(kind, classes).train()
         val_loader = [(_inputs(kind, val, 1), torch.arange(val) % classes)]
         criterion = SaflexLoss(model, None if options.get("reference") == "batch" else val_loader, method=method,
-                               **options)
+                               **options, **({} if rule is None else {"rule": rule}))
         labels = torch.arange(batch) % classes
         target = SaflexTarget(labels, torch.arange(batch) >= batch // 2)
 
@@ -84,15 +88,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="mlp", choices=("mlp", "cnn"))
     parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--rule", default=None, help="a rule name (default: the library's default rule)")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--before", type=Path, help="a JSON of this script from an earlier commit, to embed")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    rows = measure(args.model, args.classes)
+    rows = measure(args.model, args.classes, rule=args.rule)
     for row in rows:
         print(f"{row['case']:32s} syncs {row['syncs']:3d}  ops {row['ops']:4d}  beyond val forward "
               f"{row['ops_beyond_val_forward']:4d}  backward syncs {row['backward_syncs']}  {row['sync_ops']}")
     if args.json:
-        args.json.write_text(json.dumps({"model": args.model, "classes": args.classes, "rows": rows}, indent=1))
+        rule = args.rule or SaflexLoss(nn.Linear(2, 2), [], reference="heldout").rule.name
+        record = {"model": args.model, "classes": args.classes, "rule": rule, "rows": rows}
+        if args.before:
+            record["before"] = json.loads(args.before.read_text())
+        args.json.write_text(json.dumps(record, indent=1))
 
 
 if __name__ == "__main__":
