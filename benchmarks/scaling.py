@@ -5,6 +5,9 @@ K ∈ {10, 100, 1000} × batch ∈ {64 + 64, 256 + 256} (clean + augmented). Pat
 loss, backward, Adam step):
 
 - ``plain``: cross-entropy;
+- ``val_forward``: cross-entropy plus what any held-out validation signal costs at least, and all that SAFLEX's
+  ``last_layer`` cannot avoid: a no-grad eval-mode forward of one validation batch per step (the floor
+  ``last_layer`` is measured against);
 - ``last_layer``, ``jvp`` and, for models with train-mode BatchNorm, ``jvp_frozen_stats``: ``SaflexLoss`` with
   the recommended decision-quality setting (validation batch 32 averaged with ``val_ema=0.9``, as good as a fresh
   batch of 128 in the decision-quality results, ``results/decision_quality.json``);
@@ -30,6 +33,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
+import itertools
 import math
 import os
 import statistics
@@ -51,7 +55,7 @@ import common as C  # noqa: E402
 from saflex_data import SaflexLoss, SaflexTarget  # noqa: E402
 
 MODELS = ("mlp", "resnet18", "vit_tiny")
-PATHS = ("plain", "last_layer", "jvp", "jvp_frozen_stats", "small_loss", "l2r")
+PATHS = ("plain", "val_forward", "last_layer", "jvp", "jvp_frozen_stats", "small_loss", "l2r")
 SAFLEX_PATHS = ("last_layer", "jvp", "jvp_frozen_stats")
 
 
@@ -115,6 +119,20 @@ def make_step(path: str, model: nn.Module, data: dict[str, Any], args: argparse.
 
     if path == "plain":
         return lambda: finish(F.cross_entropy(model(x), y))
+    if path == "val_forward":
+        batches = itertools.cycle(val)
+
+        def val_forward() -> None:
+            xv, _ = next(batches)
+            modes = [(m, m.training) for m in model.modules()]
+            model.eval()
+            with torch.no_grad():
+                model(xv)
+            for m, training in modes:
+                m.training = training
+            finish(F.cross_entropy(model(x), y))
+
+        return val_forward
     if path in SAFLEX_PATHS:
         crit = SaflexLoss(model, val, method=path, val_ema=args.val_ema)
         return lambda: finish(crit(model(x), target))
@@ -267,7 +285,7 @@ def plot(path: Path, payload: dict[str, Any]) -> None:
     models = [m for m in MODELS if any(r["model"] == m for r in rows)]
     batches = sorted({r["batch"] for r in rows}, key=lambda s: int(s.split("+")[0]))
     fig, axes = plt.subplots(2, len(models), figsize=(4.2 * len(models), 6.4), squeeze=False)
-    colors = {"last_layer": "tab:blue", "jvp": "tab:red", "jvp_frozen_stats": "tab:orange", "small_loss": "tab:green",
+    colors = {"val_forward": "tab:gray", "last_layer": "tab:blue", "jvp": "tab:red", "jvp_frozen_stats": "tab:orange", "small_loss": "tab:green",
               "l2r": "tab:purple"}  # fmt: skip
     for j, model in enumerate(models):
         for i, key in enumerate(("ratio", "memory_ratio")):

@@ -31,6 +31,7 @@ from ._math import (
     check_logits,
     inner_products_from_tangent,
     last_layer_inner_products,
+    last_layer_logit_tangents,
     last_layer_validation_gradient,
     solve_dtype,
 )
@@ -106,6 +107,17 @@ class PiMethod:
         (bool `(B,)`, or their indices ``index`` from :meth:`select`); the other rows hold something the rule
         ignores."""
         raise NotImplementedError
+
+    def own_label_gains(self, capture: dict[str, Any], logits: Tensor, mask: Tensor, signal: Signal,
+                        upstream: Tensor, index: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(yᵀΠ, yᵀp)`` `(B,)` each: every row's own-label gain and the model's probability of its label
+        (``upstream`` ``y`` as probabilities, ``p = softmax(logits)``), exact on the rows ``mask``.
+
+        All that the ``p[y]``-weighted gated rules read (:data:`saflex_data.rules.P_WEIGHTED_RULES`). This default
+        forms ``Π`` (:meth:`inner_products`); a method with a cheaper route overrides it.
+        """
+        pi = self.inner_products(capture, logits, mask, signal, index)
+        return (upstream * pi).sum(-1), _own_probability(logits, upstream)
 
     # -- the remembered forwards -----------------------------------------------------------------------------------
     def remember(self, output: Any, **capture: Any) -> None:
@@ -269,6 +281,15 @@ class LastLayer(PiMethod):
                                          signal.get(self.bias_name))
 
 
+    def own_label_gains(self, capture: dict[str, Any], logits: Tensor, mask: Tensor, signal: Signal,
+                        upstream: Tensor, index: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        # Without Π: with s = G_W h + G_b and Π_ik = pᵀs - s_k, yᵀΠ = pᵀs - yᵀs (the same numbers as yᵀΠ for a
+        # one-hot y), two row reductions instead of (B, K) products: a fraction of the cost when K is large.
+        s, p = last_layer_logit_tangents(capture["features"].flatten(1), logits, signal[self.weight_name],
+                                         signal.get(self.bias_name))
+        return (p * s).sum(-1) - (upstream * s).sum(-1), (upstream * p).sum(-1)
+
+
 class Jvp(PiMethod):
     """``"jvp"``: exact, one forward-mode pass over the augmented rows (the whole batch when BatchNorm uses batch
     statistics or the forward drew random numbers, whose masks are then replayed)."""
@@ -400,6 +421,11 @@ def first_tensor(output: Any) -> Tensor | None:
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
         return output[0]
     return None
+
+
+def _own_probability(logits: Tensor, upstream: Tensor) -> Tensor:
+    """``yᵀ softmax(logits)`` of each row, in ``upstream``'s dtype."""
+    return (upstream * torch.softmax(logits.detach().to(upstream.dtype), -1)).sum(-1)
 
 
 def input_device(args: tuple, model: nn.Module) -> torch.device:

@@ -15,12 +15,12 @@ __all__ = ["DeviceFlags", "StepRecord", "StepReport"]
 class StepRecord(NamedTuple):
     """What a step decided for the augmented rows of its (global) batch, for the statistics."""
 
-    upstream: Tensor
-    """Upstream labels as probabilities `(N, K)` of the rows."""
+    upstream: Tensor | None
+    """Upstream labels as probabilities `(N, K)` of the rows (``None`` with ``soft_labels``)."""
     weights: Tensor
     """Their weights `(N,)`."""
-    soft_labels: Tensor
-    """Their soft labels `(N, K)`."""
+    soft_labels: Tensor | None
+    """Their soft labels `(N, K)`; ``None``: the upstream labels (a rule that never relabels)."""
     op: Tensor | None
     """Their upstream op ids `(N,)` (``-1``: none), or ``None``."""
     mask: Tensor

@@ -190,8 +190,8 @@ class GatheredRows(NamedTuple):
 
     pi: Tensor
     """``Π`` `(N, K)` of every rank's rows."""
-    upstream: Tensor
-    """Their upstream labels as probabilities `(N, K)`."""
+    upstream: Tensor | None
+    """Their upstream labels as probabilities `(N, K)` (``None``: not exchanged)."""
     mask: Tensor
     """Bool `(N,)`: the augmented rows."""
     logits: Tensor | None
@@ -207,7 +207,7 @@ GatheredRows.__new__.__module__ = __name__  # the generated constructor's annota
 
 def gather_rows(
     pi: Tensor,
-    upstream: Tensor,
+    upstream: Tensor | None,
     mask: Tensor,
     layout: BatchLayout,
     *,
@@ -226,15 +226,16 @@ def gather_rows(
     Cost: one all-gather of ``max_rank(B) * (2K + 2)`` floats (``3K + 2`` with logits).
 
     Args:
-        pi: This rank's inner products `(B, K)` (only the augmented rows matter).
-        upstream: The upstream labels as probabilities `(B, K)`.
+        pi: This rank's inner products `(B, K)` (only the augmented rows matter), or any per-row columns `(B, C)`
+            (``SaflexLoss`` with a ``p[y]``-weighted gated rule sends only each row's own-label gain and ``p[y]``).
+        upstream: The upstream labels as probabilities `(B, K)`, or ``None`` (not exchanged).
         mask: Bool `(B,)`: the augmented rows.
         layout: This step's :func:`batch_layout`.
         logits: Optional detached training logits `(B, K)` (for rules that use them).
         op: Optional op ids `(B,)`, for the per-op statistics.
         group: Process group; the default group if ``None``.
     """
-    size, num_classes = pi.shape
+    size = pi.shape[0]
     if size != layout.batch_sizes[layout.rank]:
         raise ValueError(f"pi has {size} rows but the layout gives this rank {layout.batch_sizes[layout.rank]}.")
     sizes = layout.batch_sizes
@@ -243,21 +244,23 @@ def gather_rows(
     if len(sizes) == 1:  # one process: nothing to exchange
         return GatheredRows(pi, upstream, mask, logits, op, mine)
     dtype = torch.promote_types(pi.dtype, torch.float32)
-    columns = [pi.to(dtype), upstream.to(dtype)] + ([] if logits is None else [logits.to(dtype)])
-    # Row layout: [Π (K) | upstream label (K) | (logits (K)) | op id (1) | augmented (1)], padded to the largest batch.
-    width = num_classes * len(columns) + 2
-    rows = torch.zeros(max(sizes), width, dtype=dtype, device=pi.device)
-    rows[:size, :-2] = torch.cat(columns, 1)
+    columns = [t for t in (pi, upstream, logits) if t is not None]
+    # Row layout: [Π | upstream label | logits (each when given) | op id (1) | augmented (1)], padded to the
+    # largest batch.
+    widths = [t.shape[1] for t in columns]
+    rows = torch.zeros(max(sizes), sum(widths) + 2, dtype=dtype, device=pi.device)
+    rows[:size, :-2] = torch.cat([t.to(dtype) for t in columns], 1)
     rows[:size, -2] = -1 if op is None else op.to(device=pi.device, dtype=dtype)
     rows[:size, -1] = mask.to(dtype)
     shards = [torch.empty_like(rows) for _ in range(len(sizes))]
     dist.all_gather(shards, rows, group=group)
     every = torch.cat([shard[:n] for shard, n in zip(shards, sizes, strict=False)])
+    parts = iter(every[:, :-2].split(widths, 1))
     return GatheredRows(
-        every[:, :num_classes],
-        every[:, num_classes : 2 * num_classes],
+        next(parts),
+        None if upstream is None else next(parts),
         every[:, -1] > 0,
-        every[:, 2 * num_classes : 3 * num_classes] if len(columns) == 3 else None,
+        None if logits is None else next(parts),
         None if op is None else every[:, -2].long(),
         mine,
     )
@@ -299,7 +302,7 @@ class Sync:
             return batch_layout(batch_size, num_classes, num_augmented, device=device)
         return BatchLayout(0, [batch_size], [num_augmented])
 
-    def gather(self, pi: Tensor, upstream: Tensor, mask: Tensor, layout: BatchLayout, **kwargs: Any) -> GatheredRows:
+    def gather(self, pi: Tensor, upstream: Tensor | None, mask: Tensor, layout: BatchLayout, **kwargs: Any) -> GatheredRows:
         """:func:`gather_rows` (exchanging only when synced)."""
         return gather_rows(pi, upstream, mask, layout, **kwargs)
 

@@ -192,7 +192,8 @@ class SaflexLoss(StepReport, nn.Module):
         self._method: PiMethod = METHODS[method](self.model, classifier=classifier)
         self.classifier_name: str | None = getattr(self._method, "classifier_name", None)
         # [gated rules] the gate's state: kept across steps, saved in state_dict, reset only by reset_rule_state()
-        self._rule_state: dict[str, Tensor] | None = _rules.init_state() if self.rule.stateful else None
+        self._rule_state: Tensor | None = None  # packed (saflex_data.rules.pack_state), on the device once used
+        self.reset_rule_state()
 
     @property
     def all_reduce(self) -> bool:
@@ -201,24 +202,38 @@ class SaflexLoss(StepReport, nn.Module):
     # [gated rules] ---------------------------------------------------------------------------------------------
     @property
     def rule_state(self) -> dict[str, Tensor] | None:
-        """A stateful rule's state (the gate of :mod:`saflex_data.rules`: its EMA sums and last ``strength``);
-        ``None`` for the other rules. Part of ``state_dict``; identical on every rank under torch.distributed."""
-        return self._rule_state
+        """A stateful rule's state (the gate of :mod:`saflex_data.rules`: its EMA sums and last ``strength``), as
+        of the last step (0-d tensors; a later step does not change them); ``None`` for the other rules. Part of
+        ``state_dict``; identical on every rank under torch.distributed."""
+        return None if self._rule_state is None else _rules.unpack_state(self._rule_state)
 
     def reset_rule_state(self) -> None:
         """Forget the gate's evidence (nothing else resets it: not ``reset_stats``, not ``enabled``)."""
-        self._rule_state = _rules.init_state() if self.rule.stateful else None
+        self._rule_state = _rules.pack_state(_rules.init_state()) if self.rule.stateful else None
 
     def _gated_rule(self, rows: GatheredRows, finite: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
-        """A stateful rule on the rows of the (global) batch: the clean rows' ``Π`` is in ``rows`` already (every
-        method computes it when the rule is stateful); the state moves only on a finite, valid step."""
-        state = {k: v.to(rows.pi.device) for k, v in self._rule_state.items()}
+        """A gated rule that reads ``Π`` on the rows of the (global) batch: the clean rows' ``Π`` is in ``rows``
+        already (every method computes it when the rule is stateful); the state moves only on a finite, valid step.
+        (The ``p[y]``-weighted gated rules, the default among them, go through :meth:`_own_label_rule`.)"""
+        state = self._rule_state.to(rows.pi.device)
+        rule = self.rule
         weights, targets, new = _rules.gated_targets(
-            rows.pi, rows.upstream, state, rule=self.rule.name, threshold=self.rule.beta, decay=self.rule.decay,
-            logits=rows.logits, mask=rows.mask)  # fmt: skip
+            rows.pi, rows.upstream, _rules.unpack_state(state), rule=rule.name, threshold=rule.beta,
+            decay=rule.decay, logits=rows.logits, mask=rows.mask)  # fmt: skip
         keep = finite if valid is None else finite & valid
-        self._rule_state = {k: torch.where(keep, new[k], state[k]) for k in state}
+        self._rule_state = torch.where(keep, _rules.pack_state(new), state)
         return weights, targets
+
+    def _own_label_rule(self, gain: Tensor, p_own: Tensor, mask: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
+        """A ``p[y]``-weighted gated rule (:data:`saflex_data.rules.P_WEIGHTED_RULES`) on the rows' own-label gains
+        ``yᵀΠ`` and ``p[y]`` of the (global) batch: ``(weights, finite)``. Weight 1 for the clean rows, and for every
+        row of a step with a non-finite ``Π`` on an augmented row (or, ``reference="batch"``, without a clean row),
+        whose state does not move."""
+        rule = self.rule
+        state = self._rule_state = self._rule_state.to(gain.device)
+        weights, self._rule_state, finite = _rules.gated_weights(
+            gain, p_own, state, rule=rule.name, threshold=rule.beta, decay=rule.decay, mask=mask, valid=valid)
+        return weights, finite
 
     def settings(self) -> dict[str, Any]:
         """The settings every rank must share (compared on the first training call under torch.distributed)."""
@@ -266,7 +281,12 @@ class SaflexLoss(StepReport, nn.Module):
         self.last_step = {"is_augmented": is_augmented, "weights": weights, "targets": targets,
                           "upstream": labels if labels.dim() == 1 else labels.argmax(-1)}
         self.step += 1
-        per_sample = F.cross_entropy(logits.to(dtype), targets, reduction="none", label_smoothing=self.label_smoothing)
+        if targets is upstream and labels.dim() == 1 and not self.label_smoothing:
+            # The upstream hard labels: the same numbers as the one-hot targets' cross-entropy, in two ops
+            per_sample = F.cross_entropy(logits.to(dtype), labels.long(), reduction="none")
+        else:
+            per_sample = F.cross_entropy(logits.to(dtype), targets, reduction="none",
+                                         label_smoothing=self.label_smoothing)
         return (weights * per_sample).sum() / batch
 
     def forward_train(self, inputs: Tensor, model: nn.Module | None = None) -> Tensor:
@@ -358,13 +378,27 @@ class SaflexLoss(StepReport, nn.Module):
             with torch.no_grad():
                 if self.rule.stateful and index is not None:  # [gated rules] Π of the clean rows too
                     index = torch.arange(len(logits), device=logits.device)
+                if self.rule.name in _rules.P_WEIGHTED_RULES:  # all they read: each row's yᵀΠ and p[y]
+                    gain, p_own = self._method.own_label_gains(capture, logits, is_augmented, signal, upstream, index)
+                    mask = is_augmented
+                    if self._sync.active:  # [distributed] the global batch's rows: 4 numbers each
+                        rows = self._sync.gather(torch.stack([gain, p_own], 1), None, mask, layout, op=op)
+                        (gain, p_own), mask = rows.pi.unbind(1), rows.mask
+                    weights, finite = self._own_label_rule(gain, p_own, mask, valid)
+                    self._fallbacks.push(~finite)
+                    self._record(StepRecord(None, weights, None, op if not self._sync.active else rows.op, mask,
+                                            sum(layout.batch_sizes)))
+                    self._poll_fallbacks()
+                    return (weights, upstream) if not self._sync.active else (weights[rows.mine], upstream)
                 pi = self._method.inner_products(capture, logits, is_augmented, signal, index)
                 exchange_logits = not self._sync.active or self.rule.name in RULES_USING_LOGITS
                 rows = self._sync.gather(pi.to(upstream.dtype), upstream, is_augmented, layout, op=op,
                                          logits=logits if exchange_logits else None)
                 weights, targets, finite = self._apply_rule(rows, valid)
         self._fallbacks.push(~finite)
-        self._record(StepRecord(rows.upstream, weights, targets, rows.op, rows.mask, sum(layout.batch_sizes)))
+        relabels = self.rule.relabels
+        self._record(StepRecord(rows.upstream if relabels else None, weights, targets if relabels else None, rows.op,
+                                rows.mask, sum(layout.batch_sizes)))
         self._poll_fallbacks()
         if rows.mine == slice(0, len(weights)):  # one process
             return weights, targets
@@ -477,8 +511,8 @@ class SaflexLoss(StepReport, nn.Module):
         super().set_extra_state(state)
         if self.rule.stateful:  # [gated rules] the gate's state (a state saved by a stateless rule: a fresh gate)
             saved_rule = state.get("rule_state")
-            self._rule_state = _rules.init_state() if saved_rule is None else {
-                k: v.clone() for k, v in _rules.check_state(saved_rule, "state_dict's rule_state").items()}
+            self._rule_state = _rules.pack_state(
+                _rules.init_state() if saved_rule is None else _rules.check_state(saved_rule, "state_dict's rule_state"))
 
     # ------------------------------------------------------------------------------------------------------------
     # statistics
@@ -512,7 +546,7 @@ class SaflexLoss(StepReport, nn.Module):
             mask = record.mask
             n_aug = mask.sum().float()
             denom = n_aug.clamp_min(1)
-            relabeled = (record.soft_labels.argmax(-1) != record.upstream.argmax(-1)) & mask
+            relabeled = _relabeled(record) & mask
             return {
                 "augmented_fraction": n_aug / record.batch_size,
                 "kept_fraction": ((record.weights > 0) & mask).sum().float() / denom,
@@ -528,7 +562,7 @@ class SaflexLoss(StepReport, nn.Module):
         self._poll_fallbacks(wait=True)
         state = super().get_extra_state()
         if self._rule_state is not None:
-            state["rule_state"] = {k: v.detach().clone() for k, v in self._rule_state.items()}
+            state["rule_state"] = {k: v.detach().clone() for k, v in _rules.unpack_state(self._rule_state).items()}
         return state
 
     @torch.no_grad()
@@ -538,7 +572,7 @@ class SaflexLoss(StepReport, nn.Module):
         if record.op is None:
             return
         kept = (record.weights > 0) & record.mask
-        relabeled = (record.soft_labels.argmax(-1) != record.upstream.argmax(-1)) & record.mask
+        relabeled = _relabeled(record) & record.mask
         valid = record.mask & (record.op >= 0)
         columns = torch.stack([valid, kept & valid, relabeled & valid])
         size = None if self._op_names is None else len(self._op_names)
@@ -610,6 +644,13 @@ def _outer_ddp(model: nn.Module) -> nn.parallel.DistributedDataParallel | None:
             return None
         model = inner
     return model
+
+
+def _relabeled(record: StepRecord) -> Tensor:
+    """Bool `(N,)`: the rows whose label the step changed (none for a rule that never relabels)."""
+    if record.soft_labels is None:
+        return torch.zeros_like(record.mask)
+    return record.soft_labels.argmax(-1) != record.upstream.argmax(-1)
 
 
 def _lerp(new: Signal, old: Signal, decay: float) -> Signal:

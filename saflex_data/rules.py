@@ -28,15 +28,20 @@ from torch import Tensor
 
 __all__ = [
     "GATED_RULES",
+    "P_WEIGHTED_RULES",
     "DEFAULT_DECAY",
     "init_state",
     "check_state",
+    "pack_state",
+    "unpack_state",
     "gate_statistic",
     "update_gate",
     "gate_evidence",
     "gate_strength",
+    "gate_step",
     "soft_weights",
     "gated_targets",
+    "gated_weights",
 ]
 
 # rule name -> (weights while on, continuous gate)
@@ -53,6 +58,9 @@ _GATED = {
 # the best standardised Π by a = s (1 - w_margin); on the suite's class-conditional streams it lost to the same gate
 # without relabelling (mean -1.46 points; docs/when_to_use.md#gated).
 GATED_RULES: tuple[str, ...] = tuple(_GATED)
+P_WEIGHTED_RULES: tuple[str, ...] = tuple(r for r, (kind, _) in _GATED.items() if kind == "p")
+"""The gated rules whose soft weights are the model's ``p[y]``: they need only each row's own-label gain ``yᵀΠ``,
+not the whole ``Π`` (:func:`gated_weights`; ``SaflexLoss`` with ``method="last_layer"`` then never forms ``Π``)."""
 DEFAULT_DECAY = 0.95
 DEFAULT_THRESHOLD = 2.0
 MARGIN_CENTRE = 1.5  # the margin rule's β: a row whose label trails the best class by 1.5 batch SDs gets weight 1/2
@@ -77,6 +85,44 @@ def check_state(state: object, name: str = "state") -> dict[str, Tensor]:
     return state
 
 
+def pack_state(state: dict[str, Tensor]) -> Tensor:
+    """A gate state as one float32 tensor `(6,)` (in the order of :func:`init_state`'s keys): what the per-step
+    functions work on, so that a step updates it with a handful of ops instead of a handful per entry."""
+    return torch.stack([state[k].to(torch.float32) for k in _STATE_KEYS])
+
+
+def unpack_state(packed: Tensor) -> dict[str, Tensor]:
+    """The dict of :func:`init_state` from a packed state (0-d views of ``packed``)."""
+    return dict(zip(_STATE_KEYS, packed.unbind(), strict=True))
+
+
+def _masked_sums(gain: Tensor, mask: Tensor | None, reference: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``([Σ_aug g, Σ_aug |g|, Σ_clean g], [n_aug, n_aug, n_clean])`` of the own-label gains ``g``."""
+    dtype = gain.dtype
+    if mask is None:  # every row is augmented
+        aug, n = gain, torch.full((), len(gain), dtype=dtype, device=gain.device)
+    else:
+        aug, n = gain.masked_fill(~mask, 0), mask.sum(dtype=dtype)
+    if reference is not None:
+        clean_sum, n_clean = reference.to(device=gain.device, dtype=dtype).unbind()
+        return torch.stack([aug.sum(), aug.abs().sum(), clean_sum]), torch.stack([n, n, n_clean])
+    if mask is None:  # no clean row: no statistic
+        zero = torch.zeros((), dtype=dtype, device=gain.device)
+        return torch.stack([aug.sum(), aug.abs().sum(), zero]), torch.stack([n, n, zero])
+    # the clean rows: the others of the batch; three row sums in one reduction
+    return torch.stack([aug, aug.abs(), gain.masked_fill(mask, 0)]).sum(1), torch.stack([n, n, len(gain) - n])
+
+
+def _statistic(gain: Tensor, mask: Tensor | None = None, reference: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """This step's ``d`` from the own-label gains (NaN or ±inf when the step has no valid statistic) and whether
+    every augmented row's gain was finite (a device bool)."""
+    sums, counts = _masked_sums(gain, mask, reference)
+    # [aug mean, aug mean |g|, clean mean]: without a clamp, so that a step without augmented or clean rows (0 / 0)
+    # or with a zero scale (x / 0) gives a non-finite d: the one test of validity.
+    aug_mean, scale, clean_mean = (sums / counts).unbind()
+    return (aug_mean - clean_mean) / scale, sums[1] < math.inf
+
+
 def gate_statistic(pi: Tensor, upstream: Tensor, reference: Tensor | None = None,
                    mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``(d, valid)``: this step's normalised difference of own-label gains, augmented minus clean rows.
@@ -90,34 +136,62 @@ def gate_statistic(pi: Tensor, upstream: Tensor, reference: Tensor | None = None
     Returns:
         0-d tensors: ``d`` (0 where not valid) and ``valid`` (bool: augmented and clean rows, a finite ``d``).
     """
+    d, _ = _statistic(_own_gain(pi, upstream), mask, reference)
+    valid = d.abs() < math.inf
+    return torch.where(valid, d, 0), valid
+
+
+def _own_gain(pi: Tensor, upstream: Tensor) -> Tensor:
     dtype = torch.promote_types(pi.dtype, torch.float32)
-    gain = (upstream.to(dtype) * pi.to(dtype)).sum(-1)
-    aug = torch.ones_like(gain) > 0 if mask is None else mask
-    zero = torch.zeros_like(gain)
-    if reference is None:
-        clean = ~aug
-        reference = torch.stack([torch.where(clean, gain, zero).sum(), clean.sum(dtype=dtype)])
-    n = aug.sum(dtype=dtype)
-    aug_mean = torch.where(aug, gain, zero).sum() / n.clamp_min(1)
-    scale = torch.where(aug, gain.abs(), zero).sum() / n.clamp_min(1)
-    ref = reference.to(device=gain.device, dtype=dtype)
-    clean_mean = ref[0] / ref[1].clamp_min(1)
-    d = (aug_mean - clean_mean) / scale.clamp_min(torch.finfo(dtype).tiny)
-    valid = (n > 0) & (ref[1] > 0) & (scale > 0) & torch.isfinite(d)
-    return torch.where(valid, d, torch.zeros_like(d)), valid
+    return (upstream.to(dtype) * pi.to(dtype)).sum(-1)
+
+
+# The per-step constants, per decay and device. The update: x ← a·x + c·u₁·u₂ with u₁ = [1, 1, d, d, 1, 1] and
+# u₂ = [1, 1, 1, d, 1, 1] for the entries [weight, weight_sq, mean, square, strength, latched]: the same roundings
+# as decay·x + (1 − decay)·d·d, entry by entry.
+_CONSTANTS: dict[tuple[float, torch.device], tuple[Tensor, ...]] = {}
+
+
+def _constants(decay: float, device: torch.device) -> tuple[Tensor, ...]:
+    key = (decay, device)
+    if key not in _CONSTANTS:
+        c = 1 - decay
+        f32 = {"dtype": torch.float32, "device": device}
+        _CONSTANTS[key] = (
+            torch.tensor([decay, decay**2, decay, decay, 1.0, 1.0], **f32),
+            torch.tensor([c, c**2, c, c, 0.0, 0.0], **f32),
+            torch.tensor([[0, 0, 1, 1, 0, 0], [0, 0, 0, 1, 0, 0]], dtype=torch.bool, device=device),  # where d
+            torch.ones(2, 6, **f32),
+            torch.tensor(1.0, **f32),  # 0-d constants: torch.where with a Python number is two ops
+            torch.tensor(0.0, **f32),
+            torch.tensor(math.inf, **f32),
+        )
+    return _CONSTANTS[key]
+
+
+def _update(packed: Tensor, d: Tensor, valid: Tensor, decay: float) -> Tensor:
+    a, c, uses_d, ones = _constants(decay, packed.device)[:4]
+    u1, u2 = torch.where(uses_d, d.to(packed.dtype), ones).unbind()
+    new = a * packed + c * u1 * u2
+    return torch.where(valid, new, packed)  # strength and latched: a = 1, c = 0, kept
 
 
 def update_gate(state: dict[str, Tensor], d: Tensor, valid: Tensor, decay: float) -> dict[str, Tensor]:
     """The state after one step with statistic ``d`` (unchanged where ``valid`` is False). ``strength`` is kept."""
-    new = {
-        "weight": decay * state["weight"] + (1 - decay),
-        "weight_sq": decay**2 * state["weight_sq"] + (1 - decay) ** 2,
-        "mean": decay * state["mean"] + (1 - decay) * d,
-        "square": decay * state["square"] + (1 - decay) * d * d,
-    }
-    out = {k: torch.where(valid, v.to(state[k].dtype), state[k]) for k, v in new.items()}
-    out["strength"], out["latched"] = state["strength"], state["latched"]
-    return out
+    return {k: v.clone() for k, v in unpack_state(_update(pack_state(state), d, valid, decay)).items()}
+
+
+def _evidence(packed: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    *_, zero, inf = _constants(DEFAULT_DECAY, packed.device)
+    w, w2 = packed[:2].unbind()
+    tiny = torch.finfo(packed.dtype).tiny
+    mean, second = (packed[2:4] / w.clamp_min(tiny)).unbind()  # Σw d / Σw, Σw d² / Σw
+    var = (second - mean * mean).clamp_min(0)
+    n_eff = w * w / w2.clamp_min(tiny)
+    enough = (w > 0) & (n_eff >= MIN_EFFECTIVE_STEPS)
+    se = torch.where(enough, (var / (n_eff - 1).clamp_min(1e-6)).sqrt(), inf)
+    z = torch.where(enough, -mean / se.clamp_min(tiny), zero)
+    return mean, se, z
 
 
 def gate_evidence(state: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
@@ -126,15 +200,7 @@ def gate_evidence(state: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     ``se`` is infinite (and ``z`` 0) until the effective number of steps ``n_eff`` reaches
     :data:`MIN_EFFECTIVE_STEPS`.
     """
-    w, w2 = state["weight"], state["weight_sq"]
-    tiny = torch.finfo(w.dtype).tiny
-    mean = state["mean"] / w.clamp_min(tiny)
-    var = (state["square"] / w.clamp_min(tiny) - mean * mean).clamp_min(0)
-    n_eff = w * w / w2.clamp_min(tiny)
-    enough = (w > 0) & (n_eff >= MIN_EFFECTIVE_STEPS)
-    se = torch.where(enough, (var / (n_eff - 1).clamp_min(1e-6)).sqrt(), torch.full_like(w, math.inf))
-    z = torch.where(enough, -mean / se.clamp_min(tiny), torch.zeros_like(mean))
-    return mean, se, z
+    return _evidence(pack_state(state))
 
 
 def gate_strength(z: Tensor, threshold: float, continuous: bool) -> Tensor:
@@ -142,6 +208,79 @@ def gate_strength(z: Tensor, threshold: float, continuous: bool) -> Tensor:
     if continuous:
         return ((z - threshold / 2) / threshold).clamp(0, 1)
     return (z > threshold).to(z.dtype)
+
+
+def gate_step(gain: Tensor, state: Tensor, *, rule: str, threshold: float, decay: float, mask: Tensor | None = None,
+              reference: Tensor | None = None, valid: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """One step of the gate from the rows' own-label gains: ``(strength s, new packed state, finite)``.
+
+    The state (:func:`pack_state`) is first updated with this step's statistic (:func:`gate_statistic`; unchanged
+    when the step has none), then the gate's strength comes from the evidence (:func:`gate_evidence`,
+    :func:`gate_strength`) and the rule's own mode: ``gated_prior`` on before the first verdict, ``gated_hold``
+    and ``gated_latch`` as their names say. A step with a non-finite gain on an augmented row (``finite`` False),
+    or with ``valid`` False, leaves the whole state as it was.
+
+    Args:
+        gain: The rows' own-label gains ``yᵀΠ`` `(n,)`, float32 or wider.
+        state: The packed gate state `(6,)` on ``gain``'s device.
+        rule: One of :data:`GATED_RULES`.
+        threshold: ``β``, in standard errors of the gate's mean.
+        decay: ``ρ`` of the exponential weights, in ``(0, 1)``.
+        mask: Bool `(n,)`: the augmented rows (``None``: every row, with ``reference``).
+        reference: ``[Σ_clean yᵀΠ, number of clean rows]``; ``None``: the rows outside ``mask``.
+        valid: Optional 0-d bool: ``False`` keeps the state (``SaflexLoss(reference="batch")`` on a batch without a
+            clean row).
+
+    Returns:
+        0-d tensors ``s`` (in ``[0, 1]``) and ``finite`` (bool), and the new state `(6,)`.
+    """
+    if rule not in _GATED:
+        raise ValueError(f"rule must be one of {GATED_RULES}, but got {rule!r}.")
+    one, zero, inf = _constants(decay, state.device)[4:]
+    continuous = _GATED[rule][1]
+    old, previous = state, state[4]
+    d, finite = _statistic(gain, mask, reference)
+    state = _update(state, d, d.abs() < inf, decay)
+    _, se, z = _evidence(state)
+    s = gate_strength(z, threshold, continuous)
+    latched = state[5]
+    if rule in ("gated_hold", "gated_latch"):  # on until z < -β (augmented rows help), off until z > β; else held
+        held = torch.where(state[0] > 0, previous, one)  # fresh state: on
+        s = torch.where(z > threshold, one, torch.where(z < -threshold, zero, held))
+    if rule == "gated_latch":  # once z > β was seen, on for good (until the user resets the state)
+        on = (latched > 0) | (z > threshold)
+        latched = on.to(latched.dtype)
+        s = torch.where(on, one, s)
+    if rule in ("gated_prior", "gated_hold", "gated_latch"):  # no verdict yet (too few steps): on
+        s = torch.where(se == inf, one, s)
+    keep = finite if valid is None else finite & valid
+    return s, torch.where(keep, torch.cat([state[:4], torch.stack([s, latched])]), old), finite
+
+
+def gated_weights(gain: Tensor, p_own: Tensor, state: Tensor, *, rule: str, threshold: float, decay: float,
+                  mask: Tensor | None = None, reference: Tensor | None = None,
+                  valid: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """A gated rule whose soft weights are ``p[y]`` (:data:`P_WEIGHTED_RULES`), from the rows' own-label gains:
+    ``(weights (n,), new packed state, finite)``; the labels stay the upstream ones.
+
+    What :func:`gated_targets` computes for these rules, without ``Π`` itself: ``w = (1 − s) + s · p[y]``, ``s``
+    the gate's strength (:func:`gate_step`). Rows outside ``mask`` get weight 1, and so does every row of a step
+    with a non-finite gain on an augmented row (``finite`` False: ``SaflexLoss``'s fallback) or with ``valid``
+    False.
+
+    Args:
+        gain: The rows' own-label gains ``yᵀΠ`` `(n,)`, float32 or wider.
+        p_own: The model's probability of each row's label, ``yᵀ softmax(logits)`` `(n,)`.
+        state, rule, threshold, decay, mask, reference, valid: As :func:`gate_step`.
+    """
+    if rule not in P_WEIGHTED_RULES:
+        raise ValueError(f"rule must be one of {P_WEIGHTED_RULES} (the p[y]-weighted gated rules), but got {rule!r}.")
+    s, state, finite = gate_step(gain, state, rule=rule, threshold=threshold, decay=decay, mask=mask,
+                                 reference=reference, valid=valid)
+    s = s.to(p_own.dtype)
+    weights = (1 - s) + s * p_own
+    ok = finite if valid is None else finite & valid
+    return weights.masked_fill(~(ok if mask is None else mask & ok), 1), state, finite
 
 
 def soft_weights(kind: str, pi: Tensor, upstream: Tensor, logits: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -203,29 +342,15 @@ def gated_targets(
     """
     if rule not in _GATED:
         raise ValueError(f"rule must be one of {GATED_RULES}, but got {rule!r}.")
-    kind, continuous = _GATED[rule]
-    prior_on = rule in ("gated_prior", "gated_hold", "gated_latch")
-    previous = state["strength"]
     dtype = torch.promote_types(pi.dtype, torch.float32)
-    d, valid = gate_statistic(pi, upstream, reference, mask)
-    state = {k: v.to(device=pi.device) for k, v in state.items()}
-    state = update_gate(state, d.to(state["mean"].dtype), valid, decay)
-    _, se, z = gate_evidence(state)
-    s = gate_strength(z, threshold, continuous)
-    if rule in ("gated_hold", "gated_latch"):  # on until z < -β (augmented rows help), off until z > β; else held
-        held = torch.where(state["weight"] > 0, previous.to(z.dtype), torch.ones_like(z))  # fresh state: on
-        s = torch.where(z > threshold, torch.ones_like(z), torch.where(z < -threshold, torch.zeros_like(z), held))
-    if rule == "gated_latch":  # once z > β was seen, on for good (until the user resets the state)
-        latched = (state["latched"] > 0) | (z > threshold)
-        state["latched"] = latched.to(state["latched"].dtype)
-        s = torch.where(latched, torch.ones_like(s), s)
-    if prior_on:  # no verdict yet (too few steps): on
-        s = torch.where(torch.isinf(se), torch.ones_like(s), s)
-    state["strength"] = s.to(state["strength"].dtype)
-    s = s.to(dtype)
     y = upstream.to(dtype)
-    w_soft = soft_weights(kind, pi, y, logits, mask)
+    packed = pack_state({k: v.to(device=pi.device) for k, v in state.items()})
+    s, packed, _ = gate_step(_own_gain(pi, y), packed, rule=rule, threshold=threshold, decay=decay, mask=mask,
+                             reference=reference)
+    s = s.to(dtype)
+    w_soft = soft_weights(_GATED[rule][0], pi, y, logits, mask)
     weights = (1 - s) + s * w_soft
     if mask is not None:
-        weights = torch.where(mask, weights, torch.ones_like(weights))
-    return weights, y.clone(), state
+        weights = torch.where(mask, weights, 1)
+    new = {k: v.to(state[k].dtype) for k, v in unpack_state(packed).items()}
+    return weights, y.clone(), new
