@@ -285,8 +285,8 @@ def plot(path: Path, payload: dict[str, Any]) -> None:
     models = [m for m in MODELS if any(r["model"] == m for r in rows)]
     batches = sorted({r["batch"] for r in rows}, key=lambda s: int(s.split("+")[0]))
     fig, axes = plt.subplots(2, len(models), figsize=(4.2 * len(models), 6.4), squeeze=False)
-    colors = {"val_forward": "tab:gray", "last_layer": "tab:blue", "jvp": "tab:red", "jvp_frozen_stats": "tab:orange", "small_loss": "tab:green",
-              "l2r": "tab:purple"}  # fmt: skip
+    colors = {"val_forward": "tab:gray", "last_layer": "tab:blue", "jvp": "tab:red", "jvp_frozen_stats": "tab:orange",
+              "small_loss": "tab:green", "l2r": "tab:purple"}  # fmt: skip
     for j, model in enumerate(models):
         for i, key in enumerate(("ratio", "memory_ratio")):
             ax = axes[i, j]

@@ -302,7 +302,8 @@ class Sync:
             return batch_layout(batch_size, num_classes, num_augmented, device=device)
         return BatchLayout(0, [batch_size], [num_augmented])
 
-    def gather(self, pi: Tensor, upstream: Tensor | None, mask: Tensor, layout: BatchLayout, **kwargs: Any) -> GatheredRows:
+    def gather(self, pi: Tensor, upstream: Tensor | None, mask: Tensor, layout: BatchLayout,
+               **kwargs: Any) -> GatheredRows:
         """:func:`gather_rows` (exchanging only when synced)."""
         return gather_rows(pi, upstream, mask, layout, **kwargs)
 

@@ -131,6 +131,7 @@ def test_scaling_quick_mode_schema(tmp_path: Path) -> None:
     cells = {(r["model"], r["classes"], r["batch"]) for r in on_disk["rows"]}
     assert cells == {("mlp", 10, "16+16"), ("mlp", 100, "16+16")}
     paths = {r["path"] for r in on_disk["rows"]}
-    assert paths == {"plain", "val_forward", "last_layer", "jvp", "small_loss", "l2r"}  # jvp_frozen_stats: BatchNorm models only
+    # jvp_frozen_stats: BatchNorm models only
+    assert paths == {"plain", "val_forward", "last_layer", "jvp", "small_loss", "l2r"}
     assert all(r["ratio"] > 0 for r in on_disk["rows"])
     assert (tmp_path / "scaling.png").stat().st_size > 0
