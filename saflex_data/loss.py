@@ -510,8 +510,8 @@ class SaflexLoss(StepReport, nn.Module):
     def set_extra_state(self, state: dict[str, Any]) -> None:
         super().set_extra_state(state)
         if self.rule.stateful:  # [gated rules] the gate's state (a state saved by a stateless rule: a fresh gate)
-            saved_rule = state.get("rule_state")
-            saved = _rules.init_state() if saved_rule is None else _rules.check_state(saved_rule, "state_dict's rule_state")
+            saved = state.get("rule_state")
+            saved = _rules.init_state() if saved is None else _rules.check_state(saved, "state_dict's rule_state")
             self._rule_state = _rules.pack_state(saved)
 
     # ------------------------------------------------------------------------------------------------------------
