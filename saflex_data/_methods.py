@@ -245,7 +245,7 @@ class LastLayer(PiMethod):
     def heldout_signal(self, inputs: Tensor, targets: Tensor, temperature: float, check: bool = True) -> Signal:
         capture = FeatureCapture(self.classifier)
         try:
-            with torch.no_grad(), running_stats_frozen(self.model):
+            with torch.no_grad():  # inside the loss's validation_pass: eval mode, BatchNorm buffers untouched
                 logits = self.model(inputs)
         finally:
             capture.remove()

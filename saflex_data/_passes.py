@@ -11,6 +11,8 @@ from torch import Tensor, nn
 
 from ._hooks import internal_pass
 
+_BatchNorm = nn.modules.batchnorm._BatchNorm
+
 __all__ = [
     "unwrap_model",
     "model_device",
@@ -47,16 +49,25 @@ def rng_preserved(device: torch.device) -> Iterator[None]:
 @contextlib.contextmanager
 def validation_pass(model: nn.Module, device: torch.device) -> Iterator[None]:
     """SAFLEX's own validation forward: ``model`` in eval mode (every submodule's flag restored one by one
-    afterwards, so a frozen submodule stays in eval), ignored by SAFLEX's hooks, outside autocast, and torch's global
-    random state left as it was."""
-    modes = [(m, m.training) for m in model.modules()]
+    afterwards, so a frozen submodule stays in eval), BatchNorm buffers untouched (as :func:`running_stats_frozen`
+    of ``_autodiff``, should a module keep itself in train mode), ignored by SAFLEX's hooks, outside autocast, and
+    torch's global random state left as it was. One walk over the modules."""
+    modules = list(model.modules())
+    modes = [m.training for m in modules]
+    tracking = [m for m in modules if isinstance(m, _BatchNorm) and m.track_running_stats]
     model.eval()
+    for m in tracking:
+        m.track_running_stats = False
     try:
         with internal_pass(), rng_preserved(device), torch.autocast(device_type=device.type, enabled=False):
             yield
     finally:
-        for module, training in modes:
-            module.training = training
+        for m in tracking:
+            m.track_running_stats = True
+        for module, training in zip(modules, modes, strict=True):
+            # the flag itself, as nn.Module.train sets it (without nn.Module.__setattr__'s checks: a walk over a
+            # large model's modules every step)
+            module.__dict__["training"] = training
 
 
 def rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:

@@ -121,6 +121,16 @@ class SaflexLoss(StepReport, nn.Module):
     """
 
     _state_signal = ("signal", "_signal")  # state_dict key and attribute of the cached validation signal
+    # Attributes set every step: plain Python state, never parameters, submodules or buffers. nn.Module's own
+    # __setattr__ checks each assignment against all three (a few microseconds each, a dozen times a step).
+    _PLAIN_STATE = frozenset({"step", "last_step", "_rule_state", "_signal", "_signal_valid", "_last_record",
+                              "_op_names", "_op_counts"})
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self._PLAIN_STATE:
+            self.__dict__[name] = value
+        else:
+            super().__setattr__(name, value)
 
     @rejects_removed_arguments()
     def __init__(
@@ -654,16 +664,23 @@ def _relabeled(record: StepRecord) -> Tensor:
 
 
 def _lerp(new: Signal, old: Signal, decay: float) -> Signal:
-    # A parameter unfrozen since the last refresh has no average yet: it starts from its fresh gradient.
-    return {k: decay * old[k] + (1 - decay) * new[k] if k in old else new[k] for k in new}
+    """``decay · old + (1 − decay) · new`` per parameter, as multi-tensor ops (three for the whole signal). A parameter
+    unfrozen since the last refresh has no average yet: it starts from its fresh gradient."""
+    shared = [k for k in new if k in old]
+    if not shared:
+        return dict(new)
+    mixed = torch._foreach_add(torch._foreach_mul([old[k] for k in shared], decay),
+                               torch._foreach_mul([new[k] for k in shared], 1 - decay))
+    return {**new, **dict(zip(shared, mixed, strict=True))}
 
 
 def _finite(signal: Signal) -> Tensor:
-    """Whether every entry of the signal is finite, as a device bool."""
+    """Whether every entry of the signal is finite, as a device bool (the largest ``|entry|`` of each tensor, one
+    multi-tensor op; a NaN propagates through it)."""
     tensors = list(signal.values())
     if not tensors:
         return torch.tensor(True)
-    return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
+    return torch.stack(torch._foreach_norm(tensors, math.inf)).amax() < math.inf
 
 
 def _signature(tensor: Tensor, *extra: Any) -> tuple:
