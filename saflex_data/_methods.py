@@ -23,7 +23,6 @@ from ._autodiff import (
     batch_statistics,
     find_classifier,
     grad_inner_products,
-    running_stats_frozen,
     validation_gradient,
 )
 from ._hooks import internal_pass, register_weak_hooks
