@@ -34,6 +34,7 @@ import argparse
 import ctypes
 import gc
 import itertools
+import json
 import math
 import os
 import statistics
@@ -331,6 +332,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--out", default=str(C.RESULTS))
+    parser.add_argument("--append", action="store_true",
+                        help="keep the other cells of an existing OUT/scaling.json (e.g. the MLP grid and the model "
+                             "cells from two runs); each run's command and load averages go to runs[]")
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: CUDA is not available here (torch.cuda.is_available() is False; "
@@ -355,15 +359,47 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.loadavg_before = _loadavg()
     rows: list[dict[str, Any]] = []
     cells = [(m, k, b) for m in models for b in batches for k in classes]
+    previous = _previous(Path(args.out) / "scaling.json", cells) if args.append else None
     for m, k, b in C.progress(cells, desc="scaling cells"):
         cell = run_cell(m, k, b, args)
         rows += cell
         print(f"{m} K={k} batch {b}+{b}: " + ", ".join(f"{r['path']} {r['ratio']:.2f}x (cpu {r['cpu_ratio']}x)"
                                                       for r in cell), flush=True)
         payload = _payload(args, models, classes, batches, rows, t0)
+        if previous is not None:
+            payload = _merged(previous, payload, argv)
         C.write_json(Path(args.out) / "scaling.json", payload)  # after every cell: a stopped run keeps its rows
     plot(Path(args.out) / "scaling.png", payload)
     return payload
+
+
+def _previous(path: Path, cells: list[tuple[str, int, int]]) -> dict[str, Any] | None:
+    """An earlier run's payload without the cells this run measures again (``--append``)."""
+    if not path.is_file():
+        return None
+    old = json.loads(path.read_text())
+    again = {(m, k, f"{b}+{b}") for m, k, b in cells}
+    old["rows"] = [r for r in old["rows"] if (r["model"], r["classes"], r["batch"]) not in again]
+    return old
+
+
+def _merged(old: dict[str, Any], new: dict[str, Any], argv: list[str] | None) -> dict[str, Any]:
+    """This run's payload with an earlier run's other cells (``--append``); ``runs`` lists every run."""
+    runs = old.get("runs") or [{"command": "(an earlier run)", "loadavg_before": old.get("loadavg_before"),
+                                "loadavg_after": old.get("loadavg_after"), "settings": old["settings"]}]
+    this = {"command": "python benchmarks/scaling.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "loadavg_before": new["loadavg_before"], "loadavg_after": new["loadavg_after"],
+            "settings": new["settings"], "versions": new["versions"]}
+    merged = dict(new)
+    merged["rows"] = old["rows"] + new["rows"]
+    settings = dict(new["settings"])
+    settings["models"] = {**old["settings"]["models"], **new["settings"]["models"]}
+    settings["paths"] = list(dict.fromkeys([*old["settings"]["paths"], *new["settings"]["paths"]]))
+    settings["classes"] = sorted({*old["settings"]["classes"], *new["settings"]["classes"]})
+    merged["settings"] = settings
+    merged["runs"] = [*runs, this]
+    merged["complete"] = old.get("complete", False) and new["complete"]
+    return merged
 
 
 def _loadavg() -> str | None:

@@ -473,9 +473,9 @@ class SaflexLoss(StepReport, nn.Module):
         # Cached only when finite (and from a clean row): one bad validation batch must not switch SAFLEX off for
         # val_every steps, or for good through val_ema. Decided on the device, no host synchronisation.
         use = finite if valid is None else finite & valid
-        self._signal = {k: torch.where(use, v, old[k]) if k in old else v for k, v in signal.items()}
+        self._signal = {k: _select(use, v, old[k]) if k in old else v for k, v in signal.items()}
         if valid is not None:
-            step_signal = {k: torch.where(valid, v, old[k]) if k in old else v for k, v in signal.items()}
+            step_signal = {k: _select(valid, v, old[k]) if k in old else v for k, v in signal.items()}
             old_valid = self._signal_valid
             self._signal_valid = valid if old_valid is None else valid | old_valid
             return step_signal, valid  # this batch without a clean row keeps every sample (not the cached signal)
@@ -675,12 +675,22 @@ def _lerp(new: Signal, old: Signal, decay: float) -> Signal:
 
 
 def _finite(signal: Signal) -> Tensor:
-    """Whether every entry of the signal is finite, as a device bool (the largest ``|entry|`` of each tensor, one
-    multi-tensor op; a NaN propagates through it)."""
-    tensors = list(signal.values())
-    if not tensors:
+    """Whether every entry of the signal is finite, as a device bool: from each tensor's smallest and largest entry
+    (``aminmax``, one pass; a NaN propagates through it), several times faster than ``isfinite(t).all()`` or an
+    infinity norm on the CPU."""
+    extremes = [m for t in signal.values() if t.numel() for m in torch.aminmax(t)]
+    if not extremes:
         return torch.tensor(True)
-    return torch.stack(torch._foreach_norm(tensors, math.inf)).amax() < math.inf
+    return torch.stack(extremes).abs().amax() < math.inf
+
+
+def _select(use: Tensor, new: Tensor, old: Tensor) -> Tensor:
+    """``torch.where(use, new, old)`` for a 0-d ``use``. A large CPU block is picked as an index into
+    ``[old, new]`` instead (bit for bit the same; a quarter of ``torch.where``'s time on a (1000, 256) block, whose
+    0-d condition it broadcasts element by element); on a GPU, and for small blocks, ``torch.where`` is cheaper."""
+    if new.device.type == "cpu" and new.numel() > 4096:
+        return torch.stack([old, new])[use.long()]
+    return torch.where(use, new, old)
 
 
 def _signature(tensor: Tensor, *extra: Any) -> tuple:
