@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from ._hooks import internal_pass
 
 _BatchNorm = nn.modules.batchnorm._BatchNorm
+_MODULE_TRAIN = nn.Module.train
 
 __all__ = [
     "unwrap_model",
@@ -55,7 +56,11 @@ def validation_pass(model: nn.Module, device: torch.device) -> Iterator[None]:
     modules = list(model.modules())
     modes = [m.training for m in modules]
     tracking = [m for m in modules if isinstance(m, _BatchNorm) and m.track_running_stats]
-    model.eval()
+    for m in modules:  # model.eval(), without a Python call and nn.Module.__setattr__ per module
+        if type(m).train is _MODULE_TRAIN:
+            m.__dict__["training"] = False
+        else:  # a module with its own train(): called, as model.eval() would
+            m.train(False)
     for m in tracking:
         m.track_running_stats = False
     try:
