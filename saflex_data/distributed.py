@@ -23,8 +23,9 @@ Communication cost per step, for ``P`` trainable parameters, ``K`` classes and `
   the bytes a DDP step moves; ``val_every=k`` divides the extra by ``k``. ``method="last_layer"`` reduces only the
   classifier block, ``K * (D + 1)`` floats.
 * Every step: an all-gather of 3 integers per rank (:func:`batch_layout`, the one host read of a distributed step)
-  and one of ``max_rank(B) * (2K + 2)`` floats per rank (e.g. 256 rows x 1000 classes in float32: 2 MB per rank),
-  small next to the gradient all-reduce.
+  and one of the rows: ``max_rank(B) * 4`` floats per rank with the default rule (each row's own-label gain, ``p[y]``,
+  op id and augmented flag: the ``p[y]``-weighted gated rules need no more), ``max_rank(B) * (2K + 2)`` with the
+  others (e.g. 256 rows x 1000 classes in float32: 2 MB per rank), small next to the gradient all-reduce.
 * ``all_reduce=False`` keeps every decision on its rank (own validation gradient, own normalisation scale, own
   statistics): no collective at all after the one-time settings check.
 
@@ -223,7 +224,8 @@ def gather_rows(
     ``[rank 0's b; rank 1's b]``. With a one-rank ``layout`` nothing is exchanged. Whole batches travel (fixed
     shapes, no count of the augmented rows on the host).
 
-    Cost: one all-gather of ``max_rank(B) * (2K + 2)`` floats (``3K + 2`` with logits).
+    Cost: one all-gather of ``max_rank(B) * (C + 2)`` floats, ``C`` the columns sent (``2K``: ``Π`` and the labels;
+    ``3K`` with logits).
 
     Args:
         pi: This rank's inner products `(B, K)` (only the augmented rows matter), or any per-row columns `(B, C)`

@@ -155,3 +155,32 @@ def test_last_layer_call_costs_a_fixed_number_of_ops_beyond_the_validation_forwa
     assert counted.syncs == []
     budget = LAST_LAYER_OPS if rule == "margin" else GATED_LAST_LAYER_OPS
     assert counted.total - forward.total <= budget, counted.ops
+
+
+@pytest.mark.parametrize("method", ["last_layer", "jvp"])
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
+def test_own_label_gains_match_the_float64_reference(method, soft):
+    """What the default rule reads instead of ``Π``: each row's ``yᵀΠ`` (without forming ``Π`` for last_layer) and
+    ``p[y]``, against per-sample float64 autograd."""
+    from saflex_data.functional import validation_gradient
+    from tests._reference import reference_inner_products
+
+    g = torch.Generator().manual_seed(5)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 32), nn.Tanh(), nn.Linear(32, K)).double().train()
+    x, xv = torch.randn(B, 12, generator=g, dtype=torch.float64), torch.randn(16, 12, generator=g, dtype=torch.float64)
+    yv = torch.randint(0, K, (16,), generator=g)
+    labels = torch.softmax(torch.randn(B, K, generator=g, dtype=torch.float64), -1) if soft else torch.arange(B) % K
+    upstream = M.as_probabilities(labels, K, torch.float64)
+    mask = torch.arange(B) >= B // 3
+    criterion = SaflexLoss(model, [(xv, yv)], method=method)
+    logits = model(x)
+    signal = validation_gradient(model, xv, yv, temperature=criterion.val_temperature)
+    if method == "last_layer":
+        signal = {n: v for n, v in signal.items() if n.startswith("2.")}  # the classifier's block
+    gain, p_own = criterion._method.own_label_gains(criterion._method.capture_of(logits), logits, mask, signal,
+                                                    upstream)
+    reference = (upstream * reference_inner_products(model, x, signal)).sum(-1)
+    rel = (gain[mask] - reference[mask]).abs().max() / reference[mask].abs().max()
+    assert rel <= 1e-10, f"relative error {rel:.3g}"
+    torch.testing.assert_close(p_own, (upstream * torch.softmax(logits.detach(), -1)).sum(-1), rtol=1e-12, atol=0)
