@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from saflex_data.sampler import _split_key
+from saflex_data.sampler import split_key
 
 from ._seeds import mix_seed
 from .collate import SaflexCollate, TaggedSample
@@ -226,7 +226,7 @@ class OfflineAugmentedDataset(Dataset):
         return self.num_real + self.num_augmented
 
     def __getitem__(self, key: int | tuple[int, int]) -> TaggedSample:
-        index, flag = _split_key(key, "OfflineAugmentedDataset")
+        index, flag = split_key(key, "OfflineAugmentedDataset")
         n = self.num_real
         if not 0 <= index < len(self):
             raise IndexError(f"OfflineAugmentedDataset: index {index} is out of range for {len(self)} items.")

@@ -25,7 +25,7 @@ from torch.utils.data import Dataset, Sampler
 from ._seeds import mix_seed
 from .collate import AugmentPipeline, SaflexCollate, TaggedSample
 
-__all__ = ["SaflexBatchSampler", "SaflexDataset"]
+__all__ = ["SaflexBatchSampler", "SaflexDataset", "split_key"]
 
 
 class SaflexBatchSampler(Sampler[list[tuple[int, int]]]):
@@ -181,7 +181,7 @@ class SaflexDataset(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, key: int | tuple[int, int]) -> TaggedSample:
-        index, flag = _split_key(key, "SaflexDataset")
+        index, flag = split_key(key, "SaflexDataset")
         item = self.dataset[index]
         x, y = item[0], item[1]
         if not flag:
@@ -198,7 +198,9 @@ class SaflexDataset(Dataset):
         return f"SaflexDataset(len={len(self)}, transform={self.pipeline.describe()})"
 
 
-def _split_key(key: Any, owner: str) -> tuple[int, int]:
+def split_key(key: Any, owner: str) -> tuple[int, int]:
+    """``(index, flag)`` of a dataset key from :class:`SaflexBatchSampler` (an ``(index, augment flag)`` pair, or a
+    plain index: flag 0), as ints; a ``TypeError`` naming ``owner`` for anything else."""
     if isinstance(key, (tuple, list)) and len(key) == 2:
         index, flag = key
     else:
