@@ -376,3 +376,71 @@ class TestChannelsLast:
         assert torch.equal(w1, w2) and torch.equal(y1, y2)
         torch.testing.assert_close(l1, l2, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(g1, g2, rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the gated default under bf16, channels_last and torch.compile: soft weights, compared with a stated tolerance
+# ---------------------------------------------------------------------------------------------------------------
+def _default_run(method: str, model: nn.Module, x: torch.Tensor, target: SaflexTarget, steps: int = 3, *,
+                 val=None, prepare=None, autocast: torch.dtype | None = None) -> tuple[torch.Tensor, dict, list]:
+    """``steps`` steps of the default SaflexLoss (rule gated_prior): the last weights, the gate's state, the losses."""
+    criterion = SaflexLoss(model, _val() if val is None else val, method=method, prepare=prepare)
+    losses = []
+    for _ in range(steps):
+        with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            loss = criterion(_logits(criterion, model, x), target)
+        assert loss.dtype == x.dtype if x.dtype == torch.float64 else loss.dtype == torch.float32
+        loss.backward()
+        losses.append(loss.detach())
+    assert criterion.rule.name == "gated_prior"
+    return criterion.last_step["weights"].clone(), {k: v.clone() for k, v in criterion.rule_state.items()}, losses
+
+
+class TestGatedDefault:
+    @pytest.mark.parametrize("method", METHODS)
+    def test_bf16_autocast_weights_follow_float32(self, method):
+        """The weights are p[y] of the bf16 logits (about 3 significant digits): within 0.03 of float32's; the
+        gate's state stays float32 and decides alike."""
+        x, target = _batch()
+        runs = {}
+        for precision in (None, torch.bfloat16):
+            torch.manual_seed(0)
+            runs[precision] = _default_run(method, SmallCNN(K), x, target, autocast=precision)
+        (w32, s32, _), (w16, s16, _) = runs[None], runs[torch.bfloat16]
+        assert w16.dtype == torch.float32 and all(v.dtype == torch.float32 for v in s16.values())
+        assert bool((w16[~target.is_augmented] == 1).all()) and float(w16.min()) < 1  # soft weights, aug rows only
+        torch.testing.assert_close(w16, w32, rtol=0, atol=3e-2)
+        assert float(s16["strength"]) == float(s32["strength"])
+
+    @pytest.mark.parametrize("method", METHODS)
+    def test_channels_last_float64_weights_and_state_agree(self, method):
+        x, target = _batch(batch=32, dtype=torch.float64)
+        runs = []
+        for channels_last in (False, True):
+            torch.manual_seed(0)
+            model = SmallCNN(K).double()
+            inputs, prepare = x, None
+            if channels_last:
+                model = model.to(memory_format=torch.channels_last)
+                inputs = x.contiguous(memory_format=torch.channels_last)
+                prepare = lambda v: v.contiguous(memory_format=torch.channels_last)  # noqa: E731
+            runs.append(_default_run(method, model, inputs, target, val=_val(dtype=torch.float64), prepare=prepare))
+        (w1, s1, l1), (w2, s2, l2) = runs
+        torch.testing.assert_close(w1, w2, rtol=1e-10, atol=1e-12)  # float64: other kernels, the same numbers
+        torch.testing.assert_close(torch.stack(l1), torch.stack(l2), rtol=1e-10, atol=1e-12)
+        for k in s1:  # the gate's state is float32 (its own precision), fed with float64 gains
+            torch.testing.assert_close(s1[k], s2[k], rtol=1e-6, atol=1e-7)
+
+    @pytest.mark.parametrize("method", ["jvp", "last_layer"])
+    def test_compiled_model_weights_follow_eager(self, method, fresh_dynamo):
+        x, target = _batch(batch=64)
+        runs = []
+        for compiled in (False, True):
+            torch.manual_seed(0)
+            model = _CompiledNet(K)
+            net = torch.compile(model, backend="aot_eager") if compiled else model
+            runs.append(_default_run(method, net, x, target, steps=2))
+        (w1, s1, l1), (w2, s2, l2) = runs
+        torch.testing.assert_close(w1, w2, rtol=1e-5, atol=1e-6)  # float32 rounding of the compiled graph
+        torch.testing.assert_close(torch.stack(l1), torch.stack(l2), rtol=1e-5, atol=1e-6)
+        assert float(s1["strength"]) == float(s2["strength"])
