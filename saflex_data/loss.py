@@ -664,8 +664,9 @@ def _relabeled(record: StepRecord) -> Tensor:
 
 
 def _lerp(new: Signal, old: Signal, decay: float) -> Signal:
-    """``decay · old + (1 − decay) · new`` per parameter, as multi-tensor ops (three for the whole signal). A parameter
-    unfrozen since the last refresh has no average yet: it starts from its fresh gradient."""
+    """``decay · old + (1 − decay) · new`` per parameter, as multi-tensor ops (three for the whole signal; the
+    ``torch._foreach_*`` kernels ``torch.optim`` steps with, elementwise the same numbers). A parameter unfrozen since
+    the last refresh has no average yet: it starts from its fresh gradient."""
     shared = [k for k in new if k in old]
     if not shared:
         return dict(new)

@@ -1,8 +1,10 @@
 """Stateful decision rules: a gate that decides *whether* the augmented rows hurt, soft weights that decide *how much*.
 
-Pure maths: tensors in, tensors out; the state is a small dict of 0-d tensors that the caller keeps (``SaflexLoss``
-holds it in its ``state_dict``). Nothing here reads a tensor back to Python (no ``.item()``, no data-dependent
-branches), so the gate stays on the device.
+Pure maths: tensors in, tensors out; the state is six numbers that the caller keeps, as a dict of 0-d tensors
+(:func:`init_state`, what ``SaflexLoss.rule_state`` and its ``state_dict`` show) or packed in one tensor
+(:func:`pack_state`, what the per-step functions :func:`gate_step` and :func:`gated_weights` take: a handful of ops a
+step). Nothing here reads a tensor back to Python (no ``.item()``, no data-dependent branches), so the gate stays on
+the device.
 
 The gate (docs/method.md, "The gated rules"). Each step, with ``Π`` the inner products of the augmented rows and
 ``y`` their upstream labels, the own-label gain of a row is ``yᵢᵀΠᵢ`` (``Π[i, yᵢ]`` for a hard label). The step's
