@@ -24,6 +24,7 @@ while ``z > β`` (β standard errors; ``gated_soft``: a strength that grows line
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -151,22 +152,34 @@ def _own_gain(pi: Tensor, upstream: Tensor) -> Tensor:
 # The per-step constants, per decay and device. The update: x ← a·x + c·u₁·u₂ with u₁ = [1, 1, d, d, 1, 1] and
 # u₂ = [1, 1, 1, d, 1, 1] for the entries [weight, weight_sq, mean, square, strength, latched]: the same roundings
 # as decay·x + (1 − decay)·d·d, entry by entry.
-_CONSTANTS: dict[tuple[float, torch.device], tuple[Tensor, ...]] = {}
+class _Constants(NamedTuple):
+    a: Tensor  # the update's factors of the old state
+    c: Tensor  # and of u₁·u₂
+    uses_d: Tensor  # bool (2, 6): where u₁ and u₂ are d
+    ones: Tensor  # (2, 6)
+    one: Tensor  # 0-d constants: torch.where with a Python number is two ops
+    zero: Tensor
+    inf: Tensor
+    strength_entry: Tensor  # bool (6,)
 
 
-def _constants(decay: float, device: torch.device) -> tuple[Tensor, ...]:
+_CONSTANTS: dict[tuple[float, torch.device], _Constants] = {}
+
+
+def _constants(decay: float, device: torch.device) -> _Constants:
     key = (decay, device)
     if key not in _CONSTANTS:
         c = 1 - decay
         f32 = {"dtype": torch.float32, "device": device}
-        _CONSTANTS[key] = (
+        _CONSTANTS[key] = _Constants(
             torch.tensor([decay, decay**2, decay, decay, 1.0, 1.0], **f32),
             torch.tensor([c, c**2, c, c, 0.0, 0.0], **f32),
             torch.tensor([[0, 0, 1, 1, 0, 0], [0, 0, 0, 1, 0, 0]], dtype=torch.bool, device=device),  # where d
             torch.ones(2, 6, **f32),
-            torch.tensor(1.0, **f32),  # 0-d constants: torch.where with a Python number is two ops
+            torch.tensor(1.0, **f32),
             torch.tensor(0.0, **f32),
             torch.tensor(math.inf, **f32),
+            torch.arange(6, device=device) == 4,  # the strength's entry
         )
     return _CONSTANTS[key]
 
@@ -184,7 +197,8 @@ def update_gate(state: dict[str, Tensor], d: Tensor, valid: Tensor, decay: float
 
 
 def _evidence(packed: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    *_, zero, inf = _constants(DEFAULT_DECAY, packed.device)
+    k = _constants(DEFAULT_DECAY, packed.device)
+    zero, inf = k.zero, k.inf
     w, w2 = packed[:2].unbind()
     tiny = torch.finfo(packed.dtype).tiny
     mean, second = (packed[2:4] / w.clamp_min(tiny)).unbind()  # Σw d / Σw, Σw d² / Σw
@@ -238,25 +252,24 @@ def gate_step(gain: Tensor, state: Tensor, *, rule: str, threshold: float, decay
     """
     if rule not in _GATED:
         raise ValueError(f"rule must be one of {GATED_RULES}, but got {rule!r}.")
-    one, zero, inf = _constants(decay, state.device)[4:]
+    one, zero, inf, strength_entry = _constants(decay, state.device)[4:]
     continuous = _GATED[rule][1]
-    old, previous = state, state[4]
+    old = state
     d, finite = _statistic(gain, mask, reference)
     state = _update(state, d, d.abs() < inf, decay)
     _, se, z = _evidence(state)
     s = gate_strength(z, threshold, continuous)
-    latched = state[5]
     if rule in ("gated_hold", "gated_latch"):  # on until z < -β (augmented rows help), off until z > β; else held
-        held = torch.where(state[0] > 0, previous, one)  # fresh state: on
+        held = torch.where(state[0] > 0, old[4], one)  # fresh state: on
         s = torch.where(z > threshold, one, torch.where(z < -threshold, zero, held))
     if rule == "gated_latch":  # once z > β was seen, on for good (until the user resets the state)
-        on = (latched > 0) | (z > threshold)
-        latched = on.to(latched.dtype)
+        on = (state[5] > 0) | (z > threshold)
+        state = torch.cat([state[:5], on.to(state.dtype)[None]])
         s = torch.where(on, one, s)
     if rule in ("gated_prior", "gated_hold", "gated_latch"):  # no verdict yet (too few steps): on
         s = torch.where(se == inf, one, s)
     keep = finite if valid is None else finite & valid
-    return s, torch.where(keep, torch.cat([state[:4], torch.stack([s, latched])]), old), finite
+    return s, torch.where(keep, torch.where(strength_entry, s, state), old), finite
 
 
 def gated_weights(gain: Tensor, p_own: Tensor, state: Tensor, *, rule: str, threshold: float, decay: float,
@@ -282,7 +295,8 @@ def gated_weights(gain: Tensor, p_own: Tensor, state: Tensor, *, rule: str, thre
     s = s.to(p_own.dtype)
     weights = (1 - s) + s * p_own
     ok = finite if valid is None else finite & valid
-    return weights.masked_fill(~(ok if mask is None else mask & ok), 1), state, finite
+    one = _constants(decay, state.device).one
+    return torch.where(ok if mask is None else mask & ok, weights, one), state, finite
 
 
 def soft_weights(kind: str, pi: Tensor, upstream: Tensor, logits: Tensor, mask: Tensor | None = None) -> Tensor:
