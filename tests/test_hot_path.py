@@ -131,7 +131,7 @@ def test_masked_rule_with_few_rows(n):
 # op counts once). The target was 40; 143 in 0.2.0-dev before the hot-path work (benchmarks/hot_path.py has
 # the breakdown). The count does not depend on B or K.
 # rule="margin" (the default before the gated rules): 54. The gated default (rule="gated_prior"): 85, of which
-# about 45 are the gate's scalar bookkeeping on its packed (6,) state (0-d tensors; bit-identical to the rule as it
+# about 40 are the gate's scalar bookkeeping on its packed (6,) state (0-d tensors; bit-identical to the rule as it
 # was chosen, so not fused further); it was 161 before the gate read only the own-label gains.
 LAST_LAYER_OPS = 56
 GATED_LAST_LAYER_OPS = 87
