@@ -279,7 +279,6 @@ class LastLayer(PiMethod):
         return last_layer_inner_products(capture["features"].flatten(1), logits, signal[self.weight_name],
                                          signal.get(self.bias_name))
 
-
     def own_label_gains(self, capture: dict[str, Any], logits: Tensor, mask: Tensor, signal: Signal,
                         upstream: Tensor, index: Tensor | None = None) -> tuple[Tensor, Tensor]:
         # Without Π: with s = G_W h + G_b and Π_ik = pᵀs - s_k, yᵀΠ = pᵀs - yᵀs (the same numbers as yᵀΠ for a
