@@ -350,21 +350,24 @@ class TestCompile:
 # ---------------------------------------------------------------------------------------------------------------
 # channels_last
 # ---------------------------------------------------------------------------------------------------------------
+def _float64_cnn(x: torch.Tensor, channels_last: bool):
+    """A seeded float64 SmallCNN, the inputs and the validation ``prepare``, in channels_last or not."""
+    torch.manual_seed(0)
+    model = SmallCNN(K).double()
+    if not channels_last:
+        return model, x, None
+    return (model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last),
+            lambda v: v.contiguous(memory_format=torch.channels_last))
+
+
 class TestChannelsLast:
     @pytest.mark.parametrize("method", METHODS)
     def test_channels_last_model_and_inputs(self, method):
         x, target = _batch(batch=32, dtype=torch.float64)
         results = []
         for channels_last in (False, True):
-            torch.manual_seed(0)
-            model = SmallCNN(K).double()
+            model, inputs, prepare = _float64_cnn(x, channels_last)
             val = _val(dtype=torch.float64)
-            prepare = None
-            inputs = x
-            if channels_last:
-                model = model.to(memory_format=torch.channels_last)
-                inputs = x.contiguous(memory_format=torch.channels_last)
-                prepare = lambda v: v.contiguous(memory_format=torch.channels_last)  # noqa: E731
             # a hard rule: decisions compared bit for bit (the gated default's soft weights follow float rounding)
             criterion = SaflexLoss(model, val, method=method, prepare=prepare, rule="margin")
             loss = criterion(_logits(criterion, model, inputs), target)
@@ -417,13 +420,7 @@ class TestGatedDefault:
         x, target = _batch(batch=32, dtype=torch.float64)
         runs = []
         for channels_last in (False, True):
-            torch.manual_seed(0)
-            model = SmallCNN(K).double()
-            inputs, prepare = x, None
-            if channels_last:
-                model = model.to(memory_format=torch.channels_last)
-                inputs = x.contiguous(memory_format=torch.channels_last)
-                prepare = lambda v: v.contiguous(memory_format=torch.channels_last)  # noqa: E731
+            model, inputs, prepare = _float64_cnn(x, channels_last)
             runs.append(_default_run(method, model, inputs, target, val=_val(dtype=torch.float64), prepare=prepare))
         (w1, s1, l1), (w2, s2, l2) = runs
         torch.testing.assert_close(w1, w2, rtol=1e-10, atol=1e-12)  # float64: other kernels, the same numbers
