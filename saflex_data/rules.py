@@ -149,12 +149,10 @@ def _own_gain(pi: Tensor, upstream: Tensor) -> Tensor:
     return (upstream.to(dtype) * pi.to(dtype)).sum(-1)
 
 
-# The per-step constants, per decay and device. The update: x ← a·x + c·u₁·u₂ with u₁ = [1, 1, d, d, 1, 1] and
-# u₂ = [1, 1, 1, d, 1, 1] for the entries [weight, weight_sq, mean, square, strength, latched]: the same roundings
+# The per-step constants, made once per device (and decay). The update: x ← a·x + c·u₁·u₂ with u₁ = [1, 1, d, d, 1, 1]
+# and u₂ = [1, 1, 1, d, 1, 1] for the entries [weight, weight_sq, mean, square, strength, latched]: the same roundings
 # as decay·x + (1 − decay)·d·d, entry by entry.
 class _Constants(NamedTuple):
-    a: Tensor  # the update's factors of the old state
-    c: Tensor  # and of u₁·u₂
     uses_d: Tensor  # bool (2, 6): where u₁ and u₂ are d
     ones: Tensor  # (2, 6)
     one: Tensor  # 0-d constants: torch.where with a Python number is two ops
@@ -163,30 +161,39 @@ class _Constants(NamedTuple):
     strength_entry: Tensor  # bool (6,)
 
 
-_CONSTANTS: dict[tuple[float, torch.device], _Constants] = {}
+_CONSTANTS: dict[torch.device, _Constants] = {}
+_FACTORS: dict[tuple[float, torch.device], tuple[Tensor, Tensor]] = {}
 
 
-def _constants(decay: float, device: torch.device) -> _Constants:
-    key = (decay, device)
-    if key not in _CONSTANTS:
-        c = 1 - decay
+def _constants(device: torch.device) -> _Constants:
+    if device not in _CONSTANTS:
         f32 = {"dtype": torch.float32, "device": device}
-        _CONSTANTS[key] = _Constants(
-            torch.tensor([decay, decay**2, decay, decay, 1.0, 1.0], **f32),
-            torch.tensor([c, c**2, c, c, 0.0, 0.0], **f32),
-            torch.tensor([[0, 0, 1, 1, 0, 0], [0, 0, 0, 1, 0, 0]], dtype=torch.bool, device=device),  # where d
+        _CONSTANTS[device] = _Constants(
+            torch.tensor([[0, 0, 1, 1, 0, 0], [0, 0, 0, 1, 0, 0]], dtype=torch.bool, device=device),
             torch.ones(2, 6, **f32),
             torch.tensor(1.0, **f32),
             torch.tensor(0.0, **f32),
             torch.tensor(math.inf, **f32),
-            torch.arange(6, device=device) == 4,  # the strength's entry
+            torch.arange(6, device=device) == 4,
         )
-    return _CONSTANTS[key]
+    return _CONSTANTS[device]
+
+
+def _factors(decay: float, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The update's ``a`` (factors of the old state) and ``c`` (of u₁·u₂) for ``decay``."""
+    key = (decay, device)
+    if key not in _FACTORS:
+        c = 1 - decay
+        f32 = {"dtype": torch.float32, "device": device}
+        _FACTORS[key] = (torch.tensor([decay, decay**2, decay, decay, 1.0, 1.0], **f32),
+                         torch.tensor([c, c**2, c, c, 0.0, 0.0], **f32))
+    return _FACTORS[key]
 
 
 def _update(packed: Tensor, d: Tensor, valid: Tensor, decay: float) -> Tensor:
-    a, c, uses_d, ones = _constants(decay, packed.device)[:4]
-    u1, u2 = torch.where(uses_d, d.to(packed.dtype), ones).unbind()
+    a, c = _factors(decay, packed.device)
+    k = _constants(packed.device)
+    u1, u2 = torch.where(k.uses_d, d.to(packed.dtype), k.ones).unbind()
     new = a * packed + c * u1 * u2
     return torch.where(valid, new, packed)  # strength and latched: a = 1, c = 0, kept
 
@@ -197,7 +204,7 @@ def update_gate(state: dict[str, Tensor], d: Tensor, valid: Tensor, decay: float
 
 
 def _evidence(packed: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    k = _constants(DEFAULT_DECAY, packed.device)
+    k = _constants(packed.device)
     zero, inf = k.zero, k.inf
     w, w2 = packed[:2].unbind()
     tiny = torch.finfo(packed.dtype).tiny
@@ -252,7 +259,7 @@ def gate_step(gain: Tensor, state: Tensor, *, rule: str, threshold: float, decay
     """
     if rule not in _GATED:
         raise ValueError(f"rule must be one of {GATED_RULES}, but got {rule!r}.")
-    one, zero, inf, strength_entry = _constants(decay, state.device)[4:]
+    one, zero, inf, strength_entry = _constants(state.device)[2:]
     continuous = _GATED[rule][1]
     old = state
     d, finite = _statistic(gain, mask, reference)
@@ -295,7 +302,7 @@ def gated_weights(gain: Tensor, p_own: Tensor, state: Tensor, *, rule: str, thre
     s = s.to(p_own.dtype)
     weights = (1 - s) + s * p_own
     ok = finite if valid is None else finite & valid
-    one = _constants(decay, state.device).one
+    one = _constants(state.device).one
     return torch.where(ok if mask is None else mask & ok, weights, one), state, finite
 
 
